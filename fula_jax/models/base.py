@@ -1,0 +1,124 @@
+"""The model contract: a network is a sequence of named stages followed by a head.
+
+The stage outputs are the *stitch points*, in order. Every model can run
+
+  * the whole net:                 ``apply(v, x)``
+  * input -> point i:              ``apply(v, x, end=i)``
+  * point j -> point l:            ``apply(v, h, start=j, end=l)``
+  * point j -> logits:             ``apply(v, h, start=j)``
+  * every point in one pass:       ``apply(v, x, capture=True)`` -> ``(logits, {point: act})``
+
+Activations are NHWC for conv maps, (B, T, D) for tokens and (B, D) for vectors.
+Subclasses implement :meth:`StagedModel.stages` (a list of ``(point_name, fn)`` where
+``fn(h, train)`` builds its submodules lazily, so the list itself can be inspected
+without binding the module) and :meth:`StagedModel.head`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fula_jax import registry
+
+INPUT = "input"
+LOGITS = "logits"
+
+StageFn = Callable[[jax.Array, bool], jax.Array]
+
+
+def module_name(point: str) -> str:
+  """Flax submodule name for a stitch point (``block1.0`` -> ``block1_0``)."""
+  return point.replace(".", "_")
+
+
+class StagedModel(nn.Module):
+  """Base class for every model in the zoo."""
+
+  num_classes: int = 10
+
+  def stages(self) -> Sequence[tuple[str, StageFn]]:
+    raise NotImplementedError
+
+  def head(self, h: jax.Array, train: bool) -> jax.Array:
+    return nn.Dense(self.num_classes, name="head")(h)
+
+  @property
+  def point_names(self) -> tuple[str, ...]:
+    return tuple(name for name, _ in self.stages())
+
+  def point_index(self, point: str | None, *, default: int) -> int:
+    """Position of `point` in the stage list; INPUT is -1, LOGITS is len(points)."""
+    if point is None:
+      return default
+    names = self.point_names
+    if point == INPUT:
+      return -1
+    if point == LOGITS:
+      return len(names)
+    if point not in names:
+      raise registry.unknown(
+          f"stitch point of {type(self).__name__}", point, names)
+    return names.index(point)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, start: str | None = None,
+               end: str | None = None, train: bool = False,
+               capture: bool = False):
+    specs = self.stages()
+    first = self.point_index(start, default=-1) + 1
+    last = self.point_index(end, default=len(specs))
+    if last < first - 1 or (start == LOGITS):
+      raise ValueError(
+          f"Cannot run {type(self).__name__} from {start or INPUT!r} to "
+          f"{end or LOGITS!r}: the end comes before the start. "
+          f"Points in order: {', '.join(self.point_names)}.")
+    acts: dict[str, jax.Array] = {}
+    h = x
+    for name, fn in specs[first:min(last, len(specs) - 1) + 1]:
+      h = fn(h, train)
+      if capture:
+        acts[name] = h
+    if last == len(specs):
+      h = self.head(h, train)
+    return (h, acts) if capture else h
+
+
+# ----------------------------------------------------------------------------
+# Functional helpers used by training, similarity and stitching.
+# ----------------------------------------------------------------------------
+
+
+def init(model: StagedModel, rng: jax.Array, input_shape: Sequence[int]) -> dict:
+  """Initial variables for an input of `input_shape` (batch axis included)."""
+  x = jnp.zeros(tuple(input_shape), jnp.float32)
+  return model.init(rng, x, train=False)
+
+
+def forward(model: StagedModel, variables: Mapping[str, Any], x: jax.Array, *,
+            start: str | None = None, end: str | None = None) -> jax.Array:
+  """Frozen-donor forward pass: BatchNorm in inference mode, nothing mutated."""
+  return model.apply(variables, x, start=start, end=end, train=False)
+
+
+def capture(model: StagedModel, variables: Mapping[str, Any], x: jax.Array
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Logits and every stitch point's activation, in one inference pass."""
+  return model.apply(variables, x, train=False, capture=True)
+
+
+def point_shapes(model: StagedModel, input_shape: Sequence[int]
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shape of every stitch point (and 'logits') for `input_shape`, without running."""
+  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  variables = jax.eval_shape(lambda: init(model, jax.random.PRNGKey(0), input_shape))
+  logits, acts = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False, capture=True), variables, x)
+  return {**acts, LOGITS: logits}
+
+
+def count_params(params: Any) -> int:
+  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))

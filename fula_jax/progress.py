@@ -1,0 +1,58 @@
+"""Progress lines with rate and ETA for long loops (training, sweeps, inversion)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+
+def _fmt_seconds(s: float) -> str:
+  s = max(0, int(round(s)))
+  h, rem = divmod(s, 3600)
+  m, sec = divmod(rem, 60)
+  return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+class Progress:
+  """Prints `label: done/total (pct) rate unit/s, elapsed, ETA` at most every `every_s`.
+
+  The rate is measured from the first `update` (so compile time of the first step is
+  excluded when the caller updates after it) and counts only work done in this process,
+  so a resumed run reports an honest rate and ETA.
+  """
+
+  def __init__(self, label: str, total: int, *, unit: str = "it", start: int = 0,
+               every_s: float = 5.0, stream: TextIO | None = None,
+               enabled: bool = True):
+    self.label, self.total, self.unit = label, total, unit
+    self.every_s, self.enabled = every_s, enabled
+    self.stream = stream
+    self.start_count = self.count = start
+    self.t0 = time.perf_counter()
+    self._last = -float("inf")
+
+  @property
+  def rate(self) -> float:
+    dt = time.perf_counter() - self.t0
+    return (self.count - self.start_count) / dt if dt > 0 else 0.0
+
+  def line(self) -> str:
+    rate = self.rate
+    left = self.total - self.count
+    eta = _fmt_seconds(left / rate) if rate > 0 else "?"
+    pct = 100.0 * self.count / max(self.total, 1)
+    return (f"{self.label}: {self.count}/{self.total} ({pct:.0f}%) "
+            f"{rate:.2f} {self.unit}/s, elapsed {_fmt_seconds(time.perf_counter() - self.t0)}, "
+            f"ETA {eta}")
+
+  def update(self, count: int, *, force: bool = False, extra: str = "") -> None:
+    self.count = count
+    now = time.perf_counter()
+    if not self.enabled or (not force and now - self._last < self.every_s
+                            and count < self.total):
+      return
+    self._last = now
+    msg = self.line() + (f" | {extra}" if extra else "")
+    print(msg, file=self.stream or sys.stdout, flush=True)
