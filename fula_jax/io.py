@@ -31,7 +31,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> epath.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp(path)
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
   return path
 
 

@@ -8,11 +8,20 @@ from typing import Any, Callable
 from fula_jax import registry
 from fula_jax.models.base import (INPUT, LOGITS, StagedModel, capture,
                                   count_params, forward, init, point_shapes)
+from fula_jax.models.resnet import ResNet, ResNet18, ResNet20
 from fula_jax.models.small import MLP, SmallCNN
+from fula_jax.models.vgg import VGG, VGG11, VGG16
+from fula_jax.models.vit import ViT, ViTTiny
 
 MODELS: dict[str, Callable[..., StagedModel]] = {
     "cnn": SmallCNN,
     "mlp": MLP,
+    "resnet18": ResNet18,
+    "resnet20": ResNet20,
+    "vgg11": VGG11,
+    "vgg16": VGG16,
+    "vit": ViT,
+    "vit_tiny": ViTTiny,
 }
 
 
@@ -21,5 +30,6 @@ def get_model(name: str, **kwargs: Any) -> StagedModel:
   return registry.lookup("model", name, MODELS)(**kwargs)
 
 
-__all__ = ["INPUT", "LOGITS", "MODELS", "StagedModel", "capture", "count_params",
-           "forward", "get_model", "init", "point_shapes"]
+__all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "ResNet", "ResNet18", "ResNet20",
+           "SmallCNN", "StagedModel", "VGG", "VGG11", "VGG16", "ViT", "ViTTiny", "capture",
+           "count_params", "forward", "get_model", "init", "point_shapes"]

@@ -1,0 +1,31 @@
+"""The quickstart: train two different architectures, compare them layer by layer.
+
+  python -m fula_jax.main --config=configs/quickstart.py:runlocal --workdir=workdirs/quickstart
+
+Trains model A and model B on the same data (each into <workdir>/models/<name>), then
+computes their CKA matrices and all four stitching matrices (TLM, SLM, DM, FuLA), writes
+every matrix with a heatmap under <workdir>/results and prints a summary table.
+Expected time: runlocal (embedded digits, small CNN and small ResNet-20) a few minutes on
+2 CPU cores; full (CIFAR-10, ResNet-18 vs VGG-16) a few hours on one GPU.
+"""
+
+import ml_collections
+
+from fula_jax import defaults
+
+
+def get_config(arg=None):
+  arg = defaults.parse_arg(arg, runlocal=False, model_a="cnn", model_b="resnet20")
+  import importlib.util
+  import pathlib
+  spec = importlib.util.spec_from_file_location(
+      "_train_config", pathlib.Path(__file__).with_name("train.py"))
+  train = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(train)
+
+  config = ml_collections.ConfigDict()
+  config.job = "quickstart"
+  suffix = ",runlocal" if arg.runlocal else ""
+  config.model_a = train.get_config(f"model={arg.model_a},seed=0{suffix}")
+  config.model_b = train.get_config(f"model={arg.model_b},seed=1{suffix}")
+  return config

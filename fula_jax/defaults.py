@@ -1,0 +1,69 @@
+"""Building blocks for config files: argument parsing and the shared default blocks.
+
+A config file's `get_config(arg)` parses `arg` (e.g. ``"runlocal,model=vgg16"``) with
+:func:`parse_arg` and assembles its ConfigDict from these blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """``"runlocal,model=vgg16,seed=1"`` -> ConfigDict(runlocal=True, model='vgg16', seed=1).
+
+  Only keys present in `defaults` are accepted; values are cast to the default's type.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in defaults:
+      from fula_jax import registry
+      raise registry.unknown("config argument", key, defaults.keys())
+    default = defaults[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif default is None:
+      out[key] = value
+    else:
+      out[key] = type(default)(value)
+  return ml_collections.ConfigDict(out)
+
+
+def train_block() -> ml_collections.ConfigDict:
+  """`config.train`: optimiser, schedule, augmentation, checkpoints, logging."""
+  return ml_collections.ConfigDict(dict(
+      num_epochs=30.0,
+      num_steps=0,  # > 0 overrides num_epochs.
+      batch_size=128,
+      optimizer="sgd",  # sgd | adam
+      learning_rate=0.1,
+      momentum=0.9,
+      weight_decay=5e-4,
+      warmup_epochs=1.0,
+      schedule="cosine",  # cosine | constant
+      augment=dict(crop_padding=4, flip=True),
+      adversarial=dict(enabled=False, norm="linf", eps=8 / 255, step_size=2 / 255,
+                       steps=7, random_start=True),
+      log_every_steps=20,
+      eval_every_steps=0,
+      checkpoint_every_steps=100,
+      max_checkpoints=2,
+      progress_every_s=10.0,
+  ))
+
+
+def model_block(name: str, **kwargs: Any) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(name=name, kwargs=kwargs))
+
+
+def data_block(name: str = "digits", **overrides: Any) -> ml_collections.ConfigDict:
+  from fula_jax import data
+  cfg = data.default_config()
+  cfg.name = name
+  cfg.update(overrides)
+  return cfg

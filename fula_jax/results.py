@@ -1,0 +1,242 @@
+"""One on-disk format for every layer-by-layer matrix, the Colab loader, and heatmaps.
+
+``save(workdir, name, m)`` writes, under ``<workdir>/results/``:
+
+* ``<name>.npz``  -- ``matrix`` (float64), ``rows`` and ``cols`` (unicode arrays); no
+  object arrays, so ``np.load(..., allow_pickle=False)`` reads it;
+* ``<name>.json`` -- every field of the :class:`Matrix` (names, measure, models, meta);
+* ``<name>.csv``  -- the tidy table, one row per cell:
+  ``model_a, layer_a, model_b, layer_b, measure, value``;
+* ``<name>.png``  -- an annotated heatmap (optional).
+
+Every file is written atomically through :mod:`fula_jax.io` and only by process 0. Names
+may contain any characters; the file stem replaces those outside ``[A-Za-z0-9._-]``
+with '_' and the JSON keeps the original, which :func:`load` uses as the key.
+
+In Colab::
+
+  from fula_jax import results
+  mats = results.load("gs://bucket/run")      # {name: Matrix}
+  mats["cka_linear_debiased"].plot()
+  df = pd.concat([m.to_dataframe() for m in mats.values()])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io as _io
+import json
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from etils import epath
+
+from fula_jax import io
+
+RESULTS_DIR = "results"
+FORMAT = "fula_jax.results/1"
+COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "measure", "value")
+
+
+class ResultsError(ValueError):
+  """A results folder or file that is missing, damaged or inconsistent."""
+
+
+@dataclasses.dataclass
+class Matrix:
+  """A ``len(rows) x len(cols)`` matrix over layers of model A (rows) and B (cols)."""
+  matrix: np.ndarray
+  rows: list[str]
+  cols: list[str]
+  measure: str
+  model_a: str
+  model_b: str
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.matrix = np.asarray(self.matrix, dtype=np.float64)
+    self.rows = [str(r) for r in self.rows]
+    self.cols = [str(c) for c in self.cols]
+    self.model_a, self.model_b = str(self.model_a), str(self.model_b)
+    self.meta = dict(self.meta or {})
+    if self.matrix.shape != (len(self.rows), len(self.cols)):
+      raise ValueError(f"Matrix {self.measure!r}: values have shape {self.matrix.shape} "
+                       f"but there are {len(self.rows)} row and {len(self.cols)} column "
+                       "names.")
+
+  def to_dataframe(self) -> pd.DataFrame:
+    """Tidy table: one row per cell, row-major."""
+    nr, nc = self.matrix.shape
+    return pd.DataFrame({
+        "model_a": [self.model_a] * (nr * nc),
+        "layer_a": np.repeat(np.asarray(self.rows, dtype=object), nc),
+        "model_b": [self.model_b] * (nr * nc),
+        "layer_b": np.tile(np.asarray(self.cols, dtype=object), nr),
+        "measure": [self.measure] * (nr * nc),
+        "value": self.matrix.reshape(-1),
+    }, columns=list(COLUMNS))
+
+  def plot(self, ax=None, annotate: bool | None = None, *, cmap: str = "viridis",
+           vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f"):
+    """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey.
+
+    `annotate` None writes the values when there are at most 400 cells.
+    """
+    import matplotlib as mpl
+    if ax is None:
+      import matplotlib.pyplot as plt
+      nr, nc = self.matrix.shape
+      _, ax = plt.subplots(figsize=(min(2 + 0.55 * nc, 20), min(1.5 + 0.45 * nr, 20)))
+    data = np.ma.masked_invalid(self.matrix)
+    cm = mpl.colormaps[cmap].with_extremes(bad="0.85")
+    finite = self.matrix[np.isfinite(self.matrix)]
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if hi <= lo:
+      hi = lo + 1e-12
+    im = ax.imshow(data, cmap=cm, vmin=lo, vmax=hi, aspect="auto",
+                   interpolation="nearest")
+    nr, nc = self.matrix.shape
+    for i, j in np.argwhere(~np.isfinite(self.matrix)):
+      ax.add_patch(mpl.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                         hatch="///", edgecolor="0.5", linewidth=0))
+    if annotate is None:
+      annotate = nr * nc <= 400
+    if annotate:
+      for i in range(nr):
+        for j in range(nc):
+          v = self.matrix[i, j]
+          if np.isfinite(v):
+            shade = (v - lo) / (hi - lo)
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                    color="black" if shade > 0.6 else "white")
+          else:
+            ax.text(j, i, "NaN", ha="center", va="center", fontsize=7, color="0.3")
+    ax.set_xticks(range(nc), self.cols, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(nr), self.rows, fontsize=8)
+    ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
+    ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
+    ax.set_title(f"{self.measure}\nA: {_short(self.model_a)}   B: {_short(self.model_b)}",
+                 fontsize=9)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def _short(s: str, limit: int = 48) -> str:
+  return s if len(s) <= limit else "..." + s[-(limit - 3):]
+
+
+def file_stem(name: str) -> str:
+  stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+  if not stem:
+    raise ValueError(f"Result name {name!r} gives an empty file name.")
+  return stem
+
+
+def _results_dir(workdir: str | os.PathLike) -> epath.Path:
+  return epath.Path(workdir) / RESULTS_DIR
+
+
+def _png_bytes(m: Matrix) -> bytes:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  nr, nc = m.matrix.shape
+  fig = Figure(figsize=(min(3 + 0.6 * nc, 24), min(2.5 + 0.5 * nr, 24)))
+  FigureCanvasAgg(fig)
+  m.plot(ax=fig.add_subplot())
+  fig.tight_layout()
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  return buf.getvalue()
+
+
+def save(workdir: str | os.PathLike, name: str, m: Matrix, *, png: bool = True) -> None:
+  """Write `m` as ``<workdir>/results/<name>.{npz,json,csv,png}`` (process 0 only)."""
+  if not io.is_writer():
+    return
+  d = _results_dir(workdir)
+  stem = file_stem(name)
+  io.write_npz(d / f"{stem}.npz", matrix=m.matrix,
+               rows=np.asarray(m.rows, dtype=np.str_).reshape(len(m.rows)),
+               cols=np.asarray(m.cols, dtype=np.str_).reshape(len(m.cols)))
+  csv = m.to_dataframe().to_csv(index=False, na_rep="NaN")
+  io.write_text(d / f"{stem}.csv", csv)
+  if png:
+    io.write_bytes(d / f"{stem}.png", _png_bytes(m))
+  # The sidecar goes last: a matrix is listed by load() only once all its files exist.
+  io.write_json(d / f"{stem}.json", {
+      "format": FORMAT, "name": name, "measure": m.measure, "model_a": m.model_a,
+      "model_b": m.model_b, "rows": m.rows, "cols": m.cols,
+      "shape": list(m.matrix.shape), "meta": _jsonable(m.meta)})
+
+
+def _jsonable(obj: Any) -> Any:
+  """JSON-safe copy; non-finite floats become strings ('nan', 'inf')."""
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _jsonable(obj.tolist())
+  if isinstance(obj, np.generic):
+    return _jsonable(obj.item())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  if hasattr(obj, "to_dict"):
+    return _jsonable(obj.to_dict())
+  if obj is None or isinstance(obj, (str, int, float, bool)):
+    return obj
+  return str(obj)
+
+
+def _load_one(npz_path: epath.Path) -> tuple[str, Matrix]:
+  json_path = npz_path.with_suffix(".json")
+  if not json_path.exists():
+    raise ResultsError(f"{npz_path} has no metadata sidecar {json_path.name}; the "
+                       "write was interrupted or the file was copied alone.")
+  try:
+    meta = json.loads(json_path.read_text())
+  except (ValueError, OSError) as e:
+    raise ResultsError(f"Could not read results metadata {json_path}: {e}") from e
+  try:
+    arrays = io.read_npz(npz_path)
+  except Exception as e:  # zipfile, zlib, numpy and OS errors for damaged files.
+    raise ResultsError(f"Could not read results file {npz_path} "
+                       f"({type(e).__name__}: {e}); it is truncated or corrupted. "
+                       "Re-run the job that wrote it.") from e
+  missing = {"matrix", "rows", "cols"} - set(arrays)
+  if missing:
+    raise ResultsError(f"Results file {npz_path} lacks array(s) {sorted(missing)}.")
+  rows = [str(r) for r in arrays["rows"].tolist()]
+  cols = [str(c) for c in arrays["cols"].tolist()]
+  if rows != list(meta.get("rows", rows)) or cols != list(meta.get("cols", cols)):
+    raise ResultsError(f"{npz_path} and {json_path.name} disagree on the layer names.")
+  try:
+    m = Matrix(matrix=arrays["matrix"], rows=rows, cols=cols,
+               measure=meta.get("measure", ""), model_a=meta.get("model_a", ""),
+               model_b=meta.get("model_b", ""), meta=meta.get("meta", {}))
+  except ValueError as e:
+    raise ResultsError(f"{npz_path}: {e}") from e
+  return str(meta.get("name", npz_path.stem)), m
+
+
+def load(workdir: str | os.PathLike) -> dict[str, Matrix]:
+  """Every matrix under ``<workdir>/results``, keyed by the name it was saved with."""
+  d = _results_dir(workdir)
+  if not d.exists():
+    raise FileNotFoundError(
+        f"No results in {workdir}: {d} does not exist. Run a job (e.g. "
+        f"`python -m fula_jax.main --config=configs/similarity.py --workdir={workdir}`) "
+        "first, or check the path.")
+  paths = sorted(p for p in d.glob("*.npz") if not p.name.startswith("."))
+  if not paths:
+    raise FileNotFoundError(f"No results in {workdir}: {d} holds no .npz matrices.")
+  out = {}
+  for p in paths:
+    name, m = _load_one(p)
+    out[name] = m
+  return out

@@ -1,0 +1,34 @@
+"""Representational similarity: the CKA family, Procrustes, the CCA family, streaming
+minibatch/exact CKA over whole layer matrices, permutation nulls, and the job.
+
+  from fula_jax import similarity
+  similarity.get("cka_linear_debiased")(x, y)           # one pair, jittable
+  similarity.compute("procrustes", x, y)                  # one pair, checked
+  mat, info = similarity.matrix("svcca", acts_a, acts_b)  # all pairs, in memory
+  acc = similarity.minibatch.init(len(a_layers), len(b_layers))   # streaming
+
+Inverted-image CKA (Jones et al. 2022) lives in :mod:`fula_jax.similarity.inversion`.
+The job module is imported lazily (``fula_jax.similarity.job``).
+"""
+
+from fula_jax.similarity import cca
+from fula_jax.similarity import checks
+from fula_jax.similarity import cka
+from fula_jax.similarity import measures
+from fula_jax.similarity import minibatch
+from fula_jax.similarity import null
+from fula_jax.similarity import procrustes
+from fula_jax.similarity.checks import SimilarityWarning
+from fula_jax.similarity.measures import INVARIANCES
+from fula_jax.similarity.measures import MEASURES
+from fula_jax.similarity.measures import Measure
+from fula_jax.similarity.measures import compute
+from fula_jax.similarity.measures import get
+from fula_jax.similarity.measures import matrix
+from fula_jax.similarity.measures import names
+from fula_jax.similarity.null import NullResult
+from fula_jax.similarity.null import permutation_test
+
+__all__ = ["INVARIANCES", "MEASURES", "Measure", "NullResult", "SimilarityWarning", "cca",
+           "checks", "cka", "compute", "get", "matrix", "measures", "minibatch", "names",
+           "null", "permutation_test", "procrustes"]

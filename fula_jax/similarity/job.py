@@ -1,0 +1,310 @@
+"""The similarity job: full ``L_A x L_B`` matrices of every requested measure.
+
+``run(config, workdir)`` (config: ``configs/similarity.py``) loads the trained models by
+workdir, streams the evaluation split once, and writes each matrix with
+:func:`fula_jax.results.save`. The work happens in :func:`similarity_matrices`, which a
+Colab can call with in-memory models and any iterable of batches.
+
+Per batch: one inference pass of each model captures every requested point; linear CKA
+(biased and/or debiased) is accumulated by the streaming engine (minibatch CKA, or the
+exact feature-space estimator); the other measures (RBF CKA, Procrustes, CCA family) are
+computed at the end on the first `max_examples` real examples, kept on the host.
+With a mesh, the batch axis is sharded over its devices (and hosts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fula_jax import progress as progress_lib
+from fula_jax import registry
+from fula_jax import results
+from fula_jax.similarity import checks
+from fula_jax.similarity import measures as measures_lib
+from fula_jax.similarity import minibatch
+
+ESTIMATORS = ("minibatch", "exact")
+
+
+def _points(model, points: Sequence[str] | None) -> list[str]:
+  from fula_jax import models
+  if points is None:
+    return list(model.point_names)
+  for p in points:
+    if p != models.LOGITS:
+      model.point_index(p, default=0)  # raises a did-you-mean error for unknown points
+  return list(points)
+
+
+def _capture_fn(model, points: Sequence[str]):
+  from fula_jax import models
+
+  @jax.jit
+  def capture(variables, images):
+    logits, acts = models.capture(model, variables, images)
+    acts = {**acts, models.LOGITS: logits}
+    return [acts[p] for p in points]
+
+  return capture
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _place(mesh, axis: str | None, arr: np.ndarray) -> jax.Array:
+  if mesh is None:
+    return jnp.asarray(arr)
+  sharding = NamedSharding(mesh, P(axis))
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(sharding, arr)
+  return jax.device_put(arr, sharding)
+
+
+def _check_exact_size(acts_a, acts_b, rows, cols, limit: int) -> None:
+  dims_a = [int(np.prod(a.shape[1:])) for a in acts_a]
+  dims_b = [int(np.prod(b.shape[1:])) for b in acts_b]
+  need = 4 * (sum(dims_a) * sum(dims_b) + sum(d * d for d in dims_a + dims_b))
+  if need > limit:
+    widest = sorted(zip(dims_a + dims_b, rows + cols), reverse=True)[:3]
+    raise ValueError(
+        f"The exact estimator would hold {need / 2**30:.1f} GiB of statistics (widest "
+        f"layers: {', '.join(f'{n}={d}' for d, n in widest)}); use "
+        "estimator='minibatch', fewer points, or raise exact_max_bytes.")
+
+
+def _measure_options(name: str, sigma_frac: float, svcca_keep: float | int) -> dict:
+  m = measures_lib.get(name)
+  opts = {}
+  if "sigma_frac" in m.defaults:
+    opts["sigma_frac"] = sigma_frac
+  if "keep" in m.defaults:
+    opts["keep"] = svcca_keep
+  return opts
+
+
+def similarity_matrices(
+    model_a, vars_a: Mapping[str, Any], model_b=None, vars_b: Mapping[str, Any] | None = None,
+    *, batches: Iterable[Mapping[str, np.ndarray]],
+    measures: Sequence[str] = ("cka_linear_debiased",),
+    points_a: Sequence[str] | None = None, points_b: Sequence[str] | None = None,
+    estimator: str = "minibatch", max_examples: int = 2000,
+    mesh: jax.sharding.Mesh | None = None, shard_mode: str = "global",
+    sigma_frac: float = 1.0, svcca_keep: float | int = 0.99,
+    model_a_name: str = "model_a", model_b_name: str | None = None,
+    num_batches: int | None = None, progress: bool = True,
+    progress_every_s: float = 10.0, exact_max_bytes: int = 4 << 30
+    ) -> list[results.Matrix]:
+  """Every requested measure as an ``L_A x L_B`` :class:`results.Matrix`.
+
+  Args:
+    model_a, vars_a: front model (rows) and its variables.
+    model_b, vars_b: end model (columns); None compares model A with itself.
+    batches: dicts with 'image' (B, H, W, C) in [0, 1] and optional 'mask' (B,); every
+      batch the same B (pad the last one, with mask 0 on padding).
+    measures: names from :data:`measures.MEASURES`. 'cka_linear' and
+      'cka_linear_debiased' stream over all batches; the others use the first
+      `max_examples` real examples.
+    points_a, points_b: stitch points (and/or 'logits') to compare; None = all points.
+    estimator: 'minibatch' (Nguyen et al. 2021; any width) or 'exact' (full-dataset
+      feature-space linear CKA; memory (sum d_a) x (sum d_b)).
+    mesh: shard the batch axis over this mesh's first axis (None: one device).
+    shard_mode: 'global' (the sharded result equals one device's) or 'local' (each
+      device's shard is its own minibatch); see :mod:`minibatch`.
+    exact_max_bytes: refuse the exact estimator when its statistics would need more.
+  """
+  registry.lookup("similarity estimator", estimator, dict.fromkeys(ESTIMATORS))
+  measure_objs = [measures_lib.get(m) for m in measures]
+  if len(set(measures)) != len(measures):
+    raise ValueError(f"Duplicate measures in {list(measures)}.")
+  rows = _points(model_a, points_a)
+  within = model_b is None and (points_b is None or list(points_b) == rows)
+  if model_b is None:
+    model_b, vars_b = model_a, vars_a
+    model_b_name = model_b_name or model_a_name
+  cols = rows if within else _points(model_b, points_b)
+  model_b_name = model_b_name or "model_b"
+  streaming = [m for m in measure_objs if m.streaming]
+  collected = [m for m in measure_objs if not m.streaming]
+  ests = tuple("debiased" if m.name.endswith("_debiased") else "biased"
+               for m in streaming)
+
+  capture_a = _capture_fn(model_a, rows)
+  capture_b = None if within else _capture_fn(model_b, cols)
+  axis = mesh.axis_names[0] if mesh is not None else None
+  update = minibatch.make_update(mesh, exact=estimator == "exact", mode=shard_mode)
+  acc = None
+  if streaming and estimator == "minibatch":
+    acc = minibatch.init(len(rows), None if within else len(cols), estimators=ests)
+  kept_a: dict[str, list[np.ndarray]] = {r: [] for r in rows}
+  kept_b: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+  kept = 0
+  batch_size = None
+  count = 0
+  bar = progress_lib.Progress("similarity", num_batches or 0, unit="batch",
+                              every_s=progress_every_s,
+                              enabled=progress and jax.process_index() == 0)
+  for batch in batches:
+    images = np.asarray(batch["image"], np.float32)
+    mask = np.asarray(batch.get("mask", np.ones(images.shape[0])), np.float32)
+    if batch_size is None:
+      batch_size = images.shape[0]
+      if mesh is not None and (batch_size * jax.process_count()) % mesh.shape[axis]:
+        raise ValueError(
+            f"Global batch size {batch_size * jax.process_count()} is not a multiple of "
+            f"the {mesh.shape[axis]} devices of the mesh; choose a batch size that is.")
+    elif images.shape[0] != batch_size:
+      raise ValueError(f"Batch {count} has {images.shape[0]} rows, the first had "
+                       f"{batch_size}; pad the last batch (mask 0 on padding).")
+    x, m = _place(mesh, axis, images), _place(mesh, axis, mask)
+    acts_a = capture_a(vars_a, x)
+    acts_b = None if within else capture_b(vars_b, x)
+    if streaming:
+      if acc is None:
+        _check_exact_size(acts_a, acts_a if acts_b is None else acts_b, rows, cols,
+                          exact_max_bytes)
+        acc = minibatch.init_exact(acts_a, acts_b, m)
+      acc = update(acc, acts_a, acts_b, m)
+    if collected and kept < max_examples:
+      real = _to_host(m) > 0
+      take = min(int(real.sum()), max_examples - kept)
+      idx = np.flatnonzero(real)[:take]
+      for r, a in zip(rows, acts_a):
+        kept_a[r].append(_to_host(a)[idx])
+      if not within:
+        for c, b in zip(cols, acts_b):
+          kept_b[c].append(_to_host(b)[idx])
+      kept += take
+    count += 1
+    bar.update(count, extra=f"{kept} examples kept" if collected else "")
+  if count == 0:
+    raise ValueError("No batches: the data iterator was empty.")
+  bar.update(count, force=True)
+
+  base_meta = dict(points_a=rows, points_b=cols, within_model=within,
+                   batch_size=int(batch_size * jax.process_count()),
+                   num_batches=count, num_devices=1 if mesh is None else mesh.size)
+  out: list[results.Matrix] = []
+
+  def describe(m: measures_lib.Measure) -> dict:
+    return dict(kind=m.kind, symmetric=m.symmetric, invariances=sorted(m.invariances),
+                description=m.description)
+
+  if streaming:
+    finals = minibatch.finalize(acc, rows, cols, label_a=model_a_name,
+                                label_b=model_b_name)
+    for m, est in zip(streaming, ests):
+      mat, info = finals[est]
+      meta = dict(base_meta, **describe(m), estimator=estimator, hsic=est,
+                  n=info["n"], nan_reasons=info["nan_reasons"])
+      if estimator == "minibatch":
+        meta.update(num_batches_used=info["num_batches"], shard_mode=shard_mode,
+                    skipped_examples=info["skipped_examples"])
+        if est == "biased":
+          meta["note"] = ("minibatch biased CKA averages per-batch biased HSIC; it "
+                          "depends on the batch size and is not the full-data biased "
+                          "CKA (use estimator='exact' for that).")
+      out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
+                                meta))
+  if collected:
+    acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
+    acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
+    for m in collected:
+      opts = _measure_options(m.name, sigma_frac, svcca_keep)
+      mat, info = measures_lib.matrix(m.name, acts_a, acts_b, label_a=model_a_name,
+                                      label_b=model_b_name, **opts)
+      meta = dict(base_meta, **describe(m), estimator="in_memory", n=info["n"],
+                  options=info["options"], nan_reasons=info["nan_reasons"],
+                  max_examples=max_examples)
+      out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
+                                meta))
+  order = {name: i for i, name in enumerate(measures)}
+  return sorted(out, key=lambda mtx: order[mtx.measure])
+
+
+# ----------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------
+
+
+def _load_trained(workdir: str):
+  from fula_jax.train import checkpoint
+  return checkpoint.load_trained(workdir)
+
+
+def _load_split(data_config: ml_collections.ConfigDict, split: str):
+  from fula_jax import data
+  return data.load(data_config, split)
+
+
+def _eval_batches(split, batch_size: int):
+  from fula_jax import data
+  return data.eval_batches(split, batch_size, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Load models and data as `config` says, write every matrix under `workdir`/results.
+
+  Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``.
+  """
+  if not config.get("model_a_workdir"):
+    raise ValueError("config.model_a_workdir is required: the workdir of a trained "
+                     "model (`job=train`).")
+  model_a, vars_a, cfg_a = _load_trained(config.model_a_workdir)
+  model_b = vars_b = None
+  if config.get("model_b_workdir"):
+    model_b, vars_b, _ = _load_trained(config.model_b_workdir)
+  source = config.get("data_from", "model_a")
+  registry.lookup("data source", source, {"model_a": 0, "config": 0})
+  data_cfg = cfg_a.data if source == "model_a" else config.data
+  split = _load_split(data_cfg, config.split)
+  n = len(split.labels)
+  if config.get("num_examples"):
+    n = min(n, int(config.num_examples))
+    split = dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
+  mesh = None
+  if config.get("shard", True) and jax.device_count() > 1:
+    if config.batch_size % jax.device_count() == 0:
+      mesh = minibatch.batch_mesh()
+    elif jax.process_count() == 1:
+      warnings.warn(f"batch_size {config.batch_size} is not a multiple of the "
+                    f"{jax.device_count()} devices; running on one device.",
+                    checks.SimilarityWarning)
+    else:
+      raise ValueError(f"batch_size {config.batch_size} must be a multiple of the "
+                       f"{jax.device_count()} devices for a multi-host run.")
+  num_batches = -(-n // config.batch_size)
+  mats = similarity_matrices(
+      model_a, vars_a, model_b, vars_b,
+      batches=_eval_batches(split, config.batch_size), measures=tuple(config.measures),
+      points_a=config.get("points_a"), points_b=config.get("points_b"),
+      estimator=config.get("estimator", "minibatch"),
+      max_examples=int(config.get("max_examples", 2000)), mesh=mesh,
+      exact_max_bytes=int(config.get("exact_max_gib", 4.0) * 2**30),
+      shard_mode=config.get("shard_mode", "global"),
+      sigma_frac=float(config.get("rbf_sigma_frac", 1.0)),
+      svcca_keep=config.get("svcca_keep", 0.99),
+      model_a_name=str(config.model_a_workdir),
+      model_b_name=str(config.get("model_b_workdir") or config.model_a_workdir),
+      num_batches=num_batches, progress_every_s=float(config.get("progress_every_s", 10.)))
+  summary = {}
+  for m in mats:
+    m.meta.update(split=config.split, data=getattr(split, "name", ""))
+    results.save(workdir, m.measure, m, png=bool(config.get("png", True)))
+    summary[m.measure] = dict(shape=list(m.matrix.shape), n=m.meta.get("n"),
+                              nan_cells=int(np.isnan(m.matrix).sum()),
+                              estimator=m.meta.get("estimator"))
+  return summary

@@ -1,0 +1,275 @@
+"""The measure registry: every similarity/distance by name, with what it promises.
+
+Each :class:`Measure` is split into ``prepare`` (per activation, done once per layer) and
+``combine`` (per pair), so an ``L_A x L_B`` matrix prepares ``L_A + L_B`` layers, not
+``2 L_A L_B``. Metadata:
+
+* ``kind``: 'similarity' (larger = more alike) or 'distance' (0 = alike);
+* ``symmetric``: m(X, Y) == m(Y, X);
+* ``invariances``: transforms of either side's features that leave the value unchanged,
+  a subset of :data:`INVARIANCES` ('translation' = adding a constant vector to every
+  example, 'permutation' = reordering features, 'isotropic_scaling' = multiplying by a
+  positive scalar);
+* ``needs_min_n``: fewer examples give NaN with a warning.
+
+Linear CKA has exact streaming estimators in :mod:`fula_jax.similarity.minibatch`
+(``streaming=True``); the others need the examples in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fula_jax import registry
+from fula_jax.similarity import cca as cca_lib
+from fula_jax.similarity import checks
+from fula_jax.similarity import cka
+from fula_jax.similarity import procrustes as procrustes_lib
+
+INVARIANCES = ("orthogonal", "isotropic_scaling", "translation", "invertible_linear",
+               "permutation")
+
+Options = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+  """A named similarity or distance between two ``(n, ...)`` activations."""
+  name: str
+  kind: str
+  symmetric: bool
+  invariances: frozenset[str]
+  needs_min_n: int
+  description: str
+  prepare: Callable[[jax.Array, Options], Any]
+  combine: Callable[[Any, Any, Options], jax.Array]
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  streaming: bool = False
+  resolve: Callable[[int, Sequence[int], Sequence[int], dict], dict] | None = None
+
+  def __post_init__(self):
+    assert self.kind in ("similarity", "distance"), self.kind
+    assert self.invariances <= set(INVARIANCES), self.invariances
+
+  def options(self, n: int | None = None, dims_x: Sequence[int] = (),
+              dims_y: Sequence[int] = (), **overrides: Any) -> dict[str, Any]:
+    """Defaults updated by `overrides` (unknown keys raise), 'auto' choices resolved."""
+    opts = dict(self.defaults)
+    for k, v in overrides.items():
+      if k not in opts:
+        raise registry.unknown(f"option of measure {self.name}", k, opts.keys())
+      opts[k] = v
+    if self.resolve is not None and n is not None:
+      opts = self.resolve(n, dims_x, dims_y, opts)
+    return opts
+
+  def fn(self, x: jax.Array, y: jax.Array, **overrides: Any) -> jax.Array:
+    """The measure as a pure, jittable, vmappable function (no checks)."""
+    x, y = cka.flatten(x), cka.flatten(y)
+    opts = self.options(x.shape[0], (x.shape[1],), (y.shape[1],), **overrides)
+    return self.combine(self.prepare(x, opts), self.prepare(y, opts), opts)
+
+  def __call__(self, x: jax.Array, y: jax.Array, **overrides: Any) -> jax.Array:
+    return self.fn(x, y, **overrides)
+
+
+# ----------------------------------------------------------------------------
+# CKA
+# ----------------------------------------------------------------------------
+
+
+def _resolve_linear(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
+                    opts: dict) -> dict:
+  if opts["method"] == "auto":
+    sx, sy = sum(dims_x), sum(dims_y)
+    cost_gram = n * (sx + sy)
+    cost_feature = sx * sy + sum(d * d for d in dims_x) + sum(d * d for d in dims_y)
+    opts = {**opts, "method": "gram" if cost_gram <= cost_feature else "feature"}
+  if opts["method"] not in ("gram", "feature"):
+    raise registry.unknown("linear CKA method", opts["method"], ("auto", "gram", "feature"))
+  return opts
+
+
+def _cka_state(debiased: bool, kernel: str):
+  center = cka.unbiased_center if debiased else cka.center_gram
+
+  def prepare(x: jax.Array, opts: Options):
+    if kernel == "linear" and opts["method"] == "feature":
+      xc = cka.center_features(x)
+      return xc, cka.feature_hsic_terms(xc, xc, debiased=debiased)
+    k = cka.gram(x, kernel, sigma_frac=opts.get("sigma_frac", 1.0))
+    kc = center(k)
+    return kc, jnp.sum(kc * kc)
+
+  def combine(sx, sy, opts: Options):
+    (x, xx), (y, yy) = sx, sy
+    if kernel == "linear" and opts["method"] == "feature":
+      xy = cka.feature_hsic_terms(x, y, debiased=debiased)
+    else:
+      xy = jnp.sum(x * y)
+    return xy / jnp.sqrt(xx * yy)
+
+  return prepare, combine
+
+
+_CKA_INV = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
+
+
+def _cka(name: str, kernel: str, debiased: bool) -> Measure:
+  prepare, combine = _cka_state(debiased, kernel)
+  est = ("debiased (unbiased HSIC, Song et al. 2012)" if debiased
+         else "biased HSIC (Kornblith et al. 2019)")
+  if kernel == "linear":
+    return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
+                   f"Linear CKA, {est}.", prepare, combine,
+                   defaults={"method": "auto"}, streaming=True, resolve=_resolve_linear)
+  return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
+                 f"RBF CKA, bandwidth sigma_frac x median pairwise distance, {est}.",
+                 prepare, combine, defaults={"sigma_frac": 1.0})
+
+
+# ----------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------
+
+
+def _basis_prepare(keep_key: str | None):
+  def prepare(x, opts):
+    return cca_lib.basis(x, opts[keep_key] if keep_key else None)
+  return prepare
+
+
+_ROT = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
+
+MEASURES: dict[str, Measure] = {
+    "cka_linear": _cka("cka_linear", "linear", False),
+    "cka_linear_debiased": _cka("cka_linear_debiased", "linear", True),
+    "cka_rbf": _cka("cka_rbf", "rbf", False),
+    "cka_rbf_debiased": _cka("cka_rbf_debiased", "rbf", True),
+    "procrustes": Measure(
+        "procrustes", "distance", True, _ROT, 2,
+        "Squared orthogonal Procrustes distance 2 - 2||X^T Y||_* of centred, "
+        "unit-Frobenius activations, in [0, 2].",
+        lambda x, o: procrustes_lib.prepare(x),
+        lambda a, b, o: procrustes_lib.combine(a, b)),
+    "cca": Measure(
+        "cca", "similarity", True, _ROT | {"invertible_linear"}, 2,
+        "Mean squared canonical correlation (R^2_CCA).",
+        _basis_prepare(None), lambda a, b, o: cca_lib.cca_combine(a, b)),
+    "svcca": Measure(
+        "svcca", "similarity", True, _ROT, 2,
+        "SVCCA: top singular directions (keep = variance fraction or count), then mean "
+        "canonical correlation.",
+        _basis_prepare("keep"), lambda a, b, o: cca_lib.svcca_combine(a, b),
+        defaults={"keep": 0.99}),
+    "pwcca": Measure(
+        "pwcca", "similarity", False,
+        frozenset({"isotropic_scaling", "translation", "permutation"}), 2,
+        "Projection-weighted CCA (Morcos et al. 2018); weights from model A's side.",
+        _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b)),
+}
+
+
+def get(name: str) -> Measure:
+  """The registered measure `name`; unknown names list the valid ones."""
+  return registry.lookup("similarity measure", name, MEASURES)
+
+
+def names() -> list[str]:
+  return list(MEASURES)
+
+
+# ----------------------------------------------------------------------------
+# Checked computation of one value and of whole matrices (concrete arrays).
+# ----------------------------------------------------------------------------
+
+
+def _freeze(opts: Mapping[str, Any]) -> tuple:
+  return tuple(sorted(opts.items()))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prepare_jit(name: str, opts: tuple, x: jax.Array):
+  return MEASURES[name].prepare(cka.flatten(x), dict(opts))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _combine_jit(name: str, opts: tuple, sx, sy):
+  return MEASURES[name].combine(sx, sy, dict(opts))
+
+
+def _degenerate_cca(m: Measure, n: int, dims_x: Sequence[int], dims_y: Sequence[int],
+                    rows: Sequence[str], cols: Sequence[str]) -> None:
+  if m.name not in ("cca", "pwcca"):
+    return
+  wide = [r for r, d in zip(rows, dims_x) if d >= n - 1]
+  wide += [c for c, d in zip(cols, dims_y) if d >= n - 1 and c not in wide]
+  if wide:
+    warnings.warn(
+        f"{m.name}: layer(s) {', '.join(wide)} have at least n - 1 = {n - 1} features, "
+        "so their canonical correlations are trivially 1; use svcca or more examples.",
+        checks.SimilarityWarning, stacklevel=3)
+
+
+def matrix(name: str, acts_a: Mapping[str, jax.Array],
+           acts_b: Mapping[str, jax.Array] | None = None, *, label_a: str = "model A",
+           label_b: str = "model B", **overrides: Any
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+  """The ``len(acts_a) x len(acts_b)`` matrix of measure `name` on in-memory activations.
+
+  `acts_*` map layer name -> ``(n, ...)`` activation on the same n examples, in the same
+  order; `acts_b` None compares A with itself. Problem layers (NaN/Inf, constant, n too
+  small) give NaN rows/columns and a :class:`checks.SimilarityWarning` naming them.
+  Returns ``(matrix, info)`` with info holding the resolved options, n and NaN reasons.
+  """
+  m = get(name)
+  within = acts_b is None
+  acts_b = acts_a if within else acts_b
+  rows, cols = list(acts_a), list(acts_b)
+  ns = {int(np.shape(v)[0]) for v in [*acts_a.values(), *acts_b.values()]}
+  if len(ns) != 1:
+    raise ValueError(f"{name}: every activation must hold the same examples; got row "
+                     f"counts {sorted(ns)}.")
+  n = ns.pop()
+  dim = lambda v: int(np.prod(np.shape(v)[1:]))
+  dims_a = [dim(v) for v in acts_a.values()]
+  dims_b = [dim(v) for v in acts_b.values()]
+  opts = m.options(n, dims_a, dims_b, **overrides)
+  frozen = _freeze(opts)
+  prob_a = {r: checks.layer_problem(v, m.needs_min_n) for r, v in acts_a.items()}
+  prob_b = prob_a if within else {
+      c: checks.layer_problem(v, m.needs_min_n) for c, v in acts_b.items()}
+  _degenerate_cca(m, n, dims_a, dims_b, rows, cols)
+
+  def states(acts, probs):
+    return {k: None if probs[k] else _prepare_jit(name, frozen, jnp.asarray(v))
+            for k, v in acts.items()}
+
+  sa = states(acts_a, prob_a)
+  sb = sa if within else states(acts_b, prob_b)
+  out = np.full((len(rows), len(cols)), np.nan)
+  for i, r in enumerate(rows):
+    for j, c in enumerate(cols):
+      if sa[r] is None or sb[c] is None:
+        continue
+      if within and m.symmetric and j < i:
+        out[i, j] = out[j, i]
+        continue
+      out[i, j] = float(_combine_jit(name, frozen, sa[r], sb[c]))
+  out, reasons = checks.apply(out, rows, cols, measure=name, problems_a=prob_a,
+                              problems_b=prob_b, label_a=label_a, label_b=label_b)
+  return out, {"options": opts, "n": n, "nan_reasons": reasons}
+
+
+def compute(name: str, x: jax.Array, y: jax.Array, *, layer_x: str = "x",
+            layer_y: str = "y", **overrides: Any) -> float:
+  """One checked value of measure `name` (NaN plus a warning when it cannot be trusted)."""
+  out, _ = matrix(name, {layer_x: x}, {layer_y: y}, **overrides)
+  return float(out[0, 0])

@@ -1,0 +1,225 @@
+"""Stitch maps: an affine map over the channel/feature axis, after a layout change.
+
+A stitch from point i of model A (activation shape ``src``) to point j of model B
+(activation shape ``dst``) is, per example,
+
+  * NHWC map -> NHWC map: bilinear resize to B's spatial size, then a 1x1 conv (affine
+    over channels);
+  * tokens (T, D) -> tokens (T', D'): when T != T', the tokens are read as a
+    sqrt(T) x sqrt(T) grid and resized bilinearly to sqrt(T') x sqrt(T'); then a
+    token-wise linear map;
+  * vector (D,) -> vector (D',): a dense map;
+  * NHWC map -> tokens: resize the map to the sqrt(T') x sqrt(T') grid, flatten it
+    row-major into tokens, then the token-wise linear map;
+  * tokens -> NHWC map: reshape the (square) token grid into a map, resize, 1x1 conv.
+
+Bilinear resizing is linear with weights that sum to one, so it commutes with the affine
+map; :func:`apply` runs the affine map at whichever resolution is smaller (the cheaper
+order) and the result is the same map. Vector <-> map combinations make no sense and
+raise :class:`UnstitchableError`, naming both points and shapes.
+
+Parameters are a plain pytree ``{'kernel': (C_in, C_out), 'bias': (C_out,)}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("conv", "tokens", "dense", "conv_to_tokens", "tokens_to_conv")
+_LAYOUT_NAMES = {1: "vector (B, D)", 2: "tokens (B, T, D)", 3: "NHWC map (B, H, W, C)"}
+
+Params = dict[str, jax.Array]
+
+
+class UnstitchableError(ValueError):
+  """Two stitch points whose activation layouts no stitch map can connect."""
+
+
+def _square_side(t: int) -> int | None:
+  side = math.isqrt(t)
+  return side if side * side == t else None
+
+
+def describe(point: str, shape: Sequence[int]) -> str:
+  """``'conv2' (B, 16, 16, 64) [NHWC map (B, H, W, C)]`` for error messages."""
+  shape = tuple(int(s) for s in shape)
+  layout = _LAYOUT_NAMES.get(len(shape), f"rank-{len(shape) + 1} array")
+  return f"{point!r} {('B',) + shape} [{layout}]".replace("'B'", "B")
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSpec:
+  """How one stitch maps point `src_point` of A onto point `dst_point` of B.
+
+  Shapes are per example (no batch axis).
+  """
+
+  src_point: str
+  dst_point: str
+  src_shape: tuple[int, ...]
+  dst_shape: tuple[int, ...]
+  kind: str
+
+  @property
+  def in_features(self) -> int:
+    return self.src_shape[-1]
+
+  @property
+  def out_features(self) -> int:
+    return self.dst_shape[-1]
+
+  @property
+  def num_params(self) -> int:
+    return (self.in_features + 1) * self.out_features
+
+  def describe(self) -> str:
+    return (f"{describe(self.src_point, self.src_shape)} -> "
+            f"{describe(self.dst_point, self.dst_shape)}")
+
+
+def plan(src_point: str, src_shape: Sequence[int], dst_point: str,
+         dst_shape: Sequence[int]) -> MapSpec:
+  """The map from `src_point` (per-example shape `src_shape`) to `dst_point`.
+
+  Raises:
+    UnstitchableError: the layouts cannot be connected (vector <-> map, a token count
+      that is not a square where a grid is needed, ranks other than 1-3).
+  """
+  src = tuple(int(s) for s in src_shape)
+  dst = tuple(int(s) for s in dst_shape)
+
+  def fail(why: str) -> UnstitchableError:
+    return UnstitchableError(
+        f"Cannot stitch {describe(src_point, src)} into {describe(dst_point, dst)}: "
+        f"{why}")
+
+  ranks = (len(src), len(dst))
+  if any(r not in (1, 2, 3) for r in ranks):
+    raise fail("only vectors (B, D), tokens (B, T, D) and NHWC maps (B, H, W, C) "
+               "can be stitched.")
+  if ranks == (1, 1):
+    kind = "dense"
+  elif 1 in ranks:
+    raise fail("a stitch maps vectors to vectors and maps/tokens to maps/tokens; a "
+               "vector cannot be stitched to or from a spatial map or token sequence "
+               "(pick pooled points on both sides, or spatial points on both sides).")
+  elif ranks == (3, 3):
+    kind = "conv"
+  elif ranks == (2, 2):
+    kind = "tokens"
+    if src[0] != dst[0] and (_square_side(src[0]) is None
+                             or _square_side(dst[0]) is None):
+      raise fail(f"the token counts differ ({src[0]} vs {dst[0]}) and resampling "
+                 "needs both to be square grids.")
+  elif ranks == (3, 2):
+    kind = "conv_to_tokens"
+    if _square_side(dst[0]) is None:
+      raise fail(f"the target has {dst[0]} tokens, not a square grid to resize the "
+                 "map onto.")
+  else:
+    kind = "tokens_to_conv"
+    if _square_side(src[0]) is None:
+      raise fail(f"the source has {src[0]} tokens, not a square grid to reshape into "
+                 "a map.")
+  return MapSpec(src_point, dst_point, src, dst, kind)
+
+
+def target_grid(spec: MapSpec) -> tuple[int, ...]:
+  """Spatial (H, W) or token (T,) layout the stitch produces; () for vectors."""
+  return spec.dst_shape[:-1]
+
+
+def _src_grid(spec: MapSpec) -> tuple[int, int] | None:
+  """Source as an (H, W) grid (tokens as a square), or None for vectors."""
+  if spec.kind == "dense":
+    return None
+  if spec.kind in ("conv", "conv_to_tokens"):
+    return spec.src_shape[0], spec.src_shape[1]
+  side = _square_side(spec.src_shape[0])
+  return (side, side) if side is not None else None
+
+
+def _dst_grid(spec: MapSpec) -> tuple[int, int] | None:
+  if spec.kind == "dense":
+    return None
+  if spec.kind in ("conv", "tokens_to_conv"):
+    return spec.dst_shape[0], spec.dst_shape[1]
+  side = _square_side(spec.dst_shape[0])
+  return (side, side) if side is not None else None
+
+
+def _needs_resample(spec: MapSpec) -> bool:
+  if spec.kind == "dense":
+    return False
+  if spec.kind == "tokens":
+    return spec.src_shape[0] != spec.dst_shape[0]
+  return _src_grid(spec) != _dst_grid(spec)
+
+
+def relayout(spec: MapSpec, x: jax.Array) -> jax.Array:
+  """The parameter-free part: `x` (B, *src grid, C) -> (B, *target grid, C).
+
+  C may differ from ``spec.in_features`` (the channel axis is carried through), so the
+  same function resizes before or after the affine map.
+  """
+  if spec.kind == "dense" or (spec.kind in ("conv", "tokens")
+                              and not _needs_resample(spec)):
+    return x
+  batch, channels = x.shape[0], x.shape[-1]
+  sh, sw = _src_grid(spec)
+  dh, dw = _dst_grid(spec)
+  grid = x.reshape(batch, sh, sw, channels)
+  if (sh, sw) != (dh, dw):
+    grid = jax.image.resize(grid, (batch, dh, dw, channels), method="bilinear")
+  return grid.reshape((batch,) + target_grid(spec) + (channels,))
+
+
+def affine(params: Params, x: jax.Array) -> jax.Array:
+  """Affine map over the last axis, float32 accumulation."""
+  y = jnp.einsum("...c,cd->...d", x, params["kernel"],
+                 preferred_element_type=jnp.float32)
+  return y + params["bias"]
+
+
+def affine_first(spec: MapSpec) -> bool:
+  """True when the affine map is cheaper before the resize (upsampling)."""
+  if not _needs_resample(spec):
+    return True
+  return math.prod(_src_grid(spec)) < math.prod(_dst_grid(spec))
+
+
+def apply(spec: MapSpec, params: Params, x: jax.Array) -> jax.Array:
+  """The stitch ``T_theta``: (B, *src_shape) -> (B, *dst_shape)."""
+  if x.shape[1:] != spec.src_shape:
+    raise ValueError(f"Stitch {spec.describe()} got an input of shape {x.shape}.")
+  if affine_first(spec):
+    return relayout(spec, affine(params, x))
+  return affine(params, relayout(spec, x))
+
+
+def init_random(spec: MapSpec, key: jax.Array) -> Params:
+  """Fan-in (LeCun normal) kernel, zero bias: the usual init of a 1x1 conv / dense."""
+  kernel = jax.nn.initializers.lecun_normal()(
+      key, (spec.in_features, spec.out_features), jnp.float32)
+  return {"kernel": kernel, "bias": jnp.zeros((spec.out_features,), jnp.float32)}
+
+
+def identity_params(features: int) -> Params:
+  return {"kernel": jnp.eye(features, dtype=jnp.float32),
+          "bias": jnp.zeros((features,), jnp.float32)}
+
+
+def param_shapes(spec: MapSpec) -> dict[str, jax.ShapeDtypeStruct]:
+  return {"kernel": jax.ShapeDtypeStruct((spec.in_features, spec.out_features),
+                                         jnp.float32),
+          "bias": jax.ShapeDtypeStruct((spec.out_features,), jnp.float32)}
+
+
+def as_numpy(params: Any) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in params.items()}

@@ -1,0 +1,106 @@
+"""Orbax checkpoints of a training run, and loading a trained model by workdir path.
+
+A trained-model workdir holds ``config.json`` (the resolved config) and
+``checkpoints/<step>/`` (orbax). ``load_trained(workdir)`` rebuilds the model from the
+config and restores its variables, so every later job (similarity, stitching, studies)
+refers to a model by its workdir alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from fula_jax import io
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing or cannot be read."""
+
+
+def manager(workdir: str | epath.Path, *, save_every_steps: int = 1,
+            max_to_keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, save_interval_steps=max(1, save_every_steps),
+      enable_async_checkpointing=False, create=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options)
+
+
+def state_to_tree(state: Any) -> dict:
+  return {"step": state.step, "params": state.params,
+          "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any) -> tuple[int, Any] | None:
+  """(step, tree) of the newest checkpoint, or None when there is none."""
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  try:
+    tree = mngr.restore(step, args=ocp.args.StandardRestore(abstract_tree))
+  except Exception as e:  # orbax raises many types for damaged files.
+    raise CheckpointError(
+        f"Checkpoint at step {step} in {mngr.directory} could not be read "
+        f"({type(e).__name__}: {e}). Delete that step's folder to fall back to an "
+        f"earlier checkpoint, or start a fresh workdir.") from e
+  return step, tree
+
+
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(
+        f"No trained model in {workdir}: {path} is missing. Train one with "
+        f"`python -m fula_jax.main --config=configs/train.py --workdir={workdir}`.")
+  try:
+    return ml_collections.ConfigDict(io.read_json(path))
+  except ValueError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+
+
+def load_trained(workdir: str | epath.Path):
+  """(model, variables, config) of the newest checkpoint of a `job=train` workdir.
+
+  The variables are the frozen inference variables ('params' and 'batch_stats'); the
+  optimiser state in the checkpoint is not read into memory.
+  """
+  from fula_jax import models
+  from fula_jax.train import loop
+
+  config = read_config(workdir)
+  model = loop.build_model(config)
+  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  if not ckpt_dir.exists():
+    raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False))
+  step = mngr.latest_step()
+  if step is None:
+    raise CheckpointError(f"No checkpoints in {ckpt_dir}: the folder holds no step.")
+  try:
+    tree = mngr.restore(step, args=ocp.args.StandardRestore())
+  except Exception as e:  # orbax raises many types for damaged files.
+    raise CheckpointError(
+        f"Checkpoint at step {step} in {ckpt_dir} could not be read "
+        f"({type(e).__name__}: {e}).") from e
+  variables = {"params": tree["params"]}
+  if tree.get("batch_stats"):
+    variables["batch_stats"] = tree["batch_stats"]
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  expected = jax.eval_shape(
+      lambda: models.init(model, jax.random.PRNGKey(0), loop.input_shape(config)))
+  got_shapes = jax.tree_util.tree_map(lambda a: a.shape, variables)
+  want_shapes = jax.tree_util.tree_map(lambda a: a.shape, expected)
+  if got_shapes != want_shapes:
+    raise CheckpointError(
+        f"Checkpoint at step {step} in {ckpt_dir} does not match the model its "
+        f"config describes ({config.model.name}); was config.json edited?")
+  return model, variables, config

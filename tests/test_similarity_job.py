@@ -1,0 +1,181 @@
+"""Permutation null, the in-memory matrix path, and the job end to end on tiny models."""
+
+import dataclasses
+import warnings
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fula_jax import models, registry, results
+from fula_jax.similarity import SimilarityWarning, job, measures, minibatch, null
+
+
+def related(seed, n=60, noise=0.3):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 8))
+  y = x @ rng.normal(size=(8, 6)) + noise * rng.normal(size=(n, 6))
+  return x.astype(np.float32), y.astype(np.float32)
+
+
+def test_permutation_null_p_values():
+  x, y = related(0)
+  key = jax.random.PRNGKey(0)
+  r = null.permutation_test("cka_linear_debiased", x, y, key, num_permutations=99)
+  assert r.p_value == pytest.approx(0.01)              # no shuffle reaches the truth
+  assert r.observed == pytest.approx(float(measures.get("cka_linear_debiased")(x, y)),
+                                     rel=1e-6)
+  assert abs(r.null_mean) < 0.05                       # debiased null is centred on 0
+  assert r.corrected == pytest.approx(r.observed - np.mean(r.null))
+  assert r.null_std == pytest.approx(np.std(r.null))
+  assert r.null.shape == (99,)
+  # Unrelated data: the observed value is a typical draw from the null.
+  rng = np.random.default_rng(1)
+  u = rng.normal(size=(60, 6)).astype(np.float32)
+  r = null.permutation_test("cka_linear_debiased", x, u, key, num_permutations=99)
+  assert r.p_value > 0.05
+  # A distance counts null values at or *below* the observed one.
+  d = null.permutation_test("procrustes", x, y, key, num_permutations=49)
+  assert d.kind == "distance" and d.p_value == pytest.approx(0.02)
+  assert d.observed < d.null_mean
+  # Biased CKA's null sits well above 0 at n ~ d; the corrected score removes it.
+  b = null.permutation_test("cka_linear", x, u, key, num_permutations=49)
+  assert b.null_mean > 0.05 and abs(b.corrected) < b.observed
+  # Same key, same null.
+  again = null.permutation_test("cka_linear", x, u, key, num_permutations=49)
+  np.testing.assert_array_equal(again.null, b.null)
+
+
+def test_permutation_null_of_bad_input_is_nan_with_warning():
+  x, y = related(2)
+  x = x.copy()
+  x[0, 0] = np.nan
+  with pytest.warns(SimilarityWarning, match="NaN"):
+    r = null.permutation_test("cka_linear", x, y, jax.random.PRNGKey(0),
+                              num_permutations=8)
+  assert np.isnan(r.p_value) and np.isnan(r.observed)
+
+
+def test_matrix_within_model_is_symmetric_and_matches_pairs():
+  x, y = related(3)
+  acts = {"x": x, "y": y, "z": np.tanh(y)}
+  mat, info = measures.matrix("cka_rbf_debiased", acts)
+  np.testing.assert_allclose(mat, mat.T, rtol=1e-6)
+  np.testing.assert_allclose(np.diag(mat), 1.0, rtol=1e-5)
+  assert mat[0, 1] == pytest.approx(float(measures.get("cka_rbf_debiased")(x, y)),
+                                    rel=1e-5)
+  assert info["n"] == 60
+  mat, _ = measures.matrix("pwcca", acts)  # asymmetric: both triangles computed
+  assert mat[0, 1] == pytest.approx(float(measures.get("pwcca")(x, y)), rel=1e-5)
+  assert mat[1, 0] == pytest.approx(float(measures.get("pwcca")(y, x)), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# similarity_matrices and run() on tiny models
+# ----------------------------------------------------------------------------
+
+
+def tiny_models():
+  model_a = models.get_model("mlp", widths=(12, 6), num_classes=3)
+  model_b = models.get_model("mlp", widths=(10,), num_classes=3)
+  shape = (1, 4, 4, 1)
+  vars_a = models.init(model_a, jax.random.PRNGKey(0), shape)
+  vars_b = models.init(model_b, jax.random.PRNGKey(1), shape)
+  return model_a, vars_a, model_b, vars_b
+
+
+def image_batches(n=52, batch=16, seed=0):
+  images = np.random.default_rng(seed).uniform(size=(n, 4, 4, 1)).astype(np.float32)
+  out = []
+  for s in range(0, n, batch):
+    real = images[s:s + batch]
+    pad = batch - len(real)
+    out.append({"image": np.concatenate([real, np.zeros((pad, 4, 4, 1), np.float32)]),
+                "mask": (np.arange(batch) < len(real)).astype(np.float32)})
+  return images, out
+
+
+def capture_all(model, variables, images, points):
+  _, acts = models.capture(model, variables, images)
+  return {p: np.asarray(acts[p]) for p in points}
+
+
+def test_similarity_matrices_match_direct_computation():
+  model_a, vars_a, model_b, vars_b = tiny_models()
+  images, batches = image_batches()
+  mats = job.similarity_matrices(
+      model_a, vars_a, model_b, vars_b, batches=batches,
+      measures=["cka_linear", "cka_linear_debiased", "svcca"], estimator="exact",
+      max_examples=40, model_a_name="A", model_b_name="B", progress=False)
+  assert [m.measure for m in mats] == ["cka_linear", "cka_linear_debiased", "svcca"]
+  acts_a = capture_all(model_a, vars_a, images, ["fc1", "fc2"])
+  acts_b = capture_all(model_b, vars_b, images, ["fc1"])
+  for m in mats[:2]:
+    assert (m.rows, m.cols, m.model_a, m.model_b) == (["fc1", "fc2"], ["fc1"], "A", "B")
+    assert m.meta["estimator"] == "exact" and m.meta["n"] == 52
+    want, _ = measures.matrix(m.measure, acts_a, acts_b)
+    np.testing.assert_allclose(m.matrix, want, rtol=1e-4, atol=1e-5)
+  first40 = lambda acts: {k: v[:40] for k, v in acts.items()}
+  want, _ = measures.matrix("svcca", first40(acts_a), first40(acts_b))
+  np.testing.assert_allclose(mats[2].matrix, want, rtol=1e-5)
+  assert mats[2].meta["n"] == 40
+
+
+def test_similarity_matrices_sharded_within_model_minibatch():
+  model_a, vars_a, _, _ = tiny_models()
+  _, batches = image_batches(n=48, batch=16)
+  kw = dict(batches=batches, measures=["cka_linear_debiased"], points_a=["fc1", "logits"],
+            progress=False)
+  single = job.similarity_matrices(model_a, vars_a, **kw)[0]
+  sharded = job.similarity_matrices(model_a, vars_a, mesh=minibatch.batch_mesh(), **kw)[0]
+  assert single.rows == single.cols == ["fc1", "logits"]
+  assert single.meta["within_model"] and sharded.meta["num_devices"] == 8
+  np.testing.assert_allclose(sharded.matrix, single.matrix, rtol=1e-5)
+  np.testing.assert_allclose(np.diag(single.matrix), 1.0, rtol=1e-5)
+  with pytest.raises(registry.UnknownNameError, match="fc2"):
+    job.similarity_matrices(model_a, vars_a, batches=batches, points_a=["fc3"])
+  with pytest.raises(registry.UnknownNameError, match="svcca"):
+    job.similarity_matrices(model_a, vars_a, batches=batches, measures=["svca"])
+
+
+def test_run_writes_every_matrix(tmp_path, monkeypatch):
+  model_a, vars_a, model_b, vars_b = tiny_models()
+  images, _ = image_batches(n=40)
+
+  @dataclasses.dataclass(frozen=True)
+  class FakeSplit:
+    images: np.ndarray
+    labels: np.ndarray
+    name: str = "fake"
+
+  trained = {"wa": (model_a, vars_a, ml_collections.ConfigDict({"data": {}})),
+             "wb": (model_b, vars_b, None)}
+  monkeypatch.setattr(job, "_load_trained", lambda w: trained[w])
+  monkeypatch.setattr(job, "_load_split", lambda cfg, split: FakeSplit(images, np.zeros(40, np.int32)))
+
+  def batches(split, batch_size):
+    return image_batches(n=len(split.images), batch=batch_size)[1]
+
+  monkeypatch.setattr(job, "_eval_batches", batches)
+  import importlib.util, pathlib
+  spec = importlib.util.spec_from_file_location(
+      "sim_config", pathlib.Path(__file__).parent.parent / "configs" / "similarity.py")
+  cfg_mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_mod)
+  config = cfg_mod.get_config("runlocal")
+  config.model_a_workdir, config.model_b_workdir = "wa", "wb"
+  config.batch_size, config.num_examples = 16, 36
+  config.measures = ("cka_linear_debiased", "procrustes")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SimilarityWarning)  # healthy data: no warnings
+    summary = job.run(config, str(tmp_path))
+  assert set(summary) == {"cka_linear_debiased", "procrustes"}
+  assert summary["procrustes"]["n"] == 36 and summary["procrustes"]["nan_cells"] == 0
+  loaded = results.load(tmp_path)
+  assert set(loaded) == set(summary)
+  m = loaded["cka_linear_debiased"]
+  assert (m.rows, m.cols, m.model_a, m.model_b) == (["fc1", "fc2"], ["fc1"], "wa", "wb")
+  assert m.meta["estimator"] == "minibatch" and m.meta["n"] == 36
+  for ext in ("npz", "json", "csv", "png"):
+    assert (tmp_path / "results" / f"procrustes.{ext}").exists()

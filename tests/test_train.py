@@ -1,0 +1,135 @@
+"""Training: CLI overrides and errors, accuracy on digits, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fula_jax import data
+from fula_jax.train import checkpoint, loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _main(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", "fula_jax.main", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _load_config(arg: str):
+  sys.path.insert(0, str(REPO))
+  try:
+    import importlib
+    mod = importlib.import_module("configs.train")
+    return mod.get_config(arg)
+  finally:
+    sys.path.remove(str(REPO))
+
+
+def test_cli_unknown_config_key_fails_with_message(tmp_path):
+  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path}",
+            "--config.train.lerning_rate=0.1", timeout=120)
+  assert r.returncode != 0
+  assert "lerning_rate" in r.stderr
+
+
+def test_cli_unknown_job_lists_valid_jobs(tmp_path):
+  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path}",
+            "--config.job=trian", timeout=120)
+  assert r.returncode != 0
+  assert "Unknown job 'trian'" in r.stderr and "'train'" in r.stderr
+  assert "stitch" in r.stderr and "similarity" in r.stderr
+
+
+def test_unknown_model_and_dataset_list_valid_names(tmp_path):
+  config = _load_config("runlocal")
+  config.model.name = "resnet19"
+  with pytest.raises(KeyError, match="resnet18"):
+    loop.build_model(config)
+  config = _load_config("runlocal")
+  config.data.name = "cifar11"
+  with pytest.raises(KeyError, match="cifar10"):
+    loop.run(config, str(tmp_path))
+
+
+def test_cli_override_reaches_the_job_and_config_is_written(tmp_path):
+  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path}",
+            "--config.train.num_steps=3", "--config.train.batch_size=32",
+            "--config.model.kwargs.widths=(4,8)", "--config.seed=7")
+  assert r.returncode == 0, r.stderr[-3000:]
+  model, variables, config = checkpoint.load_trained(tmp_path)
+  assert config.seed == 7 and config.train.num_steps == 3
+  assert tuple(config.model.kwargs.widths) == (4, 8)
+  assert model.point_names == ("conv1", "conv2", "pool")
+  assert variables["params"]["conv2"]["Conv_0"]["kernel"].shape[-1] == 8
+  assert (tmp_path / "checkpoints" / "3").is_dir()
+
+
+def test_runlocal_cnn_reaches_90_percent_on_digits(tmp_path):
+  config = _load_config("runlocal")
+  out = loop.run(config, str(tmp_path))
+  assert out["test_accuracy"] >= 0.90, out["test_accuracy"]
+  assert out["test_n"] == len(data.load(config.data, "test").labels)
+  # The workdir is loadable and reproduces the reported accuracy.
+  model, variables, cfg = checkpoint.load_trained(tmp_path)
+  ev = loop.evaluate(model, variables, data.load(cfg.data, "test"), 100)
+  assert ev["accuracy"] == pytest.approx(out["test_accuracy"])
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  common = ["--config=configs/train.py:runlocal", "--config.train.num_steps=60",
+            "--config.train.checkpoint_every_steps=10", "--config.train.batch_size=64",
+            "--config.model.kwargs.widths=(8,16)"]
+  # Uninterrupted reference run.
+  ref = _main(*common, f"--workdir={tmp_path / 'ref'}")
+  assert ref.returncode == 0, ref.stderr[-3000:]
+
+  # Interrupted run: SIGKILL once a mid-run checkpoint exists, then rerun.
+  work = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen([sys.executable, "-m", "fula_jax.main", *common,
+                           f"--workdir={work}"], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (work / "checkpoints" / "20").is_dir():
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "training finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and max(steps) < 60, steps
+
+  resumed = _main(*common, f"--workdir={work}")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  summary = checkpoint.io.read_json(work / "summary.json")
+  assert 0 < summary["resumed_from"] < 60
+
+  _, v_ref, _ = checkpoint.load_trained(tmp_path / "ref")
+  _, v_res, _ = checkpoint.load_trained(work)
+  for a, b in zip(jax.tree_util.tree_leaves(v_ref), jax.tree_util.tree_leaves(v_res)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_and_corrupted_checkpoints_fail_clearly(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="config.json is missing"):
+    checkpoint.load_trained(tmp_path / "nothing")
+  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path / 'w'}",
+            "--config.train.num_steps=2", "--config.train.batch_size=32",
+            "--config.model.kwargs.widths=(4,8)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  for f in (tmp_path / "w" / "checkpoints" / "2").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\x00garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="could not be read"):
+    checkpoint.load_trained(tmp_path / "w")
