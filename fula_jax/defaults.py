@@ -47,8 +47,9 @@ def train_block() -> ml_collections.ConfigDict:
       warmup_epochs=1.0,
       schedule="cosine",  # cosine | constant
       augment=dict(crop_padding=4, flip=True),
+      # PGD inner maximisation (fula_jax.attacks); eval_steps for the final robust eval.
       adversarial=dict(enabled=False, norm="linf", eps=8 / 255, step_size=2 / 255,
-                       steps=7, random_start=True),
+                       steps=7, eval_steps=20, random_start=True),
       log_every_steps=20,
       eval_every_steps=0,
       checkpoint_every_steps=100,

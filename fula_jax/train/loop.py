@@ -68,8 +68,7 @@ def make_preprocess(config: ml_collections.ConfigDict, model: models.StagedModel
       from fula_jax import attacks
       apply_fn = lambda x: model.apply(state.variables, x, train=False)
       images = jax.lax.stop_gradient(attacks.pgd(
-          apply_fn, images, batch["label"], k_adv, eps=adv.eps, step_size=adv.step_size,
-          steps=adv.steps, norm=adv.norm, random_start=adv.random_start))
+          apply_fn, images, batch["label"], k_adv, **attacks.attack_kwargs(adv)))
     return images
 
   return preprocess
@@ -171,12 +170,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mngr.wait_until_finished()
 
   final = evaluate(model, state.variables, test_split, config.eval_batch_size, mesh)
+  adv = tcfg.get("adversarial", None)
+  if adv is not None and adv.enabled and adv.eps > 0:
+    from fula_jax import attacks
+    robust = attacks.robust_accuracy(
+        lambda x: models.forward(model, state.variables, x),
+        data.eval_batches(test_split, config.eval_batch_size,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count()),
+        jax.random.fold_in(key, 2), adv)
+    final["robust_accuracy"] = robust["robust_accuracy"]
   writer.write_scalars(total_steps, {f"test/{k}": v for k, v in final.items() if k != "n"})
   writer.flush()
   summary = {"model": config.model.name, "dataset": config.data.name,
              "steps": total_steps, "resumed_from": start_step,
              "test_accuracy": final["accuracy"], "test_loss": final["loss"],
              "test_n": final["n"],
+             "test_robust_accuracy": final.get("robust_accuracy"),
              "num_params": models.count_params(state.params)}
   if io.is_writer():
     io.write_json(workdir / "summary.json", summary)
