@@ -121,7 +121,8 @@ def point_shapes(model: StagedModel, input_shape: Sequence[int]
   variables = jax.eval_shape(lambda: init(model, jax.random.PRNGKey(0), input_shape))
   logits, acts = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=False, capture=True), variables, x)
-  return {**acts, LOGITS: logits}
+  # pytrees sort dict keys; give them back in stitch-point order.
+  return {**{p: acts[p] for p in model.point_names}, LOGITS: logits}
 
 
 def count_params(params: Any) -> int:

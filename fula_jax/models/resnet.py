@@ -29,7 +29,7 @@ def scaled_width(width: int, multiplier: float) -> int:
 
 
 def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       name=name)
 
 
