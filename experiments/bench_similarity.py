@@ -126,8 +126,8 @@ def main(argv=None) -> dict:
   per_batch_engine = t_engine / max(nb - 1, 1)
   print(f"engine: first batch (compile+run) {t_engine_first:.2f} s, then "
         f"{per_batch_engine:.3f} s/batch; full matrix {t_engine_first + t_engine:.2f} s")
-  print(f"engine per-batch Gram memory ~ {(len(points_a) + len(points_b)) * args.batch_size**2 * 4 / 2**20:.1f} MiB; "
-        + peak_memory())
+  gram_mib = (len(points_a) + len(points_b)) * args.batch_size**2 * 4 / 2**20
+  print(f"engine per-batch centred Grams ~ {gram_mib:.1f} MiB; " + peak_memory())
   out = dict(engine_s=t_engine_first + t_engine, engine_per_batch_s=per_batch_engine,
              capture_s=t_capture)
   if args.skip_loop:

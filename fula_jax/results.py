@@ -9,9 +9,11 @@
   ``model_a, layer_a, model_b, layer_b, measure, value``;
 * ``<name>.png``  -- an annotated heatmap (optional).
 
-Every file is written atomically through :mod:`fula_jax.io` and only by process 0. Names
-may contain any characters; the file stem replaces those outside ``[A-Za-z0-9._-]``
-with '_' and the JSON keeps the original, which :func:`load` uses as the key.
+Every file is written atomically through :mod:`fula_jax.io` and only by process 0; the
+JSON sidecar is written last, so a matrix whose sidecar exists is complete. Names may
+contain any characters; the file stem replaces those outside ``[A-Za-z0-9._-]`` with '_'
+(so names differing only there share files) and the JSON keeps the original, which
+:func:`load` uses as the key. Non-finite floats inside ``meta`` are stored as strings.
 
 In Colab::
 
@@ -202,6 +204,8 @@ def _load_one(npz_path: epath.Path) -> tuple[str, Matrix]:
     meta = json.loads(json_path.read_text())
   except (ValueError, OSError) as e:
     raise ResultsError(f"Could not read results metadata {json_path}: {e}") from e
+  if not isinstance(meta, dict):
+    raise ResultsError(f"Results metadata {json_path} is not a JSON object.")
   try:
     arrays = io.read_npz(npz_path)
   except Exception as e:  # zipfile, zlib, numpy and OS errors for damaged files.

@@ -1,6 +1,7 @@
 """Permutation null, the in-memory matrix path, and the job end to end on tiny models."""
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -11,6 +12,8 @@ import pytest
 from fula_jax import models, registry, results
 from fula_jax.similarity import SimilarityWarning, job, measures, minibatch, null
 
+import test_similarity_measures as refs  # NumPy references from the published formulas
+
 
 def related(seed, n=60, noise=0.3):
   rng = np.random.default_rng(seed)
@@ -19,31 +22,34 @@ def related(seed, n=60, noise=0.3):
   return x.astype(np.float32), y.astype(np.float32)
 
 
+R = 48  # one compiled null per measure across the tests
+
+
 def test_permutation_null_p_values():
   x, y = related(0)
   key = jax.random.PRNGKey(0)
-  r = null.permutation_test("cka_linear_debiased", x, y, key, num_permutations=99)
-  assert r.p_value == pytest.approx(0.01)              # no shuffle reaches the truth
+  r = null.permutation_test("cka_linear_debiased", x, y, key, num_permutations=R)
+  assert r.p_value == pytest.approx(1 / (R + 1))       # no shuffle reaches the truth
   assert r.observed == pytest.approx(float(measures.get("cka_linear_debiased")(x, y)),
                                      rel=1e-6)
   assert abs(r.null_mean) < 0.05                       # debiased null is centred on 0
   assert r.corrected == pytest.approx(r.observed - np.mean(r.null))
   assert r.null_std == pytest.approx(np.std(r.null))
-  assert r.null.shape == (99,)
+  assert r.null.shape == (R,)
   # Unrelated data: the observed value is a typical draw from the null.
   rng = np.random.default_rng(1)
   u = rng.normal(size=(60, 6)).astype(np.float32)
-  r = null.permutation_test("cka_linear_debiased", x, u, key, num_permutations=99)
+  r = null.permutation_test("cka_linear_debiased", x, u, key, num_permutations=R)
   assert r.p_value > 0.05
   # A distance counts null values at or *below* the observed one.
-  d = null.permutation_test("procrustes", x, y, key, num_permutations=49)
-  assert d.kind == "distance" and d.p_value == pytest.approx(0.02)
+  d = null.permutation_test("procrustes", x, y, key, num_permutations=R)
+  assert d.kind == "distance" and d.p_value == pytest.approx(1 / (R + 1))
   assert d.observed < d.null_mean
   # Biased CKA's null sits well above 0 at n ~ d; the corrected score removes it.
-  b = null.permutation_test("cka_linear", x, u, key, num_permutations=49)
+  b = null.permutation_test("cka_linear", x, u, key, num_permutations=R)
   assert b.null_mean > 0.05 and abs(b.corrected) < b.observed
   # Same key, same null.
-  again = null.permutation_test("cka_linear", x, u, key, num_permutations=49)
+  again = null.permutation_test("cka_linear", x, u, key, num_permutations=R)
   np.testing.assert_array_equal(again.null, b.null)
 
 
@@ -53,7 +59,7 @@ def test_permutation_null_of_bad_input_is_nan_with_warning():
   x[0, 0] = np.nan
   with pytest.warns(SimilarityWarning, match="NaN"):
     r = null.permutation_test("cka_linear", x, y, jax.random.PRNGKey(0),
-                              num_permutations=8)
+                              num_permutations=R)
   assert np.isnan(r.p_value) and np.isnan(r.observed)
 
 
@@ -63,12 +69,12 @@ def test_matrix_within_model_is_symmetric_and_matches_pairs():
   mat, info = measures.matrix("cka_rbf_debiased", acts)
   np.testing.assert_allclose(mat, mat.T, rtol=1e-6)
   np.testing.assert_allclose(np.diag(mat), 1.0, rtol=1e-5)
-  assert mat[0, 1] == pytest.approx(float(measures.get("cka_rbf_debiased")(x, y)),
-                                    rel=1e-5)
+  assert mat[0, 1] == pytest.approx(refs.REFS["cka_rbf_debiased"](x, y), rel=2e-5)
   assert info["n"] == 60
   mat, _ = measures.matrix("pwcca", acts)  # asymmetric: both triangles computed
-  assert mat[0, 1] == pytest.approx(float(measures.get("pwcca")(x, y)), rel=1e-5)
-  assert mat[1, 0] == pytest.approx(float(measures.get("pwcca")(y, x)), rel=1e-5)
+  assert mat[0, 1] == pytest.approx(refs.ref_pwcca(x, y), rel=2e-5)
+  assert mat[1, 0] == pytest.approx(refs.ref_pwcca(y, x), rel=2e-5)
+  assert abs(mat[0, 1] - mat[1, 0]) > 1e-3
 
 
 # ----------------------------------------------------------------------------
@@ -76,12 +82,13 @@ def test_matrix_within_model_is_symmetric_and_matches_pairs():
 # ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_models():
   model_a = models.get_model("mlp", widths=(12, 6), num_classes=3)
   model_b = models.get_model("mlp", widths=(10,), num_classes=3)
   shape = (1, 4, 4, 1)
-  vars_a = models.init(model_a, jax.random.PRNGKey(0), shape)
-  vars_b = models.init(model_b, jax.random.PRNGKey(1), shape)
+  vars_a = jax.jit(lambda k: models.init(model_a, k, shape))(jax.random.PRNGKey(0))
+  vars_b = jax.jit(lambda k: models.init(model_b, k, shape))(jax.random.PRNGKey(1))
   return model_a, vars_a, model_b, vars_b
 
 
@@ -97,7 +104,7 @@ def image_batches(n=52, batch=16, seed=0):
 
 
 def capture_all(model, variables, images, points):
-  _, acts = models.capture(model, variables, images)
+  _, acts = jax.jit(lambda v, x: models.capture(model, v, x))(variables, images)
   return {p: np.asarray(acts[p]) for p in points}
 
 
@@ -114,11 +121,12 @@ def test_similarity_matrices_match_direct_computation():
   for m in mats[:2]:
     assert (m.rows, m.cols, m.model_a, m.model_b) == (["fc1", "fc2"], ["fc1"], "A", "B")
     assert m.meta["estimator"] == "exact" and m.meta["n"] == 52
-    want, _ = measures.matrix(m.measure, acts_a, acts_b)
+    want = [[refs.REFS[m.measure](a, b) for b in acts_b.values()]
+            for a in acts_a.values()]
     np.testing.assert_allclose(m.matrix, want, rtol=1e-4, atol=1e-5)
-  first40 = lambda acts: {k: v[:40] for k, v in acts.items()}
-  want, _ = measures.matrix("svcca", first40(acts_a), first40(acts_b))
-  np.testing.assert_allclose(mats[2].matrix, want, rtol=1e-5)
+  want = [[refs.ref_svcca(a[:40], b[:40]) for b in acts_b.values()]
+          for a in acts_a.values()]
+  np.testing.assert_allclose(mats[2].matrix, want, rtol=1e-4)
   assert mats[2].meta["n"] == 40
 
 
@@ -152,7 +160,8 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
   trained = {"wa": (model_a, vars_a, ml_collections.ConfigDict({"data": {}})),
              "wb": (model_b, vars_b, None)}
   monkeypatch.setattr(job, "_load_trained", lambda w: trained[w])
-  monkeypatch.setattr(job, "_load_split", lambda cfg, split: FakeSplit(images, np.zeros(40, np.int32)))
+  monkeypatch.setattr(job, "_load_split",
+                      lambda cfg, split: FakeSplit(images, np.zeros(40, np.int32)))
 
   def batches(split, batch_size):
     return image_batches(n=len(split.images), batch=batch_size)[1]
@@ -179,3 +188,12 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
   assert m.meta["estimator"] == "minibatch" and m.meta["n"] == 36
   for ext in ("npz", "json", "csv", "png"):
     assert (tmp_path / "results" / f"procrustes.{ext}").exists()
+
+
+def test_exact_estimator_refuses_statistics_that_do_not_fit():
+  model_a, vars_a, model_b, vars_b = tiny_models()
+  _, batches = image_batches(n=16, batch=16)
+  with pytest.raises(ValueError, match="minibatch"):
+    job.similarity_matrices(model_a, vars_a, model_b, vars_b, batches,
+                            ["cka_linear"], estimator="exact", exact_max_bytes=1000,
+                            progress=False)

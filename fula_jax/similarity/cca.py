@@ -39,11 +39,16 @@ class Basis(NamedTuple):
   proj: jax.Array   # (k, d) = q^T X_c, the neurons in basis coordinates
 
 
-def basis(x: jax.Array, keep: float | int | None = None) -> Basis:
-  """SVD basis of centred `x`; `keep` as in SVCCA (None = every non-null direction)."""
+def basis(x: jax.Array, keep: float | int | None = None,
+          width: int | None = None) -> Basis:
+  """SVD basis of centred `x`; `keep` as in SVCCA (None = every non-null direction).
+
+  `width` zero-pads the basis to that many columns (so bases of different layers share
+  one shape and one compiled `combine`); unused columns are zero either way.
+  """
   xc = cka.center_features(x)
   n, d = xc.shape
-  u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
+  u, s, _ = jnp.linalg.svd(cka.row_space(xc), full_matrices=False)
   used = s > s[0] * max(n, d) * _EPS32
   if keep is not None:
     if isinstance(keep, float) and not isinstance(keep, bool):
@@ -58,7 +63,9 @@ def basis(x: jax.Array, keep: float | int | None = None) -> Basis:
       raise ValueError(f"SVCCA keep={keep!r}: give a variance fraction in (0, 1] or a "
                        "positive number of directions.")
   w = used.astype(jnp.float32)
-  return Basis(q=u * w, count=jnp.sum(w), proj=(s * w)[:, None] * vt)
+  q = cka.pad_columns(u * w, width)
+  proj = cka.dot(q.T, xc)
+  return Basis(q=q, count=jnp.sum(w), proj=proj)
 
 
 def _num_pairs(bx: Basis, by: Basis) -> jax.Array:

@@ -55,6 +55,28 @@ def flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1).astype(jnp.float32)
 
 
+def pad_columns(x: jax.Array, width: int | None) -> jax.Array:
+  """`x` with zero columns appended up to `width` (None or narrower: unchanged)."""
+  if width is None or width <= x.shape[1]:
+    return x
+  return jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+
+def row_space(x: jax.Array) -> jax.Array:
+  """`x` (n, d) rotated onto its row space when d > n: an (n, n) matrix X Q = R^T.
+
+  From the QR factorisation X^T = Q R (Householder, backward stable; no squared
+  condition number as with the Gram's eigendecomposition). X Q is an orthogonal map of
+  the features, so it keeps every singular value and left singular vector of X and
+  every quantity invariant to orthogonal maps of one side (Procrustes, CCA). Much
+  cheaper than an SVD with vectors of a wide matrix.
+  """
+  n, d = x.shape
+  if d <= n:
+    return x
+  return jnp.linalg.qr(x.T, mode="r").T
+
+
 def _mask(n: int, mask: jax.Array | None) -> jax.Array:
   if mask is None:
     return jnp.ones((n,), jnp.float32)

@@ -97,8 +97,8 @@ def _measure_options(name: str, sigma_frac: float, svcca_keep: float | int) -> d
 
 def similarity_matrices(
     model_a, vars_a: Mapping[str, Any], model_b=None, vars_b: Mapping[str, Any] | None = None,
-    *, batches: Iterable[Mapping[str, np.ndarray]],
-    measures: Sequence[str] = ("cka_linear_debiased",),
+    batches: Iterable[Mapping[str, np.ndarray]] | None = None,
+    measures: Sequence[str] = ("cka_linear_debiased",), *,
     points_a: Sequence[str] | None = None, points_b: Sequence[str] | None = None,
     estimator: str = "minibatch", max_examples: int = 2000,
     mesh: jax.sharding.Mesh | None = None, shard_mode: str = "global",
@@ -125,6 +125,9 @@ def similarity_matrices(
       device's shard is its own minibatch); see :mod:`minibatch`.
     exact_max_bytes: refuse the exact estimator when its statistics would need more.
   """
+  if batches is None:
+    raise ValueError("similarity_matrices needs `batches`: an iterable of dicts with "
+                     "'image' (and optionally 'mask').")
   registry.lookup("similarity estimator", estimator, dict.fromkeys(ESTIMATORS))
   measure_objs = [measures_lib.get(m) for m in measures]
   if len(set(measures)) != len(measures):
@@ -189,6 +192,8 @@ def similarity_matrices(
       kept += take
     count += 1
     bar.update(count, extra=f"{kept} examples kept" if collected else "")
+    if not streaming and kept >= max_examples:
+      break  # nothing streams: the remaining batches would change no number
   if count == 0:
     raise ValueError("No batches: the data iterator was empty.")
   bar.update(count, force=True)

@@ -85,6 +85,12 @@ class Measure:
 # ----------------------------------------------------------------------------
 
 
+def _resolve_width(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
+                   opts: dict) -> dict:
+  """Common state width min(n, d) over all layers, so states share one shape."""
+  return {**opts, "width": max(min(n, d) for d in [*dims_x, *dims_y])}
+
+
 def _resolve_linear(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
                     opts: dict) -> dict:
   if opts["method"] == "auto":
@@ -92,6 +98,8 @@ def _resolve_linear(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
     cost_gram = n * (sx + sy)
     cost_feature = sx * sy + sum(d * d for d in dims_x) + sum(d * d for d in dims_y)
     opts = {**opts, "method": "gram" if cost_gram <= cost_feature else "feature"}
+  if opts["method"] == "feature":
+    opts["width"] = max([*dims_x, *dims_y])
   if opts["method"] not in ("gram", "feature"):
     raise registry.unknown("linear CKA method", opts["method"], ("auto", "gram", "feature"))
   return opts
@@ -102,7 +110,7 @@ def _cka_state(debiased: bool, kernel: str):
 
   def prepare(x: jax.Array, opts: Options):
     if kernel == "linear" and opts["method"] == "feature":
-      xc = cka.center_features(x)
+      xc = cka.pad_columns(cka.center_features(x), opts.get("width"))
       return xc, cka.feature_hsic_terms(xc, xc, debiased=debiased)
     k = cka.gram(x, kernel, sigma_frac=opts.get("sigma_frac", 1.0))
     kc = center(k)
@@ -142,7 +150,7 @@ def _cka(name: str, kernel: str, debiased: bool) -> Measure:
 
 def _basis_prepare(keep_key: str | None):
   def prepare(x, opts):
-    return cca_lib.basis(x, opts[keep_key] if keep_key else None)
+    return cca_lib.basis(x, opts[keep_key] if keep_key else None, opts.get("width"))
   return prepare
 
 
@@ -157,23 +165,25 @@ MEASURES: dict[str, Measure] = {
         "procrustes", "distance", True, _ROT, 2,
         "Squared orthogonal Procrustes distance 2 - 2||X^T Y||_* of centred, "
         "unit-Frobenius activations, in [0, 2].",
-        lambda x, o: procrustes_lib.prepare(x),
-        lambda a, b, o: procrustes_lib.combine(a, b)),
+        lambda x, o: procrustes_lib.prepare(x, o.get("width")),
+        lambda a, b, o: procrustes_lib.combine(a, b), resolve=_resolve_width),
     "cca": Measure(
         "cca", "similarity", True, _ROT | {"invertible_linear"}, 2,
         "Mean squared canonical correlation (R^2_CCA).",
-        _basis_prepare(None), lambda a, b, o: cca_lib.cca_combine(a, b)),
+        _basis_prepare(None), lambda a, b, o: cca_lib.cca_combine(a, b),
+        resolve=_resolve_width),
     "svcca": Measure(
         "svcca", "similarity", True, _ROT, 2,
         "SVCCA: top singular directions (keep = variance fraction or count), then mean "
         "canonical correlation.",
         _basis_prepare("keep"), lambda a, b, o: cca_lib.svcca_combine(a, b),
-        defaults={"keep": 0.99}),
+        defaults={"keep": 0.99}, resolve=_resolve_width),
     "pwcca": Measure(
         "pwcca", "similarity", False,
         frozenset({"isotropic_scaling", "translation", "permutation"}), 2,
         "Projection-weighted CCA (Morcos et al. 2018); weights from model A's side.",
-        _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b)),
+        _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b),
+        resolve=_resolve_width),
 }
 
 

@@ -39,7 +39,6 @@ shard as its own minibatch and psums the per-shard HSIC values (no feature traff
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -329,6 +328,7 @@ def _split(v: jax.Array, dims: Sequence[int], axis: int = 0) -> list[jax.Array]:
   return jnp.split(v, np.cumsum(dims)[:-1], axis=axis)
 
 
+@jax.jit
 def init_exact(acts_a: Acts, acts_b: Acts | None = None,
                mask: jax.Array | None = None) -> ExactLinearCKA:
   """An empty exact accumulator, shifted by the mean of this (first) batch's real rows."""
@@ -568,7 +568,7 @@ def _finalize_exact(acc: ExactLinearCKA, rows, cols, label_a, label_b):
   out = {}
   for est in ESTIMATORS:
     min_n = MIN_N[est]
-    kw = dict(entered=int(n >= min_n), min_n=min_n, n=int(n))
+    kw = dict(entered=1, min_n=min_n, n=int(n))  # describe() reports n < min_n
     pa = _problems(rows, nf_a, t["spread_a"], sc_a, **kw)
     pb = _problems(cols, nf_b, t["spread_b"], sc_b, **kw)
     with np.errstate(invalid="ignore", divide="ignore"):

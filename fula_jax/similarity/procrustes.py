@@ -5,10 +5,10 @@ With X, Y centred and scaled to unit Frobenius norm,
   d(X, Y) = min_{Q orthogonal} ||X Q - Y||_F^2 = 2 - 2 ||X^T Y||_*
 
 (the nuclear norm is the sum of singular values). When a side has more features than
-examples it is first rotated onto its row space (X -> U S from X = U S V^T, an orthogonal
-map of the features that changes no singular value of X^T Y), so the cross matrix is at
-most n x n. Unequal widths are allowed (Q is then a partial isometry, as if the narrower
-side were zero-padded).
+examples it is first rotated onto its row space (X -> X Q = R^T from the QR factorisation
+X^T = Q R, an orthogonal map of the features that changes no singular value of X^T Y),
+so the cross matrix is at most n x n. Unequal widths are allowed (Q is then a partial
+isometry, as if the narrower side were zero-padded).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import jax.numpy as jnp
 from fula_jax.similarity import cka
 
 
-def prepare(x: jax.Array) -> jax.Array:
-  """Centred, unit-Frobenius features with at most n columns."""
+def prepare(x: jax.Array, width: int | None = None) -> jax.Array:
+  """Centred, unit-Frobenius features with min(n, d) columns, zero-padded to `width`.
+
+  Zero columns change no singular value, and a common width lets one compiled
+  `combine` serve every layer pair of a matrix.
+  """
   xc = cka.center_features(x)
   xc = xc / jnp.sqrt(jnp.sum(xc * xc))
-  n, d = xc.shape
-  if d > n:
-    u, s, _ = jnp.linalg.svd(xc, full_matrices=False)
-    xc = u * s
-  return xc
+  return cka.pad_columns(cka.row_space(xc), width)
 
 
 def combine(px: jax.Array, py: jax.Array) -> jax.Array:
