@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fula_jax import models, registry
-from fula_jax.similarity import inversion
+from fula_jax.similarity import cka, inversion
 
 SHAPE = (8, 8, 3)
 
@@ -157,11 +157,11 @@ def test_linear_cka_matches_numpy_reference(n, d1, d2):
   x = rng.normal(size=(n, d1)).astype(np.float32)
   y = (x[:, :min(d1, d2)] @ rng.normal(size=(min(d1, d2), d2))
        + 0.5 * rng.normal(size=(n, d2))).astype(np.float32)
-  ours = float(inversion._linear_cka(jnp.asarray(x), jnp.asarray(y)))
+  ours = float(cka.cka_linear(jnp.asarray(x), jnp.asarray(y)))
   assert ours == pytest.approx(_np_linear_cka(x, y), rel=1e-4)
-  assert float(inversion._linear_cka(x, x)) == pytest.approx(1.0, abs=1e-5)
+  assert float(cka.cka_linear(x, x)) == pytest.approx(1.0, abs=1e-5)
   q, _ = np.linalg.qr(rng.normal(size=(d2, d2)))
-  rotated = float(inversion._linear_cka(x, 3.0 * y @ q.astype(np.float32) + 2.0))
+  rotated = float(cka.cka_linear(x, 3.0 * y @ q.astype(np.float32) + 2.0))
   assert rotated == pytest.approx(ours, rel=1e-4)
 
 

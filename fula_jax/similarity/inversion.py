@@ -31,6 +31,7 @@ import numpy as np
 from fula_jax import models as models_lib
 from fula_jax import progress as progress_lib
 from fula_jax import registry
+from fula_jax.similarity import cka
 
 RepFn = Callable[[Any, jax.Array], jax.Array]
 _TINY = 1e-12
@@ -231,29 +232,6 @@ def make_pairs(labels: np.ndarray | Sequence[int], key: jax.Array, n: int
   return seed_idx.astype(np.int64), target_idx
 
 
-def _linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Biased linear CKA of (n, d1) and (n, d2) activations (Kornblith et al. 2019).
-
-  ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F), in the n x n Gram form when n
-  is smaller than the feature widths and in feature space otherwise. NaN when either
-  side has no variance.
-  """
-  x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  y = y.reshape(y.shape[0], -1).astype(jnp.float32)
-  x = x - jnp.mean(x, axis=0, keepdims=True)
-  y = y - jnp.mean(y, axis=0, keepdims=True)
-  n = x.shape[0]
-  if n < max(x.shape[1], y.shape[1]):
-    kx, ky = x @ x.T, y @ y.T
-    hsic_xy, hsic_xx, hsic_yy = jnp.sum(kx * ky), jnp.sum(kx * kx), jnp.sum(ky * ky)
-  else:
-    hsic_xy = jnp.sum((y.T @ x) ** 2)
-    hsic_xx = jnp.sum((x.T @ x) ** 2)
-    hsic_yy = jnp.sum((y.T @ y) ** 2)
-  denom = jnp.sqrt(hsic_xx) * jnp.sqrt(hsic_yy)
-  return jnp.where(denom > 0, hsic_xy / jnp.where(denom > 0, denom, 1.0), jnp.nan)
-
-
 def activations(rep_fn: RepFn, variables: Any, images: np.ndarray, *,
                 batch_size: int = 512) -> np.ndarray:
   """`rep_fn` on every image, in padded batches of `batch_size`: (n, d) float32."""
@@ -310,7 +288,7 @@ def inverted_cka_matrix(models: Mapping[str, ModelSpec], images: np.ndarray,
                                 batch_size=int(cfg.eval_batch_size))
             for name_b in names}
     for b, name_b in enumerate(names):
-      s[a, b] = float(_linear_cka(acts[name_a], acts[name_b]))
+      s[a, b] = float(cka.cka_linear(acts[name_a], acts[name_b]))
     bar.update(a + 1, extra=(
         f"{name_a}: rep loss {float(np.mean(inv.initial_loss)):.3f} -> "
         f"{float(np.mean(inv.loss)):.3f}"))
@@ -329,5 +307,5 @@ def natural_cka_matrix(models: Mapping[str, ModelSpec], images: np.ndarray,
   s = np.full((len(names), len(names)), np.nan, np.float64)
   for a, name_a in enumerate(names):
     for b, name_b in enumerate(names):
-      s[a, b] = float(_linear_cka(acts[name_a], acts[name_b]))
+      s[a, b] = float(cka.cka_linear(acts[name_a], acts[name_b]))
   return s, names
