@@ -24,6 +24,8 @@ JOBS = {
     "similarity": "fula_jax.similarity.job:run",
     "stitch": "fula_jax.stitching.job:run",
     "quickstart": "fula_jax.quickstart:run",
+    # Studies live in experiments/ (importable from the repository root).
+    "study_jones": "experiments.study_jones:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

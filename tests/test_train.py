@@ -133,3 +133,11 @@ def test_missing_and_corrupted_checkpoints_fail_clearly(tmp_path):
       f.write_bytes(b"\x00garbage")
   with pytest.raises(checkpoint.CheckpointError, match="could not be read"):
     checkpoint.load_trained(tmp_path / "w")
+
+
+def test_models_rebuilt_from_json_config_are_hashable(tmp_path):
+  config = _load_config("runlocal")
+  config.model.kwargs = dict(widths=[4, 8])  # what a JSON round trip gives back
+  model = loop.build_model(config)
+  assert model.widths == (4, 8)
+  hash(model)

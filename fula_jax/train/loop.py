@@ -25,8 +25,14 @@ from fula_jax.train.state import (TrainState, create_state, learning_rate_schedu
                                   make_eval_step, make_optimizer, make_train_step)
 
 
+def _tuples(v: Any) -> Any:
+  return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
 def build_model(config: ml_collections.ConfigDict) -> models.StagedModel:
-  kwargs = dict(config.model.get("kwargs", {}) or {})
+  """The model `config.model` names. List-valued kwargs (a JSON round trip turns tuples
+  into lists) become tuples, so the module stays hashable for `jax.jit` static args."""
+  kwargs = {k: _tuples(v) for k, v in dict(config.model.get("kwargs", {}) or {}).items()}
   kwargs.setdefault("num_classes", num_classes(config))
   return models.get_model(config.model.name, **kwargs)
 

@@ -1,0 +1,147 @@
+"""Study 2: inter-architecture inverted-image CKA (Jones et al., UAI 2022) as eps grows.
+
+  python -m fula_jax.main --config=configs/study_jones.py:runlocal --workdir=workdirs/jones
+  python experiments/study_jones.py --config=configs/study_jones.py:runlocal \
+      --workdir=workdirs/jones
+  # paper scale (accelerator; CIFAR-10 read from data_dir, never downloaded):
+  python -m fula_jax.main --config=configs/study_jones.py --workdir=gs://BUCKET/jones \
+      --config.data.data_dir=gs://BUCKET/tfds
+
+(the first form needs ``"study_jones": "experiments.study_jones:run"`` in
+fula_jax.main.JOBS.) Trains every (architecture, eps) model of the zoo into
+``<workdir>/models/<arch>_eps<eps>`` (a finished model there is reused, so a stopped
+study restarts where it was and models can be trained beforehand with job=train), then
+per eps writes the asymmetric inverted-image CKA matrix and the plain CKA matrix on
+natural images under ``<workdir>/results``, heatmaps and an eps curve under
+``<workdir>/figures`` and a summary in ``<workdir>/report.md``.
+
+Args (comma separated): runlocal, tiny (a seconds-scale smoke run for tests), seed=<int>.
+
+Expected time: runlocal (embedded digits at their native 8x8; a small CNN, an MLP and a
+quarter-width ResNet-20; eps in {0, 0.05, 0.1, 0.2} with PGD-3 training; 160 pairs, 150
+inversion steps) about 5 minutes on 2 CPU cores, most of it adversarial training; a
+rerun that reuses the models takes about a minute. tiny: well under a minute. Paper scale
+(CIFAR-10; ResNet-18, VGG-16, ViT-Tiny; 7 eps from 0 to 8/255; PGD-7 training for 200
+epochs; 1,000 pairs, 2,000 inversion steps) is dominated by the 18 adversarially trained
+models: on the order of 100-200 GPU-hours on one modern GPU. The models are independent:
+train them in parallel with job=train into the same ``models/`` folders, then run the
+study to reuse them (the inversion and CKA part takes about an hour).
+
+Fields:
+  architectures: zoo names; each needs an entry in `models`.
+  eps: L-inf radii in [0, 1] pixel units; 0 = standard training.
+  attack: PGD settings shared by all models. Training uses `steps` with step size
+    ``step_size_factor * eps / steps`` (Madry et al.'s 2.5 / steps convention);
+    robust accuracy at every model's own eps and at `eval_eps` (None = the largest eps)
+    uses `eval_steps`.
+  models: train configs (configs/train.py) of the architectures and a few alternatives
+    (runlocal: vit_tiny, a 2-block ViT on 2x2 patches that trains poorly adversarially
+    at eps 0.2 on 8x8 digits). Their `data`, `seed` and `train.adversarial` are
+    replaced by the study's `data`, `seed` and attack/eps.
+  data: the one dataset every model is trained and compared on.
+  n_pairs: (seed, target) test-image pairs with different labels, drawn once and reused
+    for every reference model and every eps.
+  inversion: fula_jax.similarity.inversion settings (steps, step_size, momentum,
+    point None = 'pool' or the last stitch point, batch sizes, progress).
+  natural: plain CKA images: 'seeds' (the n_pairs seed images; same n as the inverted
+    measure, so the biased estimator's small-n offset is the same) or 'test' (the whole
+    test split).
+  save_inversions: keep every reference model's inverted images (and per-pair losses).
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+from fula_jax import defaults
+
+PAPER_EPS = (0.0, 0.25 / 255, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+
+
+def _train_configs():
+  spec = importlib.util.spec_from_file_location(
+      "_train_config", pathlib.Path(__file__).with_name("train.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  arg = defaults.parse_arg(arg, runlocal=False, tiny=False, seed=0)
+  train = _train_configs()
+  small = arg.runlocal or arg.tiny
+
+  config = ml_collections.ConfigDict()
+  config.job = "study_jones"
+  config.seed = arg.seed
+  config.architectures = ("resnet18", "vgg16", "vit_tiny")
+  config.eps = PAPER_EPS
+  config.attack = ml_collections.ConfigDict(dict(
+      norm="linf", steps=7, step_size_factor=2.5, eval_steps=20, random_start=True,
+      eval_eps=config_dict.placeholder(float)))
+  config.data = defaults.data_block("digits" if small else "cifar10")
+  config.n_pairs = 1000
+  config.inversion = ml_collections.ConfigDict(dict(
+      steps=2000, step_size=1 / 8, momentum=0.9, point=config_dict.placeholder(str),
+      batch_size=250, eval_batch_size=500, progress=True))
+  config.natural = "seeds"
+  # Inverted images and losses to <workdir>/inversions/eps<eps>/<arch>.npz (float32;
+  # about 12 MB per model at paper scale).
+  config.save_inversions = True
+  config.eval_batch_size = 500
+
+  if arg.tiny:
+    config.architectures = ("cnn", "mlp")
+    config.eps = (0.0, 0.1)
+    config.attack.steps = 2
+    config.attack.eval_steps = 3
+    config.n_pairs = 40
+    config.inversion.steps = 20
+    config.inversion.step_size = 0.05
+    config.inversion.progress = False
+  elif arg.runlocal:
+    config.architectures = ("cnn", "mlp", "resnet20")
+    config.eps = (0.0, 0.05, 0.1, 0.2)
+    config.attack.steps = 3
+    config.attack.eval_steps = 10
+    config.n_pairs = 160
+    config.inversion.steps = 150
+    config.inversion.step_size = 0.05
+  if small:
+    config.data.image_size = 8  # native digits: 4x cheaper than 16x16 and sharper
+    config.eval_batch_size = 512
+
+  # Train configs for the study's architectures and a few alternatives, so that
+  # --config.architectures can swap them without editing this file.
+  candidates = (("cnn", "mlp") if arg.tiny else
+                ("cnn", "mlp", "resnet20", "vit_tiny") if arg.runlocal else
+                ("resnet18", "vgg16", "vit_tiny", "resnet20"))
+  config.models = ml_collections.ConfigDict()
+  for name in candidates:
+    cfg = train.get_config(f"model={name},seed={arg.seed}" + (",runlocal" if small else ""))
+    cfg.data = ml_collections.ConfigDict(config.data.to_dict())
+    if small:
+      cfg.eval_batch_size = config.eval_batch_size
+      cfg.train.checkpoint_every_steps = 1000
+      cfg.train.max_checkpoints = 1
+      cfg.train.progress_every_s = 30.0
+      cfg.train.num_epochs = 15.0
+      if name == "resnet20":
+        cfg.model.kwargs = dict(width_multiplier=0.25)
+      if name == "vit_tiny":  # 16 tokens of 2x2 patches on 8x8 images
+        cfg.model.kwargs = dict(patch=2, depth=2, width=64, num_heads=2, mlp_dim=128)
+        cfg.train.learning_rate = 3e-3
+        cfg.train.num_epochs = 30.0
+    if arg.tiny:
+      cfg.train.num_epochs = 0.0
+      cfg.train.num_steps = 25
+      cfg.train.batch_size = 64
+      cfg.train.warmup_epochs = 0.0
+      cfg.train.log_every_steps = 25
+      cfg.train.progress_every_s = 1e9
+      cfg.model.kwargs = {"cnn": dict(widths=(8, 16)),
+                          "mlp": dict(widths=(64, 32))}.get(name, cfg.model.kwargs)
+    config.models[name] = cfg
+  return config

@@ -1,0 +1,224 @@
+"""The Jones et al. study (experiments/study_jones.py) end to end at its `tiny` scale.
+
+One run trains a 2-architecture x 2-eps zoo into a temporary workdir; the checks
+recompute what the study stored from the saved models, pairs and inverted images with
+NumPy (linear CKA from its published formula, the inversion loss), parse report.md
+against the loaded matrices, and rerun the study to see that no model is retrained.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fula_jax import data, models, results
+from fula_jax.train import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import(name: str):
+  sys.path.insert(0, str(REPO))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(REPO))
+
+
+study = _import("experiments.study_jones")
+study_config = _import("configs.study_jones")
+
+
+def _tag(eps: float) -> str:
+  return f"{float(eps):g}"
+
+
+def _numpy_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+  """Kornblith et al. (2019): HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  y = np.asarray(y, np.float64).reshape(len(y), -1)
+  n = len(x)
+  h = np.eye(n) - np.ones((n, n)) / n
+  k, l = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+  return float(np.sum(k * l) / np.sqrt(np.sum(k * k) * np.sum(l * l)))
+
+
+def _penultimate(model, variables, images: np.ndarray) -> np.ndarray:
+  point = "pool" if "pool" in model.point_names else model.point_names[-1]
+  h = models.forward(model, variables, np.asarray(images, np.float32), end=point)
+  return np.asarray(h, np.float64).reshape(len(images), -1)
+
+
+def _offdiag_table(report: str) -> dict[str, tuple[float, float]]:
+  """eps tag -> (inverted, natural) mean off-diagonal CKA, parsed from report.md."""
+  lines = report.splitlines()
+  start = next(i for i, l in enumerate(lines)
+               if l.startswith("| ε | mean off-diagonal inverted CKA"))
+  out = {}
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    out[cells[0]] = (float(cells[1]), float(cells[2]))
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  config = study_config.get_config("tiny")
+  workdir = tmp_path_factory.mktemp("jones")
+  out = study.run(config, str(workdir))
+  return config, workdir, out
+
+
+def test_trains_every_model_with_its_attack(tiny_run):
+  config, workdir, out = tiny_run
+  expected = {f"{a}_eps{_tag(e)}" for a in config.architectures for e in config.eps}
+  assert set(out["trained"]) == expected and not out["reused"]
+  for a in config.architectures:
+    for e in config.eps:
+      cfg = checkpoint.read_config(workdir / "models" / f"{a}_eps{_tag(e)}")
+      assert cfg.model.name == a
+      assert bool(cfg.train.adversarial.enabled) == (e > 0)
+      if e > 0:
+        assert cfg.train.adversarial.eps == pytest.approx(e)
+        assert cfg.train.adversarial.step_size == pytest.approx(
+            config.attack.step_size_factor * e / config.attack.steps)
+      assert cfg.data.to_dict() == config.data.to_dict()
+
+
+def test_outputs_exist(tiny_run):
+  config, workdir, _ = tiny_run
+  assert (workdir / "report.md").stat().st_size > 0
+  pngs = [f"heatmaps_eps{_tag(e)}.png" for e in config.eps]
+  pngs += [f"inversions_eps{_tag(e)}.png" for e in config.eps] + ["offdiag_vs_eps.png"]
+  for name in pngs:
+    assert (workdir / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_matrices_have_architecture_axes_and_unit_diagonals(tiny_run):
+  config, workdir, _ = tiny_run
+  mats = results.load(workdir)
+  archs = list(config.architectures)
+  for e in config.eps:
+    inv = mats[f"jones/eps{_tag(e)}/inverted_cka"]
+    nat = mats[f"jones/eps{_tag(e)}/natural_cka"]
+    for m in (inv, nat):
+      assert m.rows == archs and m.cols == archs
+      assert np.all(np.isfinite(m.matrix))
+      np.testing.assert_allclose(np.diag(m.matrix), 1.0, atol=1e-5)
+      assert np.all(m.matrix > -1e-6) and np.all(m.matrix < 1 + 1e-5)
+    np.testing.assert_allclose(nat.matrix, nat.matrix.T, atol=1e-6)
+    assert inv.meta["eps"] == pytest.approx(e)
+    assert inv.meta["n_pairs"] == config.n_pairs
+    assert inv.meta["inversion"]["steps"] == config.inversion.steps
+    assert 0.0 < inv.meta["mean_loss_reduction"] <= 1.0
+
+
+def test_natural_cka_matches_numpy(tiny_run):
+  config, workdir, _ = tiny_run
+  mats = results.load(workdir)
+  test = data.load(config.data, "test")
+  pairs = np.load(workdir / "pairs.npz")
+  seeds = test.images[pairs["seed_idx"]]
+  assert np.all(test.labels[pairs["seed_idx"]] != test.labels[pairs["target_idx"]])
+  e = max(config.eps)
+  reps = {}
+  for a in config.architectures:
+    model, variables, _ = checkpoint.load_trained(workdir / "models" / f"{a}_eps{_tag(e)}")
+    reps[a] = _penultimate(model, variables, seeds)
+  nat = mats[f"jones/eps{_tag(e)}/natural_cka"]
+  for i, a in enumerate(nat.rows):
+    for j, b in enumerate(nat.cols):
+      assert nat.matrix[i, j] == pytest.approx(_numpy_linear_cka(reps[a], reps[b]),
+                                               abs=2e-4), (a, b)
+
+
+def test_inverted_cka_matches_numpy_on_saved_inversions(tiny_run):
+  config, workdir, _ = tiny_run
+  mats = results.load(workdir)
+  test = data.load(config.data, "test")
+  e = max(config.eps)
+  zoo = {a: checkpoint.load_trained(workdir / "models" / f"{a}_eps{_tag(e)}")[:2]
+         for a in config.architectures}
+  inv = mats[f"jones/eps{_tag(e)}/inverted_cka"]
+  for i, a in enumerate(inv.rows):
+    saved = np.load(workdir / "inversions" / f"eps{_tag(e)}" / f"{a}.npz")
+    x = saved["images"]
+    assert x.shape == (config.n_pairs, *test.images.shape[1:])
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    # The reference model's loss ||rep(x) - rep(t)|| / ||rep(t)|| on its own images.
+    rep_x = _penultimate(*zoo[a], x)
+    rep_t = _penultimate(*zoo[a], test.images[saved["target_idx"]])
+    loss = np.linalg.norm(rep_x - rep_t, axis=1) / np.linalg.norm(rep_t, axis=1)
+    np.testing.assert_allclose(loss, saved["loss"], rtol=1e-3, atol=1e-4)
+    assert np.mean(loss) == pytest.approx(inv.meta["loss_final"][a], rel=1e-3)
+    assert np.mean(saved["loss"]) < np.mean(saved["initial_loss"])
+    # Row a: CKA of a's and b's representations on a's inverted images.
+    for j, b in enumerate(inv.cols):
+      ref = _numpy_linear_cka(rep_x, _penultimate(*zoo[b], x))
+      assert inv.matrix[i, j] == pytest.approx(ref, abs=2e-4), (a, b)
+
+
+def test_report_numbers_match_loaded_matrices(tiny_run):
+  config, workdir, out = tiny_run
+  mats = results.load(workdir)
+  table = _offdiag_table((workdir / "report.md").read_text())
+  assert sorted(table) == sorted(_tag(e) for e in config.eps)
+  eps = sorted(config.eps)
+  recomputed = {}
+  for measure, col in (("inverted_cka", 0), ("natural_cka", 1)):
+    values = []
+    for e in eps:
+      m = mats[f"jones/eps{_tag(e)}/{measure}"].matrix
+      off = m[~np.eye(len(m), dtype=bool)].mean()
+      assert table[_tag(e)][col] == pytest.approx(off, abs=6e-5), (measure, e)
+      values.append(off)
+    recomputed[measure] = values
+  # The finding sentence follows from the numbers: up from the first to the last eps
+  # with a positive rank correlation.
+  report = (workdir / "report.md").read_text()
+  v = recomputed["inverted_cka"]
+  rho = np.corrcoef(np.argsort(np.argsort(eps)), np.argsort(np.argsort(v)))[0, 1]
+  rises = v[-1] > v[0] and rho > 0
+  verb = "rises" if rises else "does not rise"
+  assert f"Inter-architecture inverted-image CKA {verb} with ε in this run" in report
+  assert out["trend"]["inverted_cka"]["rises"] == rises
+
+
+def test_rerun_reuses_models_and_reproduces_matrices(tiny_run):
+  config, workdir, _ = tiny_run
+  summaries = sorted((workdir / "models").glob("*/summary.json"))
+  assert len(summaries) == len(config.architectures) * len(config.eps)
+  before = {p: p.stat().st_mtime_ns for p in summaries}
+  ckpts_before = sorted(str(p) for p in (workdir / "models").glob("*/checkpoints/*"))
+  first = results.load(workdir)
+  out = study.run(config, str(workdir))
+  assert out["trained"] == []
+  assert len(out["reused"]) == len(summaries)
+  assert {p: p.stat().st_mtime_ns for p in summaries} == before
+  assert sorted(str(p) for p in (workdir / "models").glob("*/checkpoints/*")) == ckpts_before
+  second = results.load(workdir)
+  assert sorted(first) == sorted(second)
+  for name in first:
+    np.testing.assert_allclose(second[name].matrix, first[name].matrix, atol=1e-6)
+
+
+def test_refuses_mismatched_model_and_bad_grid(tiny_run):
+  config, workdir, _ = tiny_run
+  with pytest.raises(ValueError, match="adversarial.eps"):
+    study.check_existing(workdir / "models" / "cnn_eps0",
+                         study.model_config(config, "cnn", 0.1))
+  bad = study_config.get_config("tiny")
+  bad.architectures = ("cnn", "mpl")
+  with pytest.raises(ValueError, match="Did you mean 'mlp'"):
+    study.run(bad, str(workdir / "bad"))
+  bad = study_config.get_config("tiny")
+  bad.eps = (0.0, 0.0)
+  with pytest.raises(ValueError, match="distinct"):
+    study.run(bad, str(workdir / "bad"))
