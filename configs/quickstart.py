@@ -28,4 +28,18 @@ def get_config(arg=None):
   suffix = ",runlocal" if arg.runlocal else ""
   config.model_a = train.get_config(f"model={arg.model_a},seed=0{suffix}")
   config.model_b = train.get_config(f"model={arg.model_b},seed=1{suffix}")
+
+  config.similarity = ml_collections.ConfigDict(dict(
+      measures=("cka_linear_debiased", "cka_linear", "procrustes"),
+      batch_size=256 if arg.runlocal else 1000,
+  ))
+
+  from fula_jax.stitching import sweeper
+  config.stitch = sweeper.default_config()
+  config.stitch.objectives = ("tlm", "slm", "dm", "fula")
+  config.stitch.pairs = "all"
+  if arg.runlocal:
+    config.stitch.batch_size = 128
+    config.stitch.epochs = 2.0
+    config.stitch.progress_every_s = 15.0
   return config

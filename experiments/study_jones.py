@@ -26,7 +26,6 @@ configs/study_jones.py.
 
 from __future__ import annotations
 
-import dataclasses
 import io as _io
 import json
 import logging

@@ -56,6 +56,8 @@ class StitchState(NamedTuple):
   params: dict[str, jax.Array]   # kernel (S, C_in, C_out), bias (S, C_out)
   opt: Any                       # Adam moments, vmapped
   front: jax.Array               # (S,) int32: index into Group.fronts
+  objective: jax.Array           # (S,) int32: index into the unit's objectives
+  steps: jax.Array               # (S,) int32: training steps this stitch takes
   lr: jax.Array                  # (S,) float32
   diverged: jax.Array            # (S,) bool
   diverged_step: jax.Array       # (S,) int32, -1 while finite
@@ -70,16 +72,43 @@ def adam(cfg: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
                              eps=float(cfg.get("eps", 1e-8)))
 
 
-def init_state(params: Mapping[str, np.ndarray], front: np.ndarray, lr: np.ndarray,
+def init_state(params: Mapping[str, np.ndarray], front: np.ndarray,
+               objective: np.ndarray, steps: np.ndarray, lr: np.ndarray,
                tx: optax.GradientTransformation) -> StitchState:
   """Host-side (NumPy) initial state for stacked `params` (leading stitch axis)."""
   params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  opt = jax.vmap(tx.init)(params)
-  opt = jax.tree_util.tree_map(np.asarray, opt)
+  # Adam's state starts at zero: build it on the host instead of running tx.init.
+  opt = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                               jax.eval_shape(jax.vmap(tx.init), params))
   s = front.shape[0]
-  return StitchState(params, opt, np.asarray(front, np.int32), np.asarray(lr, np.float32),
-                     np.zeros((s,), bool), np.full((s,), -1, np.int32),
-                     np.zeros((s,), np.float32), np.zeros((s,), np.float32))
+  return StitchState(params, opt, np.asarray(front, np.int32),
+                     np.asarray(objective, np.int32), np.asarray(steps, np.int32),
+                     np.asarray(lr, np.float32), np.zeros((s,), bool),
+                     np.full((s,), -1, np.int32), np.zeros((s,), np.float32),
+                     np.zeros((s,), np.float32))
+
+
+def random_init(spec: maps.MapSpec, seed: int, salts: Sequence[int]
+                ) -> dict[str, np.ndarray]:
+  """Stacked fan-in inits (LeCun normal: a normal truncated at two standard deviations,
+  rescaled to variance 1 / fan_in; zero bias), one per salt, on the host.
+
+  Stitch s draws from ``np.random.default_rng([seed, salts[s]])`` whatever else is
+  stacked with it, so an init never depends on grouping or devices; NumPy keeps it free
+  of per-shape compilations.
+  """
+  c_in, c_out = spec.in_features, spec.out_features
+  std = np.sqrt(1.0 / c_in) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+  kernels = np.empty((len(salts), c_in, c_out), np.float32)
+  for k, salt in enumerate(salts):
+    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(salt)])
+    draw = rng.standard_normal((c_in, c_out))
+    bad = np.abs(draw) > 2.0
+    while bad.any():
+      draw[bad] = rng.standard_normal(int(bad.sum()))
+      bad = np.abs(draw) > 2.0
+    kernels[k] = draw * std
+  return {"kernel": kernels, "bias": np.zeros((len(salts), c_out), np.float32)}
 
 
 def tail(model_b: StagedModel, vars_b: Any, z: jax.Array, j: str, end: str
@@ -110,10 +139,9 @@ def _select(pred: jax.Array, a: Any, b: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
-  """The jitted programs of one (objective, group) on one (stitch x batch) mesh."""
+  """The jitted programs of one group (several objectives) on one (stitch x batch) mesh."""
   train: Callable[..., StitchState]
   evaluate: Callable[..., dict[str, jax.Array]]
-  stats: Callable[..., lstsq.Stats]
   train_targets: tuple[str, ...]  # g's points the train step needs as targets
   eval_targets: tuple[str, ...]
   mesh: Mesh
@@ -146,58 +174,79 @@ def stitch_ways(num_stitches: int, num_devices: int, batch_sizes: Sequence[int],
   return best
 
 
-def build(objective: Objective, model_b: StagedModel, group: Group, mesh: Mesh,
-          tx: optax.GradientTransformation) -> Programs:
-  """Jitted train / eval / least-squares programs for one group on a 2-D mesh.
+def _latest(points: Sequence[str], ends: Sequence[str]) -> str:
+  """The furthest of several end points (LOGITS after every stitch point)."""
+  order = {p: k for k, p in enumerate(points)}
+  order[LOGITS] = len(points)
+  return max(ends, key=lambda p: order[p])
 
-  `mesh` has axes (AXIS, BATCH): the stitch axis is split over AXIS and every stitch's
-  batch over BATCH. With a batch split, gradients are averaged over BATCH (objectives
-  that are means over examples only) and evaluation sums and least-squares statistics
-  are reduced over it.
+
+def build(objectives: Sequence[Objective], model_b: StagedModel, group: Group,
+          mesh: Mesh, tx: optax.GradientTransformation) -> Programs:
+  """Jitted train and eval programs for one group on a 2-D mesh.
+
+  Stitches of several objectives share the programs: each stitch carries the index of
+  its objective, g's tail runs once per stitch to the furthest point any of the
+  objectives needs, and each stitch's loss is its own objective's. `mesh` has axes
+  (AXIS, BATCH): the stitch axis is split over AXIS and every stitch's batch over BATCH.
+  With a batch split, gradients are averaged over BATCH (objectives that are means over
+  examples only) and evaluation sums are reduced over it.
   """
+  objectives = tuple(objectives)
   points_b = tuple(model_b.point_names)
   where = Where(group.end, points_b)
   spec = group.spec
-  train_end = objective.train_end(points_b, group.end)
   j = group.end
-  fula_layers = tuple(objective.layers(points_b, j)) if hasattr(objective, "layers") else ()
-  train_targets = tuple(dict.fromkeys(
-      ((j,) if objective.closed_form else ()) + fula_layers))
-  eval_targets = tuple(dict.fromkeys((j,) + fula_layers))
+  train_end = _latest(points_b, [o.train_end(points_b, j) for o in objectives])
+  needed: list[str] = []
+  for o in objectives:
+    needed += [j] if o.closed_form else []
+    needed += list(o.layers(points_b, j)) if hasattr(o, "layers") else []
+  train_targets = tuple(dict.fromkeys(needed))
+  eval_targets = tuple(dict.fromkeys([j] + needed))
   batch_ways = mesh.shape[BATCH]
   split = batch_ways > 1
-  if split and not objective.decomposable:
-    raise ValueError(f"Objective {objective.name!r} with these settings is not a mean "
-                     "over examples; its batch cannot be split over devices.")
+  for o in objectives:
+    if split and not o.decomposable:
+      raise ValueError(f"Objective {o.name!r} with these settings is not a mean over "
+                       "examples; its batch cannot be split over devices.")
 
   def gather(state_front, fronts):
     return jnp.stack(fronts)[state_front]
 
-  def train_local(state: StitchState, vars_b, fronts, shared, weight, step):
-    x = gather(state.front, fronts)
+  def pick(which, values):
+    if len(values) == 1:
+      return values[0]
+    return sum(jnp.where(which == k, v, 0.0) for k, v in enumerate(values))
 
-    def one(params, xs):
+  def train_local(state: StitchState, vars_b, fronts, shared, window, step):
+    x = gather(state.front, fronts)
+    weight = (step >= state.steps - window).astype(jnp.float32)  # the last epoch
+
+    def one(params, xs, which):
       def loss_fn(p):
         z = maps.apply(spec, p, xs)
-        return objective.loss(tail(model_b, vars_b, z, j, train_end), shared, where)
+        outs = tail(model_b, vars_b, z, j, train_end)
+        return pick(which, [o.loss(outs, shared, where) for o in objectives])
       return jax.value_and_grad(loss_fn)(params)
 
-    loss, grads = jax.vmap(one)(state.params, x)
+    loss, grads = jax.vmap(one)(state.params, x, state.objective)
     if split:
       loss, grads = jax.lax.pmean((loss, grads), BATCH)
     updates, opt = jax.vmap(tx.update)(grads, state.opt, state.params)
     new_params = jax.tree_util.tree_map(
         lambda p, u: p - state.lr.reshape((-1,) + (1,) * (p.ndim - 1)) * u,
         state.params, updates)
+    active = step < state.steps
     finite = jnp.isfinite(loss) & jax.vmap(_all_finite)(new_params)
-    ok = finite & ~state.diverged
-    newly = ~finite & ~state.diverged
+    fails = active & ~finite & ~state.diverged
+    ok = active & finite & ~state.diverged
     return StitchState(
         params=_select(ok, new_params, state.params),
         opt=_select(ok, opt, state.opt),
-        front=state.front, lr=state.lr,
-        diverged=state.diverged | ~finite,
-        diverged_step=jnp.where(newly, step, state.diverged_step),
+        front=state.front, objective=state.objective, steps=state.steps, lr=state.lr,
+        diverged=state.diverged | fails,
+        diverged_step=jnp.where(fails, step, state.diverged_step),
         loss_sum=state.loss_sum + jnp.where(ok, weight * loss, 0.0),
         loss_weight=state.loss_weight + jnp.where(ok, weight, 0.0))
 
@@ -210,7 +259,10 @@ def build(objective: Objective, model_b: StagedModel, group: Group, mesh: Mesh,
       t = shared["targets"][j]
       zf = z.reshape(z.shape[0], -1).astype(jnp.float32)
       tf = t.reshape(t.shape[0], -1).astype(jnp.float32)
-      terms = dict(objective.eval_terms(outs, shared, mask, where))
+      terms = {}
+      for o in objectives:
+        for k, v in o.eval_terms(outs, shared, mask, where).items():
+          terms[f"{o.name}/{k}"] = v
       terms["correct"] = jnp.sum(
           mask * (jnp.argmax(outs[LOGITS], -1) == shared["label"]))
       terms["dm_num"] = jnp.sum(mask * jnp.sum(jnp.square(zf - tf), 1))
@@ -222,8 +274,30 @@ def build(objective: Objective, model_b: StagedModel, group: Group, mesh: Mesh,
       sums = jax.lax.psum(sums, BATCH)
     return jax.tree_util.tree_map(jnp.add, acc, sums)
 
+  st, rep, bt = P(AXIS), P(), P(BATCH)
+  shmap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+  train = jax.jit(shmap(train_local, in_specs=(st, rep, bt, bt, rep, rep), out_specs=st),
+                  donate_argnums=(0,))
+  evaluate = jax.jit(shmap(eval_local, in_specs=(st, st, st, rep, bt, bt, bt),
+                           out_specs=st), donate_argnums=(0,))
+  return Programs(train, evaluate, train_targets, eval_targets, mesh, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsProgram:
+  """Least-squares statistics of a group's stitches (rows at g's resolution)."""
+  update: Callable[..., lstsq.Stats]
+  mesh: Mesh
+  collective: bool
+
+
+def build_stats(group: Group, mesh: Mesh) -> StatsProgram:
+  """Jitted accumulation of the DM normal-equation statistics for one group."""
+  spec = group.spec
+  split = mesh.shape[BATCH] > 1
+
   def stats_local(stats, front, fronts, target):
-    x = gather(front, fronts)
+    x = jnp.stack(fronts)[front]
 
     def one(st, xs):
       xr, tr = lstsq.rows(maps.relayout(spec, xs)), lstsq.rows(target)
@@ -234,24 +308,20 @@ def build(objective: Objective, model_b: StagedModel, group: Group, mesh: Mesh,
 
     return jax.vmap(one)(stats, x)
 
-  st, rep, bt = P(AXIS), P(), P(BATCH)
-  shmap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-  train = jax.jit(shmap(train_local, in_specs=(st, rep, bt, bt, rep, rep), out_specs=st),
-                  donate_argnums=(0,))
-  evaluate = jax.jit(shmap(eval_local, in_specs=(st, st, st, rep, bt, bt, bt),
-                           out_specs=st), donate_argnums=(0,))
-  stats = jax.jit(shmap(stats_local, in_specs=(st, st, bt, bt), out_specs=st),
-                  donate_argnums=(0,))
-  return Programs(train, evaluate, stats, train_targets, eval_targets, mesh, split)
+  st, bt = P(AXIS), P(BATCH)
+  update = jax.jit(jax.shard_map(stats_local, mesh=mesh, check_vma=False,
+                                 in_specs=(st, st, bt, bt), out_specs=st),
+                   donate_argnums=(0,))
+  return StatsProgram(update, mesh, split)
 
 
-def eval_terms_shape(objective: Objective, model_b: StagedModel, vars_b: Any,
+def eval_terms_shape(objectives: Sequence[Objective], model_b: StagedModel, vars_b: Any,
                      group: Group, batch: int, num_classes: int,
                      target_dims: Mapping[str, tuple[int, ...]]
                      ) -> dict[str, jax.ShapeDtypeStruct]:
   """Names and shapes of one stitch's eval sums (from jax.eval_shape, no compute).
 
-  `target_dims` gives the per-example shape of each of g's points the objective reads.
+  `target_dims` gives the per-example shape of each of g's points the objectives read.
   """
   points_b = tuple(model_b.point_names)
   spec = group.spec
@@ -261,7 +331,8 @@ def eval_terms_shape(objective: Objective, model_b: StagedModel, vars_b: Any,
     z = maps.apply(spec, p, x)
     outs = tail(model_b, v, z, group.end, LOGITS)
     shared = {"label": label, "teacher": teacher, "targets": t}
-    return objective.eval_terms(outs, shared, mask, where)
+    return {f"{o.name}/{k}": val for o in objectives
+            for k, val in o.eval_terms(outs, shared, mask, where).items()}
 
   f32 = jnp.float32
   shapes = jax.eval_shape(

@@ -50,12 +50,19 @@ def _flat(a: jax.Array) -> jax.Array:
   return a.reshape(a.shape[0], -1).astype(jnp.float32)
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """sqrt with a zero (not infinite) derivative at 0, so an exact match gives finite
+  gradients."""
+  pos = x > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
 def example_norms(z: jax.Array, t: jax.Array, squared: bool
                   ) -> tuple[jax.Array, jax.Array]:
   """Per-example ||z - t|| and ||t|| (squared when asked), over all non-batch axes."""
   e = jnp.sum(jnp.square(_flat(z) - _flat(t)), axis=1)
   d = jnp.sum(jnp.square(_flat(t)), axis=1)
-  return (e, d) if squared else (jnp.sqrt(e), jnp.sqrt(d))
+  return (e, d) if squared else (safe_sqrt(e), safe_sqrt(d))
 
 
 def fula_loss(zs: Sequence[jax.Array], ts: Sequence[jax.Array],
@@ -72,7 +79,7 @@ def fula_loss(zs: Sequence[jax.Array], ts: Sequence[jax.Array],
     else:
       e = jnp.sum(jnp.square(_flat(z) - _flat(t)))
       d = jnp.sum(jnp.square(_flat(t)))
-      term = e / (d + eps) if squared else jnp.sqrt(e) / (jnp.sqrt(d) + eps)
+      term = e / (d + eps) if squared else safe_sqrt(e) / (safe_sqrt(d) + eps)
     total = total + c * term
   return total
 
@@ -250,7 +257,7 @@ class FuLA(Objective):
       e, d = example_norms(z, t, squared=True)
       if self.normalise == "example":
         if not self.squared:
-          e, d = jnp.sqrt(e), jnp.sqrt(d)
+          e, d = safe_sqrt(e), safe_sqrt(d)
         terms[f"r{idx}"] = _masked_sum(e / (d + self.eps), mask)
       else:
         terms[f"e{idx}"] = _masked_sum(e, mask)

@@ -30,10 +30,12 @@ NaN with the reason recorded; the others go on. Cells whose points cannot be con
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -194,20 +196,33 @@ def cell_key(row: str, col: str) -> str:
   return f"{row}->{col}"
 
 
+def cell_salt(row: str, col: str) -> int:
+  """Salt of one cell's PRNG key: independent of grouping, devices and objective."""
+  return zlib.crc32(cell_key(row, col).encode()) & 0x7FFFFFFF
+
+
 def cell_rng(seed: int, row: str, col: str) -> jax.Array:
-  """Key of one cell, independent of grouping, devices and objective."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed),
-                            zlib.crc32(cell_key(row, col).encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(jax.random.PRNGKey(seed), cell_salt(row, col))
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """Stitches of one objective trained by one program call; the resume granule."""
-  objective: str
+  """Stitches trained and evaluated by one program call; files are written per unit.
+
+  A unit holds stitches of one group (same front shape, same end point) for one or
+  several objectives; ``stitches`` are (objective, row, col) triples.
+  """
   group: Group
-  cells: tuple[tuple[str, str], ...]
-  size: int  # padded stitch count (a multiple of the device count)
+  stitches: tuple[tuple[str, str, str], ...]
+  objectives: tuple[str, ...]
+  size: int   # padded stitch count (a multiple of `ways`)
+  ways: int   # the stitch axis is split `ways` ways, each stitch's batch the rest
+  trains: bool
   uid: str
+
+  @property
+  def cells(self) -> tuple[tuple[str, str], ...]:
+    return tuple(dict.fromkeys((r, c) for _, r, c in self.stitches))
 
 
 def _shape_tag(shape: Sequence[int]) -> str:
@@ -223,9 +238,22 @@ def _digest(obj: Any, n: int = 16) -> str:
                         ).hexdigest()[:n]
 
 
+def _tree_digest(tree: Any) -> str:
+  """Digest of a pytree's structure and values (the donors' identity in fingerprints)."""
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  h.update(str(treedef).encode())
+  for leaf in leaves:
+    a = np.ascontiguousarray(leaf)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:24]
+
+
 def group_cells(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple],
-                shapes_b: Mapping[str, tuple], grouping: str) -> list[Group]:
-  """Groups of cells that can share a compiled program, in first-seen order."""
+                shapes_b: Mapping[str, tuple], grouping: str
+                ) -> list[tuple[Group, list[tuple[str, str]]]]:
+  """Cells that can share a compiled program, grouped in first-seen order."""
   table: dict[Any, list[tuple[str, str]]] = {}
   for row, col in cells:
     key = (col, shapes_a[row]) if grouping == "shape" else (row, col)
@@ -238,19 +266,16 @@ def group_cells(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple],
   return out
 
 
-def unit_bytes_per_stitch(objective: objectives_lib.Objective, model_b, vars_b,
-                          group: Group, batch: int) -> int:
+def bytes_per_stitch(model_b, vars_b, group: Group, batch: int) -> int:
   """Memory of one stitch in a train step: params + Adam + activations of g's tail.
 
-  Activation sizes come from `jax.eval_shape` of the stitch and g's tail; backward
-  passes keep roughly the forward residuals plus their cotangents (factor 3).
+  Activation sizes come from `jax.eval_shape` of the stitch and g's whole tail;
+  backward passes keep roughly the forward residuals plus their cotangents (factor 3).
   """
-  end = objective.train_end(tuple(model_b.point_names), group.end)
   spec = group.spec
 
   def fwd(v, p, x):
-    z = maps.apply(spec, p, x)
-    return engine.tail(model_b, v, z, group.end, end)
+    return engine.tail(model_b, v, maps.apply(spec, p, x), group.end, models.LOGITS)
 
   outs = jax.eval_shape(fwd, vars_b, maps.param_shapes(spec),
                         jax.ShapeDtypeStruct((batch,) + group.src_shape, jnp.float32))
@@ -259,34 +284,8 @@ def unit_bytes_per_stitch(objective: objectives_lib.Objective, model_b, vars_b,
   return int(4 * (3 * acts + 4 * spec.num_params))
 
 
-def plan_units(objective: objectives_lib.Objective, cells, shapes_a, shapes_b, model_b,
-               vars_b, cfg, n_dev: int, batch: int, fingerprint: str) -> list[Unit]:
-  """Groups split to fit the memory budget and padded to the device count."""
-  units = []
-  budget = float(cfg["memory_budget_mb"]) * 2**20
-  for group, members in group_cells(cells, shapes_a, shapes_b, cfg["grouping"]):
-    per = unit_bytes_per_stitch(objective, model_b, vars_b, group, batch)
-    cap = max(1, int(budget // per)) * n_dev
-    if cfg["max_group_size"]:
-      cap = min(cap, int(cfg["max_group_size"]))
-    cap = max(cap, 1)
-    n_chunks = -(-len(members) // cap)
-    if n_chunks > 1:
-      logging.info("Stitch group %s (%d stitches, ~%.1f MiB each) split into %d units "
-                   "to fit %s MiB per device.", group.key, len(members), per / 2**20,
-                   n_chunks, cfg["memory_budget_mb"])
-    per_chunk = -(-len(members) // n_chunks)
-    size = -(-per_chunk // n_dev) * n_dev
-    for k in range(n_chunks):
-      chunk = tuple(members[k * per_chunk:(k + 1) * per_chunk])
-      fronts = tuple(dict.fromkeys(r for r, _ in chunk))
-      g = dataclasses.replace(group, fronts=fronts)
-      uid = _safe(f"{g.key}-{_digest([chunk, fingerprint], 10)}")
-      units.append(Unit(objective.name, g, chunk, size, uid))
-  return units
-
-
 def pack_waves(units: Sequence[Unit], max_stitches: int) -> list[list[Unit]]:
+  """Consecutive units, up to `max_stitches` (padded) stitches per wave."""
   waves, cur, n = [], [], 0
   for u in units:
     if cur and n + u.size > max_stitches:
@@ -321,9 +320,9 @@ class SweepResult:
     out = {}
     for obj, measures in self.values.items():
       for measure, m in measures.items():
+        name = f"stitch_{obj}/{measure}"
         meta = dict(self.meta, objective=obj, reasons=self.reasons.get(obj, {}),
                     end_accuracy=self.end_accuracy)
-        name = f"stitch_{obj}/{measure}"
         out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
                                    cols=list(self.cols), measure=name, model_a=model_a,
                                    model_b=model_b, meta=meta)
@@ -342,46 +341,71 @@ def _from_json_value(v: Any) -> float:
 # ------------------------------------------------------------------------- the run
 
 
+class _Progress:
+  def __init__(self, total: int, every_s: float, enabled: bool):
+    from fula_jax.progress import Progress
+    self.p = Progress("stitch sweep", total, unit="batch", every_s=every_s,
+                      enabled=enabled)
+    self.count = 0
+
+  def advance(self) -> None:
+    self.count += 1
+    self.p.update(self.count)
+
+
 class _Sweep:
-  """State of one sweep run (donors, data, mesh, programs); see `run_sweep`."""
+  """One sweep run: donors, data, meshes, programs; see `run_sweep`."""
 
   def __init__(self, model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
-               train_b, test_b, name_a, name_b, mesh, log):
+               train_b, test_b, name_a, name_b, mesh, keep_params, cache, profile):
     self.cfg = cfg
     self.model_a, self.model_b = model_a, model_b
     self.train, self.test = train, test
     self.train_b, self.test_b = train_b or train, test_b or test
     self.workdir = workdir
     self.name_a, self.name_b = name_a, name_b
-    self.log = log
+    self.keep_params = keep_params
+    self.profile = profile
+    self.compiled = self.compiled_late = 0
+    self.compile_s = 0.0
+    self.kept_params: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
     self.mesh = mesh or engine.mesh_for(cfg["num_devices"] or None)
     self.n_dev = self.mesh.size
     self.sync = engine.needs_sync(self.mesh)
     self.rep = NamedSharding(self.mesh, P())
-    self.split_sh = NamedSharding(self.mesh, P(engine.AXIS))
-    self.vars_a = engine.put_tree(jax.tree_util.tree_map(np.asarray, vars_a), self.rep)
-    self.vars_b = engine.put_tree(jax.tree_util.tree_map(np.asarray, vars_b), self.rep)
+    self.batch_sh = NamedSharding(self.mesh, P(engine.AXIS))
+    host_a = jax.tree_util.tree_map(np.asarray, vars_a)
+    host_b = jax.tree_util.tree_map(np.asarray, vars_b)
+    self.vars_digest = (_tree_digest(host_a), _tree_digest(host_b))
+    self.vars_a = engine.put_tree(host_a, self.rep)
+    self.vars_b = engine.put_tree(host_b, self.rep)
     self.objectives = make_objectives(cfg)
     self.tx = engine.adam(cfg["adam"])
     self.points_a = tuple(model_a.point_names)
     self.points_b = tuple(model_b.point_names)
     in_a = (1,) + tuple(train.images.shape[1:])
     in_b = (1,) + tuple(self.train_b.images.shape[1:])
-    self.shapes_a = {p: tuple(s.shape[1:]) for p, s in
+    self.dtypes_a = {p: (tuple(s.shape[1:]), s.dtype) for p, s in
                      models.point_shapes(model_a, in_a).items()}
-    self.shapes_b = {p: tuple(s.shape[1:]) for p, s in
+    self.dtypes_b = {p: (tuple(s.shape[1:]), s.dtype) for p, s in
                      models.point_shapes(model_b, in_b).items()}
+    self.shapes_a = {p: v[0] for p, v in self.dtypes_a.items()}
+    self.shapes_b = {p: v[0] for p, v in self.dtypes_b.items()}
     self.num_classes = int(self.shapes_b[models.LOGITS][-1])
     n_train = len(train.labels)
     self.batch = min(int(cfg["batch_size"]), n_train)
     self.steps_per_epoch = max(1, n_train // self.batch)
     self.steps = int(cfg["steps"]) or max(1, round(float(cfg["epochs"]) *
                                                    self.steps_per_epoch))
+    self.refine_steps = int(round(float(cfg["dm"]["refine_epochs"]) *
+                                  self.steps_per_epoch))
     self.eval_batch = -(-min(int(cfg["eval_batch_size"]), len(test.labels))
                         // self.n_dev) * self.n_dev
     self.cell_lr = parse_cell_lr(cfg["cell_lr"])
-    self._programs: dict[tuple[str, str], engine.Programs] = {}
-    self._captures = None
+    self._programs: dict[Any, Any] = {} if cache is None else cache
+    mesh_ids = tuple(d.id for d in self.mesh.devices.flat)
+    self._key = (id(model_a), id(model_b), mesh_ids, json.dumps(cfg["adam"],
+                                                              sort_keys=True))
     self.end_accuracy: float | None = None
     for other, mine in ((self.train_b, train), (self.test_b, test)):
       if len(other.labels) != len(mine.labels) or not np.array_equal(other.labels,
@@ -389,23 +413,74 @@ class _Sweep:
         raise ValueError("The end model's splits must hold the same examples, in the "
                          "same order, as the front model's.")
 
+  # -- planning
+
+  def stitch_steps(self, objective: str) -> int:
+    return self.refine_steps if self.objectives[objective].closed_form else self.steps
+
+  def plan(self, cells: Sequence[tuple[str, str]],
+           finished: Mapping[tuple[str, str, str], Any]) -> list[Unit]:
+    """Units for every (objective, cell) not finished, laid out over the devices."""
+    cfg = self.cfg
+    budget = float(cfg["memory_budget_mb"]) * 2**20
+    fps = {o: self.fingerprint(o) for o in self.objectives}
+    units = []
+    for group, members in group_cells(cells, self.shapes_a, self.shapes_b,
+                                      cfg["grouping"]):
+      per = bytes_per_stitch(self.model_b, self.vars_b, group, self.batch)
+      cap = max(1, int(budget // per)) * self.n_dev
+      if cfg["max_group_size"]:
+        cap = min(cap, int(cfg["max_group_size"]))
+      todo = {True: [], False: []}
+      for name in self.objectives:
+        trains = self.stitch_steps(name) > 0
+        todo[trains] += [(name, r, c) for r, c in members
+                         if (name, r, c) not in finished]
+      for trains, stitches in todo.items():
+        if not stitches:
+          continue
+        n_chunks = -(-len(stitches) // cap)
+        if n_chunks > 1:
+          logging.info("Stitch group %s (%d stitches, ~%.1f MiB each) split into %d "
+                       "units to fit %s MiB per device.", group.key, len(stitches),
+                       per / 2**20, n_chunks, cfg["memory_budget_mb"])
+        per_chunk = -(-len(stitches) // n_chunks)
+        for k in range(n_chunks):
+          chunk = tuple(stitches[k * per_chunk:(k + 1) * per_chunk])
+          objs = tuple(o for o in self.objectives if any(s[0] == o for s in chunk))
+          decomposable = all(self.objectives[o].decomposable for o in objs)
+          ways = engine.stitch_ways(len(chunk), self.n_dev,
+                                    (self.batch, self.eval_batch), decomposable)
+          size = -(-len(chunk) // ways) * ways
+          fronts = tuple(dict.fromkeys(r for _, r, _ in chunk))
+          g = dataclasses.replace(group, fronts=fronts)
+          uid = _safe(f"{g.key}-{_digest([chunk, [fps[o] for o in objs]], 12)}")
+          units.append(Unit(g, chunk, objs, size, ways, trains, uid))
+    col_pos = {c: k for k, c in enumerate(self.points_b)}
+    units.sort(key=lambda u: (col_pos[u.group.end], u.group.src_shape,
+                              u.stitches[0][1], not u.trains))
+    return units
+
   # -- settings and files
 
   def fingerprint(self, objective: str) -> str:
     common = {k: v for k, v in self.cfg.items() if k not in _RUN_ONLY}
     obj = self.objectives[objective]
-    settings = dict(common, objective=objective, objective_settings=dataclasses.asdict(obj),
-                    dm=self.cfg["dm"] if objective == "dm" else None,
-                    model_a=[self.name_a, type(self.model_a).__name__, self.points_a],
-                    model_b=[self.name_b, type(self.model_b).__name__, self.points_b],
+    settings = dict(common, objective=objective,
+                    objective_settings=dataclasses.asdict(obj),
+                    dm=self.cfg["dm"] if obj.closed_form else None,
+                    model_a=[self.name_a, type(self.model_a).__name__, self.points_a,
+                             self.vars_digest[0]],
+                    model_b=[self.name_b, type(self.model_b).__name__, self.points_b,
+                             self.vars_digest[1]],
                     train=[self.train.name, len(self.train.labels)],
                     test=[self.test.name, len(self.test.labels)],
                     version=FORMAT_VERSION)
     return _digest(settings, 24)
 
-  def unit_path(self, unit: Unit, suffix: str = ".json"):
+  def unit_path(self, objective: str, unit: Unit, suffix: str = ".json"):
     from etils import epath
-    return epath.Path(self.workdir) / "stitch" / unit.objective / f"{unit.uid}{suffix}"
+    return epath.Path(self.workdir) / "stitch" / objective / f"{unit.uid}{suffix}"
 
   def load_finished(self) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Cells already computed (matching fingerprints) in the workdir."""
@@ -439,46 +514,142 @@ class _Sweep:
                            f"{root}; is the workdir shared by every process?")
     return done
 
-  def write_unit(self, unit: Unit, cells: list[dict[str, Any]],
-                 params: Mapping[str, np.ndarray] | None, seconds: float) -> None:
+  def write_unit(self, unit: Unit, records: Mapping[str, list[dict[str, Any]]],
+                 params: Mapping[str, Mapping[str, np.ndarray]], seconds: float) -> None:
+    """One atomic JSON per objective (params first, when asked: the JSON marks done)."""
     if self.workdir is None or not fio.is_writer():
       return
-    if params is not None:
-      fio.write_npz(self.unit_path(unit, ".npz"), **params)
-    fio.write_json(self.unit_path(unit), {
-        "version": FORMAT_VERSION, "objective": unit.objective, "uid": unit.uid,
-        "fingerprint": self.fingerprint(unit.objective), "end": unit.group.end,
-        "front_shape": list(unit.group.src_shape), "end_accuracy": self.end_accuracy,
-        "seconds": seconds, "cells": cells})
+    for obj, cells in records.items():
+      if self.cfg["save_params"]:
+        fio.write_npz(self.unit_path(obj, unit, ".npz"), **params[obj])
+      fio.write_json(self.unit_path(obj, unit), {
+          "version": FORMAT_VERSION, "objective": obj, "uid": unit.uid,
+          "fingerprint": self.fingerprint(obj), "end": unit.group.end,
+          "front_shape": list(unit.group.src_shape), "end_accuracy": self.end_accuracy,
+          "seconds": seconds, "cells": cells})
 
   # -- device programs
 
-  def programs(self, objective: str, group: Group) -> engine.Programs:
-    key = (objective, group.key, group.fronts)
+  def programs(self, unit: Unit) -> engine.Programs:
+    # Keyed by shapes only: units of the same shapes share compiled programs.
+    objs = tuple(self.objectives[o] for o in unit.objectives)
+    key = self._key + ("unit", objs, unit.group.key, len(unit.group.fronts), unit.ways)
     if key not in self._programs:
-      self._programs[key] = engine.build(self.objectives[objective], self.model_b,
-                                         group, self.mesh, self.tx)
-    return self._programs[key]
+      mesh = engine.unit_mesh(self.mesh.devices.flat, unit.ways)
+      self._programs[key] = (engine.build(objs, self.model_b, unit.group, mesh, self.tx),
+                             self.model_a, self.model_b)
+    return self._programs[key][0]
+
+  def stats_program(self, group: Group, ways: int) -> engine.StatsProgram:
+    key = self._key + ("stats", group.key, len(group.fronts), ways)
+    if key not in self._programs:
+      mesh = engine.unit_mesh(self.mesh.devices.flat, ways)
+      self._programs[key] = (engine.build_stats(group, mesh), self.model_a, self.model_b)
+    return self._programs[key][0]
+
+  # -- compiled executables (ahead of time, in parallel, with their FLOPs)
+
+  @staticmethod
+  def _signature(fn: Callable[..., Any], args: tuple) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return (id(fn), treedef, tuple((tuple(np.shape(a)), str(a.dtype),
+                                    getattr(a, "sharding", None)) for a in leaves))
+
+  def _compile(self, fn: Callable[..., Any], args: tuple, key: tuple) -> Any:
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", 0.0))
+    self._programs[self._key + ("exe", key)] = (compiled, flops, fn)
+    return compiled
+
+  def precompile(self, calls: Sequence[tuple[Callable[..., Any], tuple]]) -> None:
+    """Compile every (jitted fn, abstract args) not compiled yet, in parallel threads
+    (XLA compiles without the GIL), so a wave does not wait on one compile at a time."""
+    todo = {}
+    for fn, args in calls:
+      key = self._signature(fn, args)
+      if self._key + ("exe", key) not in self._programs:
+        todo[key] = (fn, args)
+    if not todo:
+      return
+    t0 = time.perf_counter()
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      futures = [pool.submit(self._compile, fn, args, key)
+                 for key, (fn, args) in todo.items()]
+      for f in futures:
+        f.result()
+    self.compiled += len(todo)
+    self.compile_s += time.perf_counter() - t0
+
+  def call(self, prog, fn: Callable[..., Any], *args) -> Any:
+    """Run `fn` through its compiled executable (compiled now if it was not ahead)."""
+    key = self._signature(fn, args)
+    entry = self._programs.get(self._key + ("exe", key))
+    if entry is None:
+      t0 = time.perf_counter()
+      self._compile(fn, args, key)
+      self.compiled_late += 1
+      self.compile_s += time.perf_counter() - t0
+      entry = self._programs[self._key + ("exe", key)]
+    if self.profile is not None:
+      rec = self.profile.setdefault(key, {"flops": entry[1], "calls": 0})
+      rec["calls"] += 1
+    out = entry[0](*args)
+    if (prog is None or prog.collective) and self.sync:
+      jax.block_until_ready(out)
+    return out
+
+  def abstract_batch(self, batch: int, which: str) -> tuple[dict, Any, dict]:
+    """Abstract (acts_a, logits_b, acts_b) of the donor pass for a batch size."""
+    shapes = self.dtypes_a if which == "a" else self.dtypes_b
+    def sds(p):
+      shape, dtype = shapes[p]
+      return jax.ShapeDtypeStruct((batch,) + shape, dtype, sharding=self.rep)
+    if which == "a":
+      return {p: sds(p) for p in self.points_a}
+    return sds(models.LOGITS), {p: sds(p) for p in self.points_b}
+
+  def abstract_inputs(self, batch: int, eval_: bool) -> dict[str, Any]:
+    sh = self.batch_sh if batch % self.n_dev == 0 else self.rep
+    img_a = (batch,) + tuple(self.train.images.shape[1:])
+    img_b = (batch,) + tuple(self.train_b.images.shape[1:])
+    out = {"xa": jax.ShapeDtypeStruct(img_a, jnp.float32, sharding=sh),
+           "xb": jax.ShapeDtypeStruct(img_b, jnp.float32, sharding=sh),
+           "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=self.rep)}
+    if eval_:
+      out["mask"] = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=self.rep)
+    return out
+
+  @staticmethod
+  def sharding(prog) -> NamedSharding:
+    """The stitch-axis sharding of a unit's arrays (as its programs return them: a
+    size-1 stitch axis comes back unpartitioned)."""
+    if prog.mesh.shape[engine.AXIS] == 1:
+      return NamedSharding(prog.mesh, P())
+    return NamedSharding(prog.mesh, P(engine.AXIS))
 
   def captures(self):
-    """Jitted donor passes: batch-sharded compute, every point replicated out."""
-    if self._captures is None:
-      model_a, model_b, rep = self.model_a, self.model_b, self.rep
+    """The jitted donor pass: f and g on a batch-sharded batch, every stitch point
+    replicated out (one program for both donors)."""
+    key = self._key + ("donors",)
+    if key not in self._programs:
+      model_a, model_b = self.model_a, self.model_b
 
-      def cap_a(v, x):
-        return models.capture(model_a, v, x)[1]
+      def donors(va, vb, xa, xb):
+        acts_a = models.capture(model_a, va, xa)[1]
+        logits_b, acts_b = models.capture(model_b, vb, xb)
+        return acts_a, logits_b, acts_b
 
-      def cap_b(v, x):
-        return models.capture(model_b, v, x)
+      self._programs[key] = (jax.jit(donors, out_shardings=self.rep), model_a, model_b)
+    return self._programs[key][0]
 
-      self._captures = (jax.jit(cap_a, out_shardings=rep),
-                        jax.jit(cap_b, out_shardings=rep))
-    return self._captures
-
-  def batch_arrays(self, batch: Mapping[str, np.ndarray], batch_b: Mapping[str, np.ndarray]
-                   ) -> dict[str, jax.Array]:
+  def batch_arrays(self, batch: Mapping[str, np.ndarray],
+                   batch_b: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     n = batch["label"].shape[0]
-    sh = self.split_sh if n % self.n_dev == 0 else self.rep
+    sh = self.batch_sh if n % self.n_dev == 0 else self.rep
     out = {"xa": engine.put(batch["image"], sh), "xb": engine.put(batch_b["image"], sh),
            "label": engine.put(batch["label"], self.rep)}
     if "mask" in batch:
@@ -486,14 +657,9 @@ class _Sweep:
     return out
 
   def donor_pass(self, arrays):
-    cap_a, cap_b = self.captures()
-    acts_a = cap_a(self.vars_a, arrays["xa"])
-    if self.sync:
-      jax.block_until_ready(acts_a)
-    logits_b, acts_b = cap_b(self.vars_b, arrays["xb"])
-    if self.sync:
-      jax.block_until_ready(acts_b)
-    return acts_a, logits_b, acts_b
+    """f and g once each on the batch, every stitch point captured and replicated."""
+    return self.call(None, self.captures(), self.vars_a, self.vars_b, arrays["xa"],
+                     arrays["xb"])
 
   def train_stream(self, num_steps: int) -> Iterable[tuple[dict, dict]]:
     from fula_jax import data
@@ -509,108 +675,211 @@ class _Sweep:
 
   # -- one wave
 
-  def _lstsq_batches(self, wave: Sequence[Unit]) -> tuple[bool, int, int]:
-    """(init needs least squares, batches for the init, batches for DM)."""
+  def _lstsq_needs(self, wave: Sequence[Unit]) -> tuple[int, int]:
+    """Batches of least-squares statistics for inits and for DM solutions."""
     cfg = self.cfg
     needs_init = cfg["init"] == "lstsq" and any(
-        not self.objectives[u.objective].closed_form for u in wave)
-    has_dm = any(self.objectives[u.objective].closed_form for u in wave)
+        not self.objectives[o].closed_form for u in wave for o, _, _ in u.stitches)
+    has_dm = any(self.objectives[o].closed_form for u in wave for o, _, _ in u.stitches)
     init_batches = -(-int(cfg["lstsq_examples"]) // self.batch) if needs_init else 0
     dm_examples = int(cfg["dm"]["num_examples"])
     dm_batches = ((-(-dm_examples // self.batch) if dm_examples else self.steps_per_epoch)
                   if has_dm else 0)
-    return needs_init, init_batches, dm_batches
+    return init_batches, dm_batches
 
-  def stats_batches(self, wave: Sequence[Unit]) -> int:
-    _, init_batches, dm_batches = self._lstsq_batches(wave)
-    return max(init_batches, dm_batches)
+  def wave_batches(self, wave: Sequence[Unit]) -> int:
+    n_eval = -(-len(self.test.labels) // self.eval_batch)
+    train = max([self.stitch_steps(o) for u in wave for o, _, _ in u.stitches] + [0])
+    return max(self._lstsq_needs(wave)) + train + n_eval
 
-  def run_wave(self, wave: list[Unit], progress) -> dict[str, list[dict[str, Any]]]:
+  def _stats_jobs(self, wave: Sequence[Unit]) -> list[tuple]:
+    """One least-squares job per group of the wave: (key, group, cells, program, size)."""
+    if not max(self._lstsq_needs(wave)):
+      return []
+    jobs: dict[str, tuple[Group, list[tuple[str, str]]]] = {}
+    for u in wave:
+      needed = [(r, c) for o, r, c in u.stitches
+                if self.objectives[o].closed_form or self.cfg["init"] == "lstsq"]
+      if needed:
+        group, cells = jobs.setdefault(u.group.key, (u.group, []))
+        cells += [c for c in needed if c not in cells]
+    out = []
+    for key, (group, cells) in jobs.items():
+      fronts = tuple(dict.fromkeys(r for r, _ in cells))
+      group = dataclasses.replace(group, fronts=fronts)
+      ways = engine.stitch_ways(len(cells), self.n_dev, (self.batch,))
+      size = -(-len(cells) // ways) * ways
+      out.append((key, group, cells, self.stats_program(group, ways), size))
+    return out
+
+  def _precompile_wave(self, wave: Sequence[Unit]) -> None:
+    """Every program the wave will run, compiled up front in parallel."""
+    def sds(tree, sharding):
+      return jax.tree_util.tree_map(
+          lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
+                                         sharding=sharding), tree)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    calls = []
+    train_needed = max(self._lstsq_needs(wave)) > 0 or any(u.trains for u in wave)
+    batches = ([(self.batch, False)] if train_needed else []) + [(self.eval_batch, True)]
+    acts = {}
+    for batch, eval_ in batches:
+      inputs = self.abstract_inputs(batch, eval_)
+      calls.append((self.captures(), (self.vars_a, self.vars_b, inputs["xa"],
+                                      inputs["xb"])))
+      acts[eval_] = (inputs, self.abstract_batch(batch, "a"),
+                     *self.abstract_batch(batch, "b"))
+    for _, group, _, prog, size in self._stats_jobs(wave):
+      _, acts_a, _, acts_b = acts[False]
+      spec = group.spec
+      calls.append((prog.update, (
+          sds(engine.stats_zeros(size, spec.in_features, spec.out_features),
+              self.sharding(prog)),
+          jax.ShapeDtypeStruct((size,), jnp.int32, sharding=self.sharding(prog)),
+          tuple(acts_a[p] for p in group.fronts), acts_b[group.end])))
+    for u in wave:
+      prog = self.programs(u)
+      spec = u.group.spec
+      zeros = np.zeros((u.size,), np.int32)
+      state = sds(engine.init_state(
+          {"kernel": np.zeros((u.size, spec.in_features, spec.out_features), np.float32),
+           "bias": np.zeros((u.size, spec.out_features), np.float32)},
+          zeros, zeros, zeros, zeros.astype(np.float32), self.tx), self.sharding(prog))
+      if u.trains:
+        _, acts_a, logits_b, acts_b = acts[False]
+        shared = {"label": acts[False][0]["label"], "teacher": logits_b,
+                  "targets": {p: acts_b[p] for p in prog.train_targets}}
+        calls.append((prog.train, (state, self.vars_b,
+                                   tuple(acts_a[p] for p in u.group.fronts), shared,
+                                   scalar, scalar)))
+      inputs, acts_a, logits_b, acts_b = acts[True]
+      shared = {"label": inputs["label"], "teacher": logits_b,
+                "targets": {p: acts_b[p] for p in prog.eval_targets}}
+      calls.append((prog.evaluate, (
+          sds(engine.zeros_like_terms(self.eval_shapes(u, prog), u.size),
+              self.sharding(prog)),
+          state.params, state.front, self.vars_b,
+          tuple(acts_a[p] for p in u.group.fronts), shared, inputs["mask"])))
+    self.precompile(calls)
+
+  def eval_shapes(self, u: Unit, prog: engine.Programs) -> dict:
+    key = self._key + ("eval_shapes", u.objectives, u.group.key, self.eval_batch)
+    if key not in self._programs:
+      self._programs[key] = engine.eval_terms_shape(
+          [self.objectives[o] for o in u.objectives], self.model_b, self.vars_b,
+          u.group, self.eval_batch, self.num_classes,
+          {p: self.shapes_b[p] for p in prog.eval_targets})
+    return self._programs[key]
+
+  def least_squares(self, wave: Sequence[Unit], progress
+                    ) -> tuple[dict[tuple[str, str], Any], dict[tuple[str, str], Any]]:
+    """Closed-form solutions per cell: (for inits, for DM); values (params, error)."""
+    init_batches, dm_batches = self._lstsq_needs(wave)
+    n_batches = max(init_batches, dm_batches)
+    if not n_batches:
+      return {}, {}
+    states = {}
+    for key, group, cells, prog, size in self._stats_jobs(wave):
+      spec = group.spec
+      padded = cells + [cells[0]] * (size - len(cells))
+      front = np.array([group.fronts.index(r) for r, _ in padded], np.int32)
+      states[key] = (group, cells, prog, engine.put(front, self.sharding(prog)),
+                     engine.put_tree(engine.stats_zeros(size, spec.in_features,
+                                                        spec.out_features),
+                                     self.sharding(prog)))
+    init_sol, dm_sol = {}, {}
+    for b, (batch, batch_b) in enumerate(self.train_stream(n_batches)):
+      arrays = self.batch_arrays(batch, batch_b)
+      acts_a, _, acts_b = self.donor_pass(arrays)
+      for key, (group, cells, prog, front, st) in states.items():
+        st = self.call(prog, prog.update, st, front,
+                       tuple(acts_a[p] for p in group.fronts), acts_b[group.end])
+        states[key] = (group, cells, prog, front, st)
+      for count, out in ((init_batches, init_sol), (dm_batches, dm_sol)):
+        if b + 1 == count:
+          for group, cells, prog, _, st in states.values():
+            out.update(self._solve(group, cells, engine.fetch(st, self.mesh)))
+      progress.advance()
+    return init_sol, dm_sol
+
+  def _solve(self, group: Group, cells, stats: lstsq.Stats
+             ) -> dict[tuple[str, str], tuple[dict[str, np.ndarray], str]]:
+    """Host float64 solutions per cell, with an error message when one fails."""
+    ridge = float(self.cfg["ridge"])
+    spec = group.spec
+    out = {}
+    for s, cell in enumerate(cells):
+      one = lstsq.Stats(*(np.asarray(x)[s] for x in stats))
+      err = ""
+      try:
+        sol = lstsq.solve(one, ridge)
+        if not all(np.all(np.isfinite(v)) for v in sol.values()):
+          raise ValueError("non-finite least-squares solution")
+      except (ValueError, np.linalg.LinAlgError) as e:
+        err = f"least squares failed: {e}"
+        sol = {"kernel": np.zeros((spec.in_features, spec.out_features), np.float32),
+               "bias": np.zeros((spec.out_features,), np.float32)}
+      out[cell] = (sol, err)
+    return out
+
+  def run_wave(self, wave: list[Unit], progress) -> dict[tuple[str, str, str], dict]:
+    """Train, evaluate and write every unit of `wave`; the records of its stitches."""
     cfg = self.cfg
     t0 = time.perf_counter()
-    sharded = self.split_sh
-    needs_init_lstsq, init_batches, _ = self._lstsq_batches(wave)
-    stats_batches = self.stats_batches(wave)
+    self._precompile_wave(wave)
+    init_sol, dm_sol = self.least_squares(wave, progress)
 
-    # Least-squares statistics, shared by every objective's unit of the same cells.
-    stats_units: dict[tuple, Unit] = {}
+    states, failed, max_steps = {}, {}, {}
     for u in wave:
-      if self.objectives[u.objective].closed_form or needs_init_lstsq:
-        stats_units.setdefault((u.group.key, u.cells), u)
-    init_solutions: dict[tuple, list] = {}
-    full_solutions: dict[tuple, list] = {}
-    if stats_units and stats_batches:
-      stats = {}
-      fronts_idx = {}
-      for key, u in stats_units.items():
-        spec = u.group.spec
-        stats[key] = engine.put_tree(
-            engine.stats_zeros(u.size, spec.in_features, spec.out_features), sharded)
-        fronts_idx[key] = engine.put(self._front_index(u), sharded)
-      for b, (batch, batch_b) in enumerate(self.train_stream(stats_batches)):
-        arrays = self.batch_arrays(batch, batch_b)
-        acts_a, _, acts_b = self.donor_pass(arrays)
-        for key, u in stats_units.items():
-          prog = self.programs(u.objective, u.group)
-          stats[key] = prog.stats(stats[key], fronts_idx[key],
-                                  tuple(acts_a[p] for p in u.group.fronts),
-                                  acts_b[u.group.end])
-        if b + 1 == init_batches:
-          for key, u in stats_units.items():
-            init_solutions[key] = self._solve(u, engine.fetch(stats[key], self.mesh))
-        progress.advance()
-      for key, u in stats_units.items():
-        full_solutions[key] = self._solve(u, engine.fetch(stats[key], self.mesh))
-
-    # Initial states.
-    states, weights_from = {}, {}
-    closed_failed: dict[str, dict[int, str]] = {}
-    for u in wave:
-      obj = self.objectives[u.objective]
-      key = (u.group.key, u.cells)
-      if obj.closed_form:
-        params, bad = full_solutions[key]
-        closed_failed[u.uid] = bad
-      elif cfg["init"] == "lstsq":
-        params, bad = init_solutions[key]
-        closed_failed[u.uid] = bad
-      else:
-        params = self._random_init(u)
-        closed_failed[u.uid] = {}
-      lr = np.array([self.cell_lr.get(cell_key(*c), float(cfg["learning_rate"]))
-                     for c in self._padded(u.cells, u.size)], np.float32)
-      state = engine.init_state(params, self._front_index(u), lr, self.tx)
-      states[u.uid] = engine.put_tree(state, sharded)
-      weights_from[u.uid] = self._unit_steps(u)
+      padded = list(u.stitches) + [u.stitches[0]] * (u.size - len(u.stitches))
+      randoms = engine.random_init(u.group.spec, int(cfg["seed"]),
+                                   [cell_salt(r, c) for _, r, c in padded])
+      params, errors = [], {}
+      for k, (o, r, c) in enumerate(padded):
+        if self.objectives[o].closed_form:
+          p, err = dm_sol[(r, c)]
+        elif cfg["init"] == "lstsq":
+          p, err = init_sol[(r, c)]
+        else:
+          p, err = {name: v[k] for name, v in randoms.items()}, ""
+        params.append(p)
+        if err and k < len(u.stitches):
+          errors[k] = err
+      failed[u.uid] = errors
+      steps = np.array([self.stitch_steps(o) for o, _, _ in padded], np.int32)
+      steps[len(u.stitches):] = 0
+      max_steps[u.uid] = int(steps.max())
+      state = engine.init_state(
+          {k: np.stack([p[k] for p in params]) for k in params[0]},
+          np.array([u.group.fronts.index(r) for _, r, _ in padded], np.int32),
+          np.array([u.objectives.index(o) for o, _, _ in padded], np.int32), steps,
+          np.array([self.cell_lr.get(cell_key(r, c), float(cfg["learning_rate"]))
+                    for _, r, c in padded], np.float32), self.tx)
+      states[u.uid] = engine.put_tree(state, self.sharding(self.programs(u)))
 
     # Training: one donor pass per batch, shared by every unit of the wave.
-    max_steps = max(weights_from.values())
-    if max_steps:
-      for step, (batch, batch_b) in enumerate(self.train_stream(max_steps)):
-        arrays = self.batch_arrays(batch, batch_b)
-        acts_a, logits_b, acts_b = self.donor_pass(arrays)
-        for u in wave:
-          n_steps = weights_from[u.uid]
-          if step >= n_steps:
-            continue
-          prog = self.programs(u.objective, u.group)
-          shared = {"label": arrays["label"], "teacher": logits_b,
-                    "targets": {p: acts_b[p] for p in prog.train_targets}}
-          last_epoch = step >= n_steps - self.steps_per_epoch
-          states[u.uid] = prog.train(
-              states[u.uid], self.vars_b, tuple(acts_a[p] for p in u.group.fronts),
-              shared, np.float32(last_epoch), np.int32(step))
-        progress.advance()
+    n_steps = max(max_steps.values())
+    for step, (batch, batch_b) in enumerate(self.train_stream(n_steps)):
+      arrays = self.batch_arrays(batch, batch_b)
+      acts_a, logits_b, acts_b = self.donor_pass(arrays)
+      for u in wave:
+        if step >= max_steps[u.uid]:
+          continue
+        prog = self.programs(u)
+        shared = {"label": arrays["label"], "teacher": logits_b,
+                  "targets": {p: acts_b[p] for p in prog.train_targets}}
+        states[u.uid] = self.call(
+            prog, prog.train, states[u.uid], self.vars_b,
+            tuple(acts_a[p] for p in u.group.fronts), shared,
+            np.int32(self.steps_per_epoch), np.int32(step))
+      progress.advance()
 
     # Evaluation on the test split: again one donor pass per batch.
     accs = {}
     for u in wave:
-      prog = self.programs(u.objective, u.group)
-      shapes = engine.eval_terms_shape(
-          self.objectives[u.objective], self.model_b, self.vars_b, u.group,
-          self.eval_batch, self.num_classes,
-          {p: self.shapes_b[p] for p in prog.eval_targets})
-      accs[u.uid] = engine.put_tree(engine.zeros_like_terms(shapes, u.size), sharded)
+      prog = self.programs(u)
+      accs[u.uid] = engine.put_tree(engine.zeros_like_terms(self.eval_shapes(u, prog),
+                                                            u.size), self.sharding(prog))
     end_correct = 0.0
     for batch, batch_b in self.eval_stream():
       arrays = self.batch_arrays(batch, batch_b)
@@ -618,88 +887,57 @@ class _Sweep:
       end_correct += float(np.sum(batch["mask"] * (
           np.argmax(np.asarray(logits_b), -1) == batch["label"])))
       for u in wave:
-        prog = self.programs(u.objective, u.group)
+        prog = self.programs(u)
         st = states[u.uid]
         shared = {"label": arrays["label"], "teacher": logits_b,
                   "targets": {p: acts_b[p] for p in prog.eval_targets}}
-        accs[u.uid] = prog.evaluate(accs[u.uid], st.params, st.front, self.vars_b,
-                                    tuple(acts_a[p] for p in u.group.fronts), shared,
-                                    arrays["mask"])
+        accs[u.uid] = self.call(prog, prog.evaluate, accs[u.uid], st.params, st.front,
+                                self.vars_b, tuple(acts_a[p] for p in u.group.fronts),
+                                shared, arrays["mask"])
       progress.advance()
     n_test = float(len(self.test.labels))
     self.end_accuracy = end_correct / n_test
 
     out = {}
     seconds = (time.perf_counter() - t0) / max(len(wave), 1)
+    host = engine.fetch({u.uid: (states[u.uid], accs[u.uid]) for u in wave}, self.mesh)
     for u in wave:
-      st = engine.fetch(states[u.uid], self.mesh)
-      terms = engine.fetch(accs[u.uid], self.mesh)
-      cells = self._cell_records(u, st, terms, n_test, closed_failed[u.uid])
-      params = None
-      if cfg["save_params"] or self._keep_params:
-        params = {k: v[:len(u.cells)] for k, v in st.params.items()}
-        for (row, col), s in zip(u.cells, range(len(u.cells))):
-          self.kept_params[(u.objective, row, col)] = {k: v[s] for k, v in params.items()}
-      self.write_unit(u, cells, params if cfg["save_params"] else None, seconds)
-      out[u.uid] = cells
+      st, terms = host[u.uid]
+      records = self._records(u, st, terms, n_test, failed[u.uid])
+      by_obj: dict[str, list[dict[str, Any]]] = {o: [] for o in u.objectives}
+      params_by_obj: dict[str, dict[str, list]] = {o: {"kernel": [], "bias": []}
+                                                   for o in u.objectives}
+      for k, ((o, r, c), rec) in enumerate(zip(u.stitches, records)):
+        by_obj[o].append(rec)
+        out[(o, r, c)] = rec
+        one = {name: np.asarray(v[k]) for name, v in st.params.items()}
+        if self.keep_params:
+          self.kept_params[(o, r, c)] = one
+        for name in params_by_obj[o]:
+          params_by_obj[o][name].append(one[name])
+      params_np = {o: {k: np.stack(v) for k, v in d.items()}
+                   for o, d in params_by_obj.items()}
+      self.write_unit(u, by_obj, params_np, seconds)
     return out
 
-  _keep_params = False
-  kept_params: dict
-
-  def _padded(self, cells, size):
-    return list(cells) + [cells[0]] * (size - len(cells))
-
-  def _front_index(self, u: Unit) -> np.ndarray:
-    return np.array([u.group.fronts.index(r) for r, _ in self._padded(u.cells, u.size)],
-                    np.int32)
-
-  def _unit_steps(self, u: Unit) -> int:
-    if self.objectives[u.objective].closed_form:
-      return int(round(float(self.cfg["dm"]["refine_epochs"]) * self.steps_per_epoch))
-    return self.steps
-
-  def _random_init(self, u: Unit) -> dict[str, np.ndarray]:
-    spec = u.group.spec
-    ps = [maps.as_numpy(maps.init_random(spec, cell_rng(int(self.cfg["seed"]), r, c)))
-          for r, c in self._padded(u.cells, u.size)]
-    return {k: np.stack([p[k] for p in ps]) for k in ps[0]}
-
-  def _solve(self, u: Unit, stats: lstsq.Stats):
-    """Per-stitch closed-form solutions (host, float64) and failures {index: why}."""
-    ridge = float(self.cfg["ridge"])
-    sols, bad = [], {}
-    for s in range(u.size):
-      one = lstsq.Stats(*(np.asarray(x)[s] for x in stats))
-      try:
-        sol = lstsq.solve(one, ridge)
-        if not all(np.all(np.isfinite(v)) for v in sol.values()):
-          raise ValueError("non-finite least-squares solution")
-      except (ValueError, np.linalg.LinAlgError) as e:
-        bad[s] = f"least squares failed: {e}"
-        spec = u.group.spec
-        sol = {"kernel": np.zeros((spec.in_features, spec.out_features), np.float32),
-               "bias": np.zeros((spec.out_features,), np.float32)}
-      sols.append(sol)
-    return {k: np.stack([p[k] for p in sols]) for k in sols[0]}, bad
-
-  def _cell_records(self, u: Unit, st: engine.StitchState, terms, n_test: float,
-                    failed: Mapping[int, str]) -> list[dict[str, Any]]:
-    obj = self.objectives[u.objective]
-    where = objectives_lib.Where(u.group.end, self.points_b)
-    value = obj.eval_value({k: v for k, v in terms.items()}, n_test, where)
+  def _records(self, u: Unit, st: engine.StitchState, terms, n_test: float,
+               failed: Mapping[int, str]) -> list[dict[str, Any]]:
     acc = terms["correct"] / n_test
     dm_err = terms["dm_num"] / np.maximum(terms["dm_den"], 1e-30)
-    train_loss = np.where(st.loss_weight > 0, st.loss_sum / np.maximum(st.loss_weight, 1),
-                          np.nan)
-    records = []
+    train_loss = np.where(st.loss_weight > 0,
+                          st.loss_sum / np.maximum(st.loss_weight, 1e-30), np.nan)
     pgd = self._pgd(u, st) if self.cfg["pgd"]["enabled"] else None
-    for s, (row, col) in enumerate(u.cells):
+    records = []
+    for s, (o, row, col) in enumerate(u.stitches):
+      obj = self.objectives[o]
+      where = objectives_lib.Where(u.group.end, self.points_b)
+      own = {k.split("/", 1)[1]: np.asarray(v)[s] for k, v in terms.items()
+             if k.startswith(f"{o}/")}
       metrics = {
           "accuracy": float(acc[s]),
-          "relative_accuracy": float(acc[s] / self.end_accuracy) if self.end_accuracy
-          else float("nan"),
-          "loss": float(value[s]),
+          "relative_accuracy": (float(acc[s] / self.end_accuracy) if self.end_accuracy
+                                else float("nan")),
+          "loss": float(obj.eval_value(own, n_test, where)),
           "train_loss": float(train_loss[s]),
           "dm_error": float(dm_err[s]),
           "pgd_accuracy": float(pgd[s]) if pgd is not None else float("nan"),
@@ -726,10 +964,10 @@ class _Sweep:
     n = min(int(pcfg["num_examples"]), len(self.test.labels))
     x_all, y_all = self.test.images[:n], self.test.labels[:n]
     model_a, model_b = self.model_a, self.model_b
-    vars_a = jax.tree_util.tree_map(np.asarray, engine.fetch(self.vars_a, self.mesh))
-    vars_b = jax.tree_util.tree_map(np.asarray, engine.fetch(self.vars_b, self.mesh))
-    out = np.full((len(u.cells),), np.nan)
-    for s, (row, col) in enumerate(u.cells):
+    vars_a = engine.fetch(self.vars_a, self.mesh)
+    vars_b = engine.fetch(self.vars_b, self.mesh)
+    out = np.full((len(u.stitches),), np.nan)
+    for s, (_, row, col) in enumerate(u.stitches):
       spec = maps.plan(row, self.shapes_a[row], col, self.shapes_b[col])
 
       def stitched(p, x, row=row, col=col, spec=spec):
@@ -744,7 +982,7 @@ class _Sweep:
                             random_start=bool(pcfg["random_start"]))
         return jnp.sum(jnp.argmax(stitched(p, x_adv), -1) == y)
 
-      p = {k: v[s] for k, v in st.params.items()}
+      p = {k: np.asarray(v)[s] for k, v in st.params.items()}
       total = 0.0
       key = cell_rng(int(self.cfg["seed"]) + 1, row, col)
       for lo in range(0, n, self.eval_batch):
@@ -755,23 +993,12 @@ class _Sweep:
     return out
 
 
-class _Progress:
-  def __init__(self, total: int, cfg, enabled: bool):
-    from fula_jax.progress import Progress
-    self.p = Progress("stitch sweep", total, unit="batch",
-                      every_s=float(cfg["progress_every_s"]), enabled=enabled)
-    self.count = 0
-
-  def advance(self):
-    self.count += 1
-    self.p.update(self.count)
-
-
 def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedModel,
               vars_b: Any, train, test, cfg: Mapping[str, Any] | None = None,
               workdir: str | None = None, *, train_b=None, test_b=None,
               name_a: str = "A", name_b: str = "B", mesh: Mesh | None = None,
-              keep_params: bool = False) -> SweepResult:
+              keep_params: bool = False, cache: dict | None = None,
+              profile: dict | None = None) -> SweepResult:
   """Run (or resume) a stitching sweep; see the module docstring.
 
   Args:
@@ -779,35 +1006,37 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
     model_b, vars_b: the end model g and its frozen variables.
     train, test: `fula_jax.data.Split`s (images in [0, 1]); stitches train on `train`
       and are evaluated on `test`.
-    cfg: sweep settings overriding `default_config()`.
+    cfg: settings overriding `default_config()`.
     workdir: where unit files go (``<workdir>/stitch/...``) and are resumed from; None
       keeps everything in memory (e.g. in a Colab).
     train_b, test_b: the same examples as the end model sees them, when its inputs
       differ (e.g. a grayscale model); default: the same splits.
-    name_a, name_b: model identities for fingerprints and results.
-    mesh: a 1-D mesh whose axis is ``engine.AXIS``; default: every device.
-    keep_params: return every stitch's trained parameters in `SweepResult.params`.
+    name_a, name_b: model identities, part of the fingerprints and of the results.
+    mesh: a 1-D mesh of the devices to use; default: every device of every process.
+    keep_params: return the trained stitch parameters in `SweepResult.params`.
+    cache: a dict owned by the caller; passing the same one to several sweeps over the
+      same model objects reuses their compiled programs.
+    profile: a dict to fill with every compiled program's FLOPs and call count, for
+      `program_flops`.
+
+  Returns:
+    A `SweepResult`; `stats` counts the units and cells computed in this run and the
+    cells resumed from the workdir.
   """
   cfg = resolve(cfg)
   t0 = time.perf_counter()
   sw = _Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, train_b,
-              test_b, name_a, name_b, mesh, print)
-  sw._keep_params = keep_params
-  sw.kept_params = {}
+              test_b, name_a, name_b, mesh, keep_params, cache, profile)
   rows = list(cfg["rows"] or sw.points_a)
   cols = list(cfg["cols"] or sw.points_b)
-  for p in rows:
-    if p not in sw.points_a:
-      raise registry.unknown(f"stitch point of the front model ({name_a})", p, sw.points_a)
-  for p in cols:
-    if p not in sw.points_b:
-      raise registry.unknown(f"stitch point of the end model ({name_b})", p, sw.points_b)
   pairs, explicit = parse_pairs(cfg["pairs"], rows, cols)
-  for r, c in pairs:
+  for r, c in [(r, cols[0]) for r in rows] + [(rows[0], c) for c in cols] + pairs:
     if r not in sw.points_a:
-      raise registry.unknown(f"stitch point of the front model ({name_a})", r, sw.points_a)
+      raise registry.unknown(f"stitch point of the front model ({name_a})", r,
+                             sw.points_a)
     if c not in sw.points_b:
-      raise registry.unknown(f"stitch point of the end model ({name_b})", c, sw.points_b)
+      raise registry.unknown(f"stitch point of the end model ({name_b})", c,
+                             sw.points_b)
 
   unstitchable: dict[tuple[str, str], str] = {}
   stitchable = []
@@ -821,42 +1050,32 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
       unstitchable[(r, c)] = str(e)
 
   finished = sw.load_finished()
-  units = []
-  for name, obj in sw.objectives.items():
-    todo = [(r, c) for r, c in stitchable if (name, r, c) not in finished]
-    units += plan_units(obj, todo, sw.shapes_a, sw.shapes_b, model_b, sw.vars_b, cfg,
-                        sw.n_dev, sw.batch, sw.fingerprint(name))
-  col_pos = {c: k for k, c in enumerate(sw.points_b)}
-  obj_pos = {o: k for k, o in enumerate(sw.objectives)}
-  units.sort(key=lambda u: (col_pos[u.group.end], u.group.src_shape, u.cells[0][0],
-                            obj_pos[u.objective]))
+  units = sw.plan(stitchable, finished)
   waves = pack_waves(units, int(cfg["max_stitches_per_wave"]))
-
-  n_eval = -(-len(test.labels) // sw.eval_batch)
-  total = sum(sw.stats_batches(w) + max(sw._unit_steps(u) for u in w) + n_eval
-              for w in waves)
   show = bool(cfg["progress"]) and jax.process_index() == 0
-  progress = _Progress(total, cfg, show)
+  progress = _Progress(sum(sw.wave_batches(w) for w in waves),
+                       float(cfg["progress_every_s"]), show)
+  resumed = sum(1 for key in finished if (key[1], key[2]) in set(stitchable))
   if show:
-    print(f"stitch sweep: {len(pairs)} cells x {len(sw.objectives)} objectives, "
-          f"{len(finished)} cell results found in the workdir; {len(units)} units in "
-          f"{len(waves)} waves on {sw.n_dev} devices ({jax.process_count()} processes).",
-          flush=True)
+    print(f"stitch sweep: {len(pairs)} cells x {len(sw.objectives)} objectives; "
+          f"{resumed} (objective, cell) results resumed from the workdir; "
+          f"{sum(len(u.stitches) for u in units)} stitches in {len(units)} units, "
+          f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
+          f"processes).", flush=True)
 
   records = dict(finished)
   for wave in waves:
-    for u, cells in zip(wave, sw.run_wave(wave, progress).values()):
-      for c in cells:
-        records[(u.objective, c["row"], c["col"])] = c
+    records.update(sw.run_wave(wave, progress))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("fula_jax.stitching.sweep done")
+    multihost_utils.sync_global_devices("fula_jax.stitching.sweeper done")
 
   values: dict[str, dict[str, np.ndarray]] = {}
   reasons: dict[str, dict[str, str]] = {}
   requested = set(pairs)
+  measures = [m for m in MEASURES if m != "pgd_accuracy" or cfg["pgd"]["enabled"]]
   for name in sw.objectives:
-    mats = {m: np.full((len(rows), len(cols)), np.nan) for m in MEASURES}
+    mats = {m: np.full((len(rows), len(cols)), np.nan) for m in measures}
     why: dict[str, str] = {}
     for a, r in enumerate(rows):
       for b, c in enumerate(cols):
@@ -866,17 +1085,17 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
           why[cell_key(r, c)] = unstitchable[(r, c)]
           continue
         rec = records[(name, r, c)]
-        for m in MEASURES:
+        for m in measures:
           mats[m][a, b] = _from_json_value(rec["metrics"].get(m))
         if rec["status"] != "ok":
           why[cell_key(r, c)] = f"{rec['status']}: {rec['reason']}"
-    if not sw.cfg["pgd"]["enabled"]:
-      del mats["pgd_accuracy"]
     values[name], reasons[name] = mats, why
-  n_units_done = len(units)
-  stats = {"units_computed": n_units_done, "waves": len(waves),
-           "cells_computed": sum(len(u.cells) for u in units),
-           "cells_resumed": len(finished), "devices": sw.n_dev,
+  stats = {"units_computed": len(units), "waves": len(waves),
+           "programs_compiled": sw.compiled + sw.compiled_late,
+           "programs_compiled_late": sw.compiled_late,
+           "compile_seconds": sw.compile_s,
+           "stitches_computed": sum(len(u.stitches) for u in units),
+           "stitches_resumed": resumed, "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0}
   meta = {"settings": cfg, "n_train": len(train.labels), "n_test": len(test.labels),
           "train": train.name, "test": test.name, "batch_size": sw.batch,
@@ -884,6 +1103,12 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
   return SweepResult(rows, cols, values, reasons,
                      float("nan") if sw.end_accuracy is None else sw.end_accuracy,
                      stats, meta, sw.kept_params)
+
+
+def program_flops(profile: Mapping[Any, Mapping[str, Any]]) -> float:
+  """Total FLOPs a profiled sweep executed: XLA's cost analysis of each compiled
+  program (``jitted.lower(...).compile().cost_analysis()``) times its calls."""
+  return float(sum(e["flops"] * e["calls"] for e in profile.values()))
 
 
 def sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedModel,
