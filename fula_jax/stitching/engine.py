@@ -2,12 +2,14 @@
 
 A *group* is a set of stitches that share a compiled shape: their front points have the
 same activation shape and they all end at the same point j of the end model g. The
-programs take the group's front activations (one donor pass, shared) and g's targets,
-gather each stitch's front by index, and run, under ``jax.vmap`` over the stitches'
-parameters, the stitch map and g's tail (j -> the objective's last point) inside one
-jitted program. The stitch axis is split over a 1-D device mesh with ``shard_map``: each
-device trains its own stitches on the replicated donor activations, with no
-communication. Train steps donate their state.
+programs take the group's front activations (from one donor pass, shared) and g's
+targets, gather each stitch's front by index, and run, under ``jax.vmap`` over the
+stitches' parameters, the stitch map and g's tail (j -> the furthest point any of the
+unit's objectives needs) inside one jitted program; stitches of several objectives
+share it, each with its own loss. The programs are ``shard_map``s over a 2-D
+(stitch x batch) view of the devices: the stitch axis is split over the first mesh axis
+and every stitch's batch over the second (gradients averaged, sums reduced), so small
+groups still use every device. Train steps donate their state.
 
 Donor variables enter as arguments (never as closure constants, never in an optimiser
 state) and BatchNorm runs in inference mode.

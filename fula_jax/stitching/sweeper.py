@@ -2,28 +2,33 @@
 
 Plan. The requested cells (``pairs``: 'all', 'diagonal', 'offset:k', or explicit
 ``'a->b'`` pairs) are grouped by compiled shape: stitches whose front points have the
-same activation shape and that end at the same point of g form a *group*, trained under
-``jax.vmap`` by one program (see :mod:`fula_jax.stitching.engine`). A group whose memory
-estimate (from ``jax.eval_shape`` of g's tail) exceeds ``memory_budget_mb`` per device is
-split into *units*; each unit's stitch axis is padded to a multiple of the device count
-(padded stitches are ignored) and sharded over every device of every process.
+same activation shape and that end at the same point of g form a *group*. A group's
+stitches of every trained objective (TLM, SLM, FuLA, and DM when refined) form one
+*unit*, trained under ``jax.vmap`` by one program (see :mod:`.engine`); DM's
+closed-form stitches form a second, evaluation-only unit. A unit whose memory estimate
+(``jax.eval_shape`` of g's tail) exceeds ``memory_budget_mb`` per device is split.
+Each unit is laid out on a (stitch x batch) view of every device of every process: the
+stitch axis is split as far as it goes without much padding and each stitch's batch
+over the remaining devices (a lone stitch is data-parallel over all of them); padded
+stitches are ignored.
 
-Run. Units are packed into *waves* (``max_stitches_per_wave``). Per batch of a wave, f
-and g each run ONCE, capturing every stitch point (batch-sharded, then replicated), and
-every unit of the wave (all objectives) takes its step on those shared activations. DM
-(and ``init='lstsq'``) accumulates least-squares statistics in a first pass over the
-same batch stream. After training, each wave is evaluated on the test split (one donor
-pass per batch again) and every unit is written atomically as
-``<workdir>/stitch/<objective>/<unit>.json`` by process 0.
+Run. Units are packed into *waves* (``max_stitches_per_wave``). All of a wave's programs
+are compiled ahead of time, in parallel threads, and their XLA cost analyses kept. Per
+batch of a wave, f and g run ONCE (batch-sharded, activations replicated), capturing
+every stitch point, and every unit of the wave takes its step on those shared
+activations. DM (and ``init='lstsq'``) first accumulates least-squares statistics over
+the same batch stream. Each wave is then evaluated on the test split (one donor pass per
+batch again) and every unit is written atomically, one JSON per objective,
+``<workdir>/stitch/<objective>/<unit>.json``, by process 0.
 
 Resume. A unit file records its cells and a fingerprint of every setting that affects
-their numbers. A rerun loads every cell whose fingerprint matches and plans only the
-rest, so an interrupted sweep recomputes nothing finished (waves are the unit of loss:
-an interruption loses the wave in flight). Changing a setting that does not change the
-numbers (pairs, grouping, wave size, memory budget, devices) keeps finished cells.
+their numbers (including digests of both donors' variables). A rerun loads every cell
+whose fingerprint matches and plans only the rest, so an interrupted sweep recomputes
+nothing finished (an interruption loses the wave in flight). Settings that do not change
+the numbers (pairs, grouping, wave size, memory budget, devices) keep finished cells.
 
 Failures. A stitch whose loss or parameters become non-finite is frozen and its cell is
-NaN with the reason recorded; the others go on. Cells whose points cannot be connected
+NaN, with the step recorded; the others go on. Cells whose points cannot be connected
 (vector <-> map) are NaN with the reason when they come from 'all' / 'diagonal' /
 'offset', and raise for explicitly requested pairs.
 """
@@ -223,10 +228,6 @@ class Unit:
   @property
   def cells(self) -> tuple[tuple[str, str], ...]:
     return tuple(dict.fromkeys((r, c) for _, r, c in self.stitches))
-
-
-def _shape_tag(shape: Sequence[int]) -> str:
-  return "x".join(map(str, shape)) or "scalar"
 
 
 def _safe(name: str) -> str:
@@ -970,24 +971,24 @@ class _Sweep:
     for s, (_, row, col) in enumerate(u.stitches):
       spec = maps.plan(row, self.shapes_a[row], col, self.shapes_b[col])
 
-      def stitched(p, x, row=row, col=col, spec=spec):
-        z = maps.apply(spec, p, models.forward(model_a, vars_a, x, end=row))
-        return models.forward(model_b, vars_b, z, start=col)
+      def stitched(p, va, vb, x, row=row, col=col, spec=spec):
+        z = maps.apply(spec, p, models.forward(model_a, va, x, end=row))
+        return models.forward(model_b, vb, z, start=col)
 
       @jax.jit
-      def correct(p, x, y, key, stitched=stitched):
-        x_adv = attacks.pgd(lambda xx: stitched(p, xx), x, y, key,
+      def correct(p, va, vb, x, y, key, stitched=stitched):
+        x_adv = attacks.pgd(lambda xx: stitched(p, va, vb, xx), x, y, key,
                             eps=float(pcfg["eps"]), step_size=float(pcfg["step_size"]),
                             steps=int(pcfg["steps"]), norm=str(pcfg["norm"]),
                             random_start=bool(pcfg["random_start"]))
-        return jnp.sum(jnp.argmax(stitched(p, x_adv), -1) == y)
+        return jnp.sum(jnp.argmax(stitched(p, va, vb, x_adv), -1) == y)
 
       p = {k: np.asarray(v)[s] for k, v in st.params.items()}
       total = 0.0
       key = cell_rng(int(self.cfg["seed"]) + 1, row, col)
       for lo in range(0, n, self.eval_batch):
         key, sub = jax.random.split(key)
-        total += float(correct(p, x_all[lo:lo + self.eval_batch],
+        total += float(correct(p, vars_a, vars_b, x_all[lo:lo + self.eval_batch],
                                y_all[lo:lo + self.eval_batch], sub))
       out[s] = total / n
     return out

@@ -1,0 +1,87 @@
+"""Stitching matrices between two trained models, for TLM, SLM, DM and FuLA at once.
+
+Variants (the `variant=` argument):
+
+  cross_seed   same architecture, different seeds: the full L x L matrix (default)
+  cross_arch   two architectures: the full L_A x L_B matrix; cells whose points cannot
+               be connected (a pooled vector and a spatial map) are NaN with the reason
+  self         a model stitched into itself at the same point (model_b_workdir unset,
+               pairs 'diagonal'): every objective should recover the model's accuracy
+  offset       i -> i+-1 only (cheap cross-layer neighbours)
+
+Launch (train the models first with configs/train.py):
+
+  python -m fula_jax.main --config=configs/stitch.py:runlocal --workdir=/tmp/stitch \
+      --config.model_a_workdir=/tmp/cnn_s0 --config.model_b_workdir=/tmp/cnn_s1
+
+  python -m fula_jax.main --config=configs/stitch.py:variant=cross_arch,runlocal \
+      --workdir=/tmp/stitch_x --config.model_a_workdir=/tmp/cnn \
+      --config.model_b_workdir=/tmp/resnet20
+
+  python -m fula_jax.main --config=configs/stitch.py:variant=self,runlocal \
+      --workdir=/tmp/stitch_self --config.model_a_workdir=/tmp/cnn
+
+  # only FuLA and DM, squared norms, per-batch normalisation:
+  ... --config=configs/stitch.py:objectives=fula+dm --config.stitch.fula.squared=True \
+      --config.stitch.fula.normalise=batch
+
+An interrupted sweep resumes from <workdir>/stitch and recomputes nothing finished.
+Matrices go to <workdir>/results/stitch_<objective>_<measure>.{npz,json,csv,png};
+load them in Colab with `fula_jax.results.load(workdir)`.
+
+Expected time: runlocal (digits, two small CNNs, 4 objectives, ~16 cells) about a minute
+on 2 CPU cores. Full (CIFAR-10, two ResNet-18s, 10 x 10 cells, 4 objectives, 3 epochs
+per stitch): about an hour on one modern GPU; the stitch axis is spread over every
+device (and host), so 8 devices take roughly an eighth of that.
+
+Args (comma separated): variant=<cross_seed|cross_arch|self|offset>,
+objectives=<names joined by '+'>, epochs=<float>, runlocal.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from fula_jax import defaults
+from fula_jax import registry
+
+VARIANTS = {"cross_seed": "all", "cross_arch": "all", "self": "diagonal",
+            "offset": "offset:1"}
+
+
+def stitch_block(pairs: str = "all") -> ml_collections.ConfigDict:
+  """`config.stitch`: every setting of the sweep engine (see stitching/sweeper.py)."""
+  from fula_jax.stitching import sweeper
+  block = sweeper.default_config()
+  block.pairs = pairs
+  block.rows = config_dict.placeholder(tuple)  # None = every stitch point of A
+  block.cols = config_dict.placeholder(tuple)  # None = every stitch point of B
+  block.fula.k = config_dict.placeholder(str)  # None = g's last stitch point
+  return block
+
+
+def get_config(arg=None):
+  arg = defaults.parse_arg(arg, variant="cross_seed", objectives="tlm+slm+dm+fula",
+                           epochs=0.0, runlocal=False)
+  pairs = registry.lookup("stitch config variant", arg.variant, VARIANTS)
+  config = ml_collections.ConfigDict()
+  config.job = "stitch"
+  config.model_a_workdir = config_dict.placeholder(str)  # required: a `job=train` workdir
+  config.model_b_workdir = config_dict.placeholder(str)  # None = model A itself
+  config.data_from = "model_a"     # 'model_a': A's data settings; 'config': config.data
+  config.data = defaults.data_block("digits")
+  # Applied on top of the data settings, e.g. {'shortcut': {'eval': 'absent'}}.
+  config.data_overrides = config_dict.placeholder(dict)
+  config.num_train = config_dict.placeholder(int)  # None = the whole training split
+  config.num_test = config_dict.placeholder(int)
+  config.png = True
+  config.stitch = stitch_block(pairs)
+  config.stitch.objectives = tuple(o for o in arg.objectives.split("+") if o)
+  if arg.epochs:
+    config.stitch.epochs = arg.epochs
+  if arg.runlocal:
+    config.stitch.batch_size = 128
+    config.stitch.eval_batch_size = 360
+    config.stitch.epochs = arg.epochs or 2.0
+    config.stitch.lstsq_examples = 256
+    config.stitch.progress_every_s = 5.0
+  return config

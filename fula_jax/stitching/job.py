@@ -1,0 +1,92 @@
+"""The stitching job: whole L_A x L_B stitching matrices between two trained models.
+
+``run(config, workdir)`` (config: ``configs/stitch.py``) loads both models by workdir
+(`fula_jax.train.checkpoint.load_trained`), loads the data (model A's data settings, or
+``config.data``; with ``config.data_overrides`` on top, e.g. the shortcut cue removed at
+evaluation), runs :func:`fula_jax.stitching.run_sweep` with ``config.stitch`` (resuming
+from ``<workdir>/stitch`` when interrupted) and writes every matrix with
+:func:`fula_jax.results.save` as ``stitch_<objective>_<measure>``.
+
+When model B was trained on a different view of the same dataset (e.g. grayscale, or
+another image size), B sees the examples as its own data config describes them, in the
+same order; the stitch always goes from A's activations to B's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fula_jax import registry
+
+_VIEW_KEYS = ("image_size", "channels", "grayscale")
+
+
+def _subset(split, n: int | None):
+  if not n or n >= len(split.labels):
+    return split
+  return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
+
+
+def _data_config(base: ml_collections.ConfigDict, overrides: Any
+                 ) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(base.to_dict())
+  if overrides:
+    cfg.update(ml_collections.ConfigDict(dict(overrides)))
+  return cfg
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Run (or resume) the sweep `config` describes and save its matrices in `workdir`.
+
+  Returns ``{'matrices': {name: {'shape', 'nan_cells'}}, 'end_accuracy', 'stats'}``.
+  """
+  from fula_jax import data, results
+  from fula_jax.stitching import sweeper
+  from fula_jax.train.checkpoint import load_trained
+
+  if not config.get("model_a_workdir"):
+    raise ValueError("config.model_a_workdir is required: the workdir of a trained "
+                     "model (`job=train`).")
+  name_a = str(config.model_a_workdir)
+  name_b = str(config.get("model_b_workdir") or name_a)
+  model_a, vars_a, cfg_a = load_trained(name_a)
+  if name_b == name_a:
+    model_b, vars_b, cfg_b = model_a, vars_a, cfg_a
+  else:
+    model_b, vars_b, cfg_b = load_trained(name_b)
+
+  source = config.get("data_from", "model_a")
+  registry.lookup("data source", source, {"model_a": 0, "config": 0})
+  overrides = config.get("data_overrides", None)
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else overrides
+  dcfg_a = _data_config(cfg_a.data if source == "model_a" else config.data, overrides)
+  dcfg_b = dcfg_a
+  if source == "model_a" and any(cfg_b.data.get(k) != cfg_a.data.get(k)
+                                 for k in _VIEW_KEYS):
+    dcfg_b = _data_config(cfg_a.data, overrides)
+    for k in _VIEW_KEYS:
+      dcfg_b[k] = cfg_b.data.get(k)
+
+  n_train, n_test = config.get("num_train", None), config.get("num_test", None)
+  train = _subset(data.load(dcfg_a, "train"), n_train)
+  test = _subset(data.load(dcfg_a, "test"), n_test)
+  train_b = test_b = None
+  if dcfg_b is not dcfg_a:
+    train_b = _subset(data.load(dcfg_b, "train"), n_train)
+    test_b = _subset(data.load(dcfg_b, "test"), n_test)
+
+  res = sweeper.run_sweep(model_a, vars_a, model_b, vars_b, train, test, config.stitch,
+                          workdir, train_b=train_b, test_b=test_b, name_a=name_a,
+                          name_b=name_b)
+  mats = res.matrices(name_a, name_b)
+  summary = {}
+  for name, m in mats.items():
+    m.meta.update(data=train.name, data_overrides=overrides or {})
+    results.save(workdir, name, m, png=bool(config.get("png", True)))
+    summary[name] = {"shape": list(m.matrix.shape),
+                     "nan_cells": int(np.isnan(m.matrix).sum())}
+  return {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats}

@@ -1,0 +1,79 @@
+"""The stitch job end to end: two model workdirs -> configs/stitch.py -> results files."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fula_jax import io, models, registry, results
+from fula_jax.stitching import job
+from fula_jax.train import checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _model_workdir(path, name, kwargs, channels, seed):
+  """A `job=train`-style workdir (config.json + an orbax checkpoint) of a random model."""
+  cfg = _config_module("train").get_config(f"model={name},runlocal,seed={seed}")
+  cfg.model.kwargs = kwargs
+  cfg.data.image_size = None  # native 8x8 digits
+  cfg.data.channels = channels
+  io.write_json(path / checkpoint.CONFIG_FILE, cfg.to_dict())
+  model = models.get_model(name, num_classes=10, **kwargs)
+  variables = jax.jit(lambda k: models.init(model, k, (1, 8, 8, channels)))(
+      jax.random.PRNGKey(seed))
+  tree = {"step": np.int32(1), **jax.tree_util.tree_map(np.asarray, variables)}
+  mngr = checkpoint.manager(path)
+  mngr.save(1, args=ocp.args.StandardSave(tree))
+  mngr.wait_until_finished()
+  return str(path)
+
+
+def test_cross_architecture_job_writes_and_resumes(tmp_path):
+  a = _model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, 1, 0)
+  b = _model_workdir(tmp_path / "mlp", "mlp", {"widths": (6,)}, 3, 1)
+  config = _config_module("stitch").get_config("variant=cross_arch,objectives=dm+fula,"
+                                               "runlocal")
+  config.model_a_workdir, config.model_b_workdir = a, b
+  config.num_train, config.num_test = 300, 100
+  config.png = False
+  config.stitch.update(dict(steps=3, batch_size=100, eval_batch_size=100,
+                            progress=False))
+  out = job.run(config, str(tmp_path / "sweep"))
+  assert out["stats"]["stitches_computed"] == 2  # pool -> fc1 for DM and FuLA
+  mats = results.load(tmp_path / "sweep")
+  m = mats["stitch_fula/accuracy"]
+  assert m.rows == ["conv1", "conv2", "pool"] and m.cols == ["fc1"]
+  assert (m.model_a, m.model_b) == (a, b)
+  assert np.isnan(m.matrix[:2, 0]).all() and np.isfinite(m.matrix[2, 0])
+  assert "cannot be stitched" in m.meta["reasons"]["conv1->fc1"]
+  assert set(mats) == {f"stitch_{o}/{k}" for o in ("dm", "fula")
+                       for k in ("accuracy", "relative_accuracy", "loss", "train_loss",
+                                 "dm_error")}
+  again = job.run(config, str(tmp_path / "sweep"))
+  assert again["stats"]["stitches_computed"] == 0
+  np.testing.assert_array_equal(results.load(tmp_path / "sweep")[
+      "stitch_dm/dm_error"].matrix, mats["stitch_dm/dm_error"].matrix)
+
+
+def test_config_variants():
+  mod = _config_module("stitch")
+  pairs = {v: mod.get_config(f"variant={v},runlocal").stitch.pairs
+           for v in ("cross_seed", "cross_arch", "self", "offset")}
+  assert pairs == {"cross_seed": "all", "cross_arch": "all", "self": "diagonal",
+                   "offset": "offset:1"}
+  cfg = mod.get_config("objectives=fula+dm,epochs=5")
+  assert tuple(cfg.stitch.objectives) == ("fula", "dm") and cfg.stitch.epochs == 5.0
+  assert cfg.job == "stitch"
+  with pytest.raises(registry.UnknownNameError, match="'self'"):
+    mod.get_config("variant=selff")

@@ -1,0 +1,159 @@
+"""The sweep across processes: 2 jax.distributed CPU processes (gloo collectives), and a
+sweep killed with SIGKILL mid-way then resumed. Workers are subprocesses of the test."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from fula_jax.stitching import engine
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    mode, ndev, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    if mode == "dist":
+      port, pid = sys.argv[4], int(sys.argv[5])
+      jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                                 initialization_timeout=120)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import spec
+    from fula_jax.stitching import sweeper
+    cfg = None
+    if mode == "kill":
+      cfg = dict(max_stitches_per_wave=1, grouping="single", max_group_size=1)
+      write = sweeper._Sweep.write_unit
+      def slow_write(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        time.sleep(3.0)  # room for the test to kill us between two units
+      sweeper._Sweep.write_unit = slow_write
+    res = spec.run(workdir=sys.argv[6] if len(sys.argv) > 6 else None, cfg=cfg)
+    if jax.process_index() == 0:
+      with open(out, "w") as f:
+        json.dump({"values": {o: {m: v.tolist() for m, v in d.items()}
+                              for o, d in res.values.items()},
+                   "stats": res.stats}, f)
+""")
+
+SPEC = textwrap.dedent("""
+    import jax
+    from fula_jax import models
+    from fula_jax.stitching import sweeper, testing
+
+    CFG = dict(objectives=["tlm", "dm"], cols=["fc2"], steps=4, batch_size=96,
+               eval_batch_size=96, learning_rate=3e-3, progress=False)
+
+    def donors():
+      a = models.get_model("mlp", widths=(8, 8))
+      b = models.get_model("mlp", widths=(8, 6))
+      va = jax.jit(lambda k: models.init(a, k, (1, 8, 8, 1)))(jax.random.PRNGKey(0))
+      vb = jax.jit(lambda k: models.init(b, k, (1, 8, 8, 1)))(jax.random.PRNGKey(1))
+      return a, va, b, vb
+
+    def run(workdir=None, cfg=None, **kw):
+      train, test = testing.synthetic_splits(288, 96)
+      return sweeper.run_sweep(*donors(), train, test, dict(CFG, **(cfg or {})), workdir,
+                               **kw)
+""")
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+  d = tmp_path_factory.mktemp("stitch_workers")
+  (d / "worker.py").write_text(WORKER)
+  (d / "spec.py").write_text(SPEC)
+  sys.path.insert(0, str(d))
+  import spec
+  yield d, spec
+  sys.path.remove(str(d))
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _values(res):
+  return {o: {m: np.asarray(v, float) for m, v in d.items()} for o, d in res.items()}
+
+
+def _assert_close(a, b):
+  for obj in a:
+    for m in ("accuracy", "loss", "dm_error", "train_loss"):
+      np.testing.assert_allclose(a[obj][m], b[obj][m], rtol=2e-4, atol=1e-5,
+                                 err_msg=f"{obj}/{m}")
+
+
+def test_two_processes_equal_one(scripts, tmp_path):
+  d, spec = scripts
+  port = _free_port()
+  out = tmp_path / "dist.json"
+  procs = [subprocess.Popen(
+      [sys.executable, str(d / "worker.py"), "dist", "2", str(out), str(port), str(pid),
+       str(tmp_path / "wd")], env=_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+  got = json.loads(out.read_text())
+  assert got["stats"]["processes"] == 2 and got["stats"]["devices"] == 4
+  # Process 0 wrote the unit files; the other wrote nothing of its own.
+  assert list((tmp_path / "wd" / "stitch").glob("*/*.json"))
+  ref = spec.run(mesh=engine.mesh_for(1))
+  _assert_close(_values(got["values"]), ref.values)
+
+
+def test_sigkilled_sweep_resumes_without_recomputing(scripts, tmp_path):
+  d, spec = scripts
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(
+      [sys.executable, str(d / "worker.py"), "kill", "8", str(tmp_path / "k.json"), "-",
+       "-", str(wd)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  try:
+    deadline = time.time() + 240
+    while not list(wd.glob("stitch/*/*.json")):
+      assert proc.poll() is None, proc.communicate()[0][-4000:]
+      assert time.time() < deadline, "no unit file appeared"
+      time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  done = list(wd.glob("stitch/*/*.json"))
+  assert 1 <= len(done) < 4  # 2 cells x 2 objectives, one stitch per unit
+  assert not list(wd.glob("stitch/*/*.npz"))
+  cache = {}
+  # Resumed with the default grouping: the remaining stitches are planned afresh.
+  resumed = spec.run(wd, mesh=engine.mesh_for(8), cache=cache)
+  assert resumed.stats["stitches_resumed"] == len(done)
+  assert resumed.stats["stitches_computed"] == 4 - len(done)
+  cells = [(f.parent.name, c["row"], c["col"]) for f in wd.glob("stitch/*/*.json")
+           for c in json.loads(f.read_text())["cells"]]
+  assert len(cells) == len(set(cells)) == 4
+  fresh = spec.run(None, mesh=engine.mesh_for(8), cache=cache)
+  _assert_close(resumed.values, fresh.values)
