@@ -38,6 +38,9 @@ def get_config(arg=None):
   config.stitch = sweeper.default_config()
   config.stitch.objectives = ("tlm", "slm", "dm", "fula")
   config.stitch.pairs = "all"
+  # Start trained stitches from the least-squares (DM) map: a few epochs from a random
+  # map leave TLM/SLM/FuLA far from converged at runlocal scale.
+  config.stitch.init = "lstsq"
   if arg.runlocal:
     config.stitch.batch_size = 128
     config.stitch.epochs = 2.0

@@ -150,11 +150,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_split, tcfg.batch_size, seed=config.seed, start_step=start_step,
       num_steps=total_steps - start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
+  from fula_jax.stitching.engine import needs_sync
+  sync = needs_sync(mesh)  # CPU collectives deadlock when dispatched back to back
   metrics_sum: dict[str, float] = {}
   metrics_n = 0
   for step, batch in zip(range(start_step, total_steps), batches):
     state, metrics = train_step(state, _global_batch(mesh, batch),
                                 jax.random.fold_in(step_key, step))
+    if sync:
+      jax.block_until_ready(state)
     done = step + 1
     if done % tcfg.log_every_steps == 0 or done == total_steps:
       metrics = jax.device_get(metrics)
