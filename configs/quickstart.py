@@ -16,12 +16,8 @@ from fula_jax import defaults
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, runlocal=False, model_a="cnn", model_b="resnet20")
-  import importlib.util
   import pathlib
-  spec = importlib.util.spec_from_file_location(
-      "_train_config", pathlib.Path(__file__).with_name("train.py"))
-  train = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(train)
+  train = defaults.config_module(pathlib.Path(__file__).with_name("train.py"))
 
   config = ml_collections.ConfigDict()
   config.job = "quickstart"

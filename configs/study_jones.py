@@ -49,7 +49,6 @@ Fields:
   save_inversions: keep every reference model's inverted images (and per-pair losses).
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -61,11 +60,7 @@ PAPER_EPS = (0.0, 0.25 / 255, 0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
 
 def _train_configs():
-  spec = importlib.util.spec_from_file_location(
-      "_train_config", pathlib.Path(__file__).with_name("train.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return defaults.config_module(pathlib.Path(__file__).with_name("train.py"))
 
 
 def get_config(arg=None):

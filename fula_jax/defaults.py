@@ -6,6 +6,10 @@ A config file's `get_config(arg)` parses `arg` (e.g. ``"runlocal,model=vgg16"``)
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+import types
 from typing import Any
 
 import ml_collections
@@ -32,6 +36,21 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return ml_collections.ConfigDict(out)
+
+
+def config_module(path: str | os.PathLike) -> types.ModuleType:
+  """The config file at `path`, imported as a module (configs/ is not a package)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"_fula_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(path: str | os.PathLike, arg: str | None = None
+                ) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path`."""
+  return config_module(path).get_config(arg)
 
 
 def train_block() -> ml_collections.ConfigDict:

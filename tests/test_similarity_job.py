@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fula_jax import models, registry, results
+from fula_jax import defaults, models, registry, results
 from fula_jax.similarity import SimilarityWarning, job, measures, minibatch, null
 
 import test_similarity_measures as refs  # NumPy references from the published formulas
@@ -167,12 +167,9 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
     return image_batches(n=len(split.images), batch=batch_size)[1]
 
   monkeypatch.setattr(job, "_eval_batches", batches)
-  import importlib.util, pathlib
-  spec = importlib.util.spec_from_file_location(
-      "sim_config", pathlib.Path(__file__).parent.parent / "configs" / "similarity.py")
-  cfg_mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cfg_mod)
-  config = cfg_mod.get_config("runlocal")
+  import pathlib
+  config = defaults.load_config(
+      pathlib.Path(__file__).parent.parent / "configs" / "similarity.py", "runlocal")
   config.model_a_workdir, config.model_b_workdir = "wa", "wb"
   config.batch_size, config.num_examples = 16, 36
   config.measures = ("cka_linear_debiased", "procrustes")

@@ -1,6 +1,5 @@
 """The stitch job end to end: two model workdirs -> configs/stitch.py -> results files."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -8,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fula_jax import io, models, registry, results
+from fula_jax import defaults, io, models, registry, results
 from fula_jax.stitching import job
 from fula_jax.train import checkpoint
 
@@ -16,10 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config_module(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return defaults.config_module(ROOT / "configs" / f"{name}.py")
 
 
 def _model_workdir(path, name, kwargs, channels, seed):

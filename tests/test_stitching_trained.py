@@ -3,12 +3,11 @@ and the matrices load back through `fula_jax.results.load` with the right names.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from fula_jax import data, results
+from fula_jax import data, defaults, results
 from fula_jax.stitching import sweeper
 from fula_jax.train import checkpoint, loop
 
@@ -16,12 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(seed, workdir):
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import train
-    config = train.get_config(f"model=mlp,seed={seed},runlocal")
-  finally:
-    sys.path.remove(str(REPO))
+  config = defaults.load_config(REPO / "configs" / "train.py", f"model=mlp,seed={seed},runlocal")
   config.data.image_size = None  # native 8x8x1
   config.data.channels = None
   config.model.kwargs = dict(widths=(128, 64, 32))

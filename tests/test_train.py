@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from fula_jax import data
+from fula_jax import data, defaults
 from fula_jax.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +26,7 @@ def _main(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _load_config(arg: str):
-  sys.path.insert(0, str(REPO))
-  try:
-    import importlib
-    mod = importlib.import_module("configs.train")
-    return mod.get_config(arg)
-  finally:
-    sys.path.remove(str(REPO))
+  return defaults.load_config(REPO / "configs" / "train.py", arg)
 
 
 def test_cli_unknown_config_key_fails_with_message(tmp_path):

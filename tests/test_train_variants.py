@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
 import pytest
 
-from fula_jax import attacks, data, models
+from fula_jax import attacks, data, defaults, models
 from fula_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(**data_overrides):
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import train
-    config = train.get_config("model=mlp,runlocal")
-  finally:
-    sys.path.remove(str(REPO))
+  config = defaults.load_config(REPO / "configs" / "train.py", "model=mlp,runlocal")
   config.data.image_size = None  # native 8x8x1: an MLP trains in seconds
   config.data.channels = None
   config.data.update(data_overrides)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from fula_jax import defaults
 from fula_jax.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,12 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("model", ["resnet18", "vgg11", "vit_tiny"])
 def test_small_zoo_model_reaches_85_percent_on_digits(model, tmp_path):
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import train
-    config = train.get_config(f"model={model},runlocal")
-  finally:
-    sys.path.remove(str(REPO))
+  config = defaults.load_config(REPO / "configs" / "train.py", f"model={model},runlocal")
   config.train.progress_every_s = 1e9
   out = loop.run(config, str(tmp_path))
   assert out["test_accuracy"] >= 0.85, (model, out["test_accuracy"])
