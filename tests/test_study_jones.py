@@ -9,7 +9,6 @@ against the loaded matrices, and rerun the study to see that no model is retrain
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 from pathlib import Path
 

@@ -7,12 +7,9 @@ same steps an uninterrupted run would and ends with equal parameters.
 
 from __future__ import annotations
 
-import functools
-import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
