@@ -39,8 +39,12 @@ def state_to_tree(state: Any) -> dict:
           "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any) -> tuple[int, Any] | None:
-  """(step, tree) of the newest checkpoint, or None when there is none."""
+def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any = None
+                   ) -> tuple[int, Any] | None:
+  """(step, tree) of the newest checkpoint, or None when there is none.
+
+  Without `abstract_tree` the tree is read as stored (nested dicts of arrays).
+  """
   step = mngr.latest_step()
   if step is None:
     return None
@@ -82,15 +86,10 @@ def load_trained(workdir: str | epath.Path):
     raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       create=False, enable_async_checkpointing=False))
-  step = mngr.latest_step()
-  if step is None:
+  restored = restore_latest(mngr)
+  if restored is None:
     raise CheckpointError(f"No checkpoints in {ckpt_dir}: the folder holds no step.")
-  try:
-    tree = mngr.restore(step, args=ocp.args.StandardRestore())
-  except Exception as e:  # orbax raises many types for damaged files.
-    raise CheckpointError(
-        f"Checkpoint at step {step} in {ckpt_dir} could not be read "
-        f"({type(e).__name__}: {e}).") from e
+  step, tree = restored
   variables = {"params": tree["params"]}
   if tree.get("batch_stats"):
     variables["batch_stats"] = tree["batch_stats"]
