@@ -180,6 +180,43 @@ def test_pgd_hook(digits, mlp, mlp_b, cache):
   assert strong.values["dm"]["pgd_accuracy"][2, 2] < dm["accuracy"][2, 2] - 0.1
 
 
+def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, mlp_b,
+                                                         cache):
+  """An extra set equal to the test split reproduces its accuracy; a blanked one is
+  scored independently (checked against the stitched model run directly); and a
+  sweep over other test data does not reuse finished cells."""
+  import dataclasses
+  train, test = digits
+  blank = dataclasses.replace(test, images=np.where(
+      np.arange(8)[None, :, None, None] < 4, 0.0, test.images).astype(np.float32),
+      name="digits/test_left_half_blank")
+  cfg = dict(objectives=["tlm", "dm"], pairs="fc2->fc2,fc3->fc3", steps=20)
+  res = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device(), cache=cache,
+               keep_params=True, eval_sets={"same": test, "blank": blank})
+  for obj in ("tlm", "dm"):
+    v = res.values[obj]
+    np.testing.assert_array_equal(v["accuracy@same"], v["accuracy"])
+    for i, point in ((1, "fc2"), (2, "fc3")):
+      p = res.params[(obj, point, point)]
+      z = models.forward(mlp[0], mlp[1], blank.images, end=point)
+      logits = models.forward(mlp_b[0], mlp_b[1], z @ p["kernel"] + p["bias"],
+                              start=point)
+      direct = float(np.mean(np.argmax(logits, -1) == blank.labels))
+      assert v["accuracy@blank"][i, i] == pytest.approx(direct, abs=1.01 / len(test))
+  assert not np.allclose(res.values["tlm"]["accuracy@blank"][1, 1],
+                         res.values["tlm"]["accuracy"][1, 1])
+  own = testing.accuracy(mlp_b[0], mlp_b[1], blank)
+  assert res.meta["end_accuracy_sets"]["blank"] == pytest.approx(own)
+  assert res.meta["end_accuracy_sets"]["same"] == pytest.approx(res.end_accuracy)
+  with pytest.raises(ValueError, match="letters, digits"):
+    _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), eval_sets={"a/b": test})
+  other_test = _sweep(mlp, mlp_b, (train, blank), cfg, tmp_path, mesh=_one_device(),
+                      cache=cache, eval_sets={"same": test, "blank": blank})
+  assert other_test.stats["stitches_resumed"] == 0
+  np.testing.assert_array_equal(other_test.values["tlm"]["accuracy"],
+                                res.values["tlm"]["accuracy@blank"])
+
+
 def test_random_init_is_fan_in_and_per_cell():
   spec = maps.plan("a", (300,), "b", (200,))
   p = engine.random_init(spec, 0, [1, 2, 1])

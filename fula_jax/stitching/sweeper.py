@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -251,6 +252,19 @@ def _tree_digest(tree: Any) -> str:
   return h.hexdigest()[:24]
 
 
+def check_eval_sets(eval_sets: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:
+  """``{name: (split, split as the end model sees it)}`` from ``{name: split}`` or
+  ``{name: (split, split_b)}``; names become the measures ``accuracy@<name>``."""
+  out = {}
+  for name, v in (eval_sets or {}).items():
+    if not name or _safe(name) != name:
+      raise ValueError(f"Evaluation set names must be non-empty and use only letters, "
+                       f"digits, '.', '_' or '-'; got {name!r}.")
+    a, b = (v if isinstance(v, (tuple, list)) else (v, None))
+    out[name] = (a, b or a)
+  return out
+
+
 def group_cells(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple],
                 shapes_b: Mapping[str, tuple], grouping: str
                 ) -> list[tuple[Group, list[tuple[str, str]]]]:
@@ -358,11 +372,13 @@ class _Sweep:
   """One sweep run: donors, data, meshes, programs; see `run_sweep`."""
 
   def __init__(self, model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
-               train_b, test_b, name_a, name_b, mesh, keep_params, cache, profile):
+               train_b, test_b, name_a, name_b, mesh, keep_params, cache, profile,
+               eval_sets):
     self.cfg = cfg
     self.model_a, self.model_b = model_a, model_b
     self.train, self.test = train, test
     self.train_b, self.test_b = train_b or train, test_b or test
+    self.eval_sets = check_eval_sets(eval_sets)
     self.workdir = workdir
     self.name_a, self.name_b = name_a, name_b
     self.keep_params = keep_params
@@ -408,11 +424,20 @@ class _Sweep:
     self._key = (id(model_a), id(model_b), mesh_ids, json.dumps(cfg["adam"],
                                                               sort_keys=True))
     self.end_accuracy: float | None = None
-    for other, mine in ((self.train_b, train), (self.test_b, test)):
+    self.end_accuracy_sets: dict[str, float] = {}
+    pairs = [(self.train_b, train), (self.test_b, test)] + [
+        (b, a) for a, b in self.eval_sets.values()]
+    for other, mine in pairs:
       if len(other.labels) != len(mine.labels) or not np.array_equal(other.labels,
                                                                      mine.labels):
         raise ValueError("The end model's splits must hold the same examples, in the "
                          "same order, as the front model's.")
+    for name, (split, split_b) in self.eval_sets.items():
+      for s in (split, split_b):
+        if s.images.shape[1:] != (test if s is split else self.test_b).images.shape[1:]:
+          raise ValueError(f"Evaluation set {name!r} has images of shape "
+                           f"{s.images.shape[1:]}; the test split's are "
+                           f"{test.images.shape[1:]}.")
 
   # -- planning
 
@@ -474,10 +499,22 @@ class _Sweep:
                              self.vars_digest[0]],
                     model_b=[self.name_b, type(self.model_b).__name__, self.points_b,
                              self.vars_digest[1]],
-                    train=[self.train.name, len(self.train.labels)],
-                    test=[self.test.name, len(self.test.labels)],
+                    train=[self.train.name, self.data_digest["train"]],
+                    test=[self.test.name, self.data_digest["test"]],
                     version=FORMAT_VERSION)
+    if self.eval_sets:
+      settings["eval_sets"] = {n: [a.name, self.data_digest[n]]
+                               for n, (a, _) in self.eval_sets.items()}
     return _digest(settings, 24)
+
+  @functools.cached_property
+  def data_digest(self) -> dict[str, str]:
+    """Digests of every split's images and labels (both models' views): a result is
+    reused only for the very same examples, e.g. not for another shortcut-cue mode."""
+    views = {"train": (self.train, self.train_b), "test": (self.test, self.test_b),
+             **self.eval_sets}
+    return {k: _tree_digest([[s.images, s.labels] for s in (v[:1] if v[1] is v[0] else v)])
+            for k, v in views.items()}
 
   def unit_path(self, objective: str, unit: Unit, suffix: str = ".json"):
     from etils import epath
@@ -504,6 +541,8 @@ class _Sweep:
           continue
         if rec.get("end_accuracy") is not None and self.end_accuracy is None:
           self.end_accuracy = float(rec["end_accuracy"])
+          self.end_accuracy_sets = {k: float(v) for k, v in
+                                    rec.get("end_accuracy_sets", {}).items()}
         for c in rec["cells"]:
           done[(obj, c["row"], c["col"])] = c
     if jax.process_count() > 1:
@@ -527,6 +566,7 @@ class _Sweep:
           "version": FORMAT_VERSION, "objective": obj, "uid": unit.uid,
           "fingerprint": self.fingerprint(obj), "end": unit.group.end,
           "front_shape": list(unit.group.src_shape), "end_accuracy": self.end_accuracy,
+          "end_accuracy_sets": self.end_accuracy_sets,
           "seconds": seconds, "cells": cells})
 
   # -- device programs
@@ -669,10 +709,12 @@ class _Sweep:
     b = data.train_batches(self.train_b, self.batch, seed=seed, num_steps=num_steps)
     return zip(a, b)
 
-  def eval_stream(self) -> Iterable[tuple[dict, dict]]:
+  def eval_stream(self, which: str = "") -> Iterable[tuple[dict, dict]]:
+    """Batches of the test split ('') or of the evaluation set `which`."""
     from fula_jax import data
-    return zip(data.eval_batches(self.test, self.eval_batch),
-               data.eval_batches(self.test_b, self.eval_batch))
+    test, test_b = self.eval_sets[which] if which else (self.test, self.test_b)
+    return zip(data.eval_batches(test, self.eval_batch),
+               data.eval_batches(test_b, self.eval_batch))
 
   # -- one wave
 
@@ -689,7 +731,8 @@ class _Sweep:
     return init_batches, dm_batches
 
   def wave_batches(self, wave: Sequence[Unit]) -> int:
-    n_eval = -(-len(self.test.labels) // self.eval_batch)
+    n_eval = sum(-(-len(t.labels) // self.eval_batch)
+                 for t in [self.test] + [a for a, _ in self.eval_sets.values()])
     train = max([self.stitch_steps(o) for u in wave for o, _, _ in u.stitches] + [0])
     return max(self._lstsq_needs(wave)) + train + n_eval
 
@@ -875,36 +918,25 @@ class _Sweep:
             np.int32(self.steps_per_epoch), np.int32(step))
       progress.advance()
 
-    # Evaluation on the test split: again one donor pass per batch.
-    accs = {}
-    for u in wave:
-      prog = self.programs(u)
-      accs[u.uid] = engine.put_tree(engine.zeros_like_terms(self.eval_shapes(u, prog),
-                                                            u.size), self.sharding(prog))
-    end_correct = 0.0
-    for batch, batch_b in self.eval_stream():
-      arrays = self.batch_arrays(batch, batch_b)
-      acts_a, logits_b, acts_b = self.donor_pass(arrays)
-      end_correct += float(np.sum(batch["mask"] * (
-          np.argmax(np.asarray(logits_b), -1) == batch["label"])))
-      for u in wave:
-        prog = self.programs(u)
-        st = states[u.uid]
-        shared = {"label": arrays["label"], "teacher": logits_b,
-                  "targets": {p: acts_b[p] for p in prog.eval_targets}}
-        accs[u.uid] = self.call(prog, prog.evaluate, accs[u.uid], st.params, st.front,
-                                self.vars_b, tuple(acts_a[p] for p in u.group.fronts),
-                                shared, arrays["mask"])
-      progress.advance()
+    # Evaluation on the test split (and any extra sets): one donor pass per batch.
+    accs, end_correct = self.evaluate(wave, states, "", progress)
     n_test = float(len(self.test.labels))
     self.end_accuracy = end_correct / n_test
+    extra_correct = {}
+    for name, (split, _) in self.eval_sets.items():
+      terms, correct = self.evaluate(wave, states, name, progress)
+      extra_correct[name] = {uid: t["correct"] for uid, t in terms.items()}
+      self.end_accuracy_sets[name] = correct / float(len(split.labels))
 
     out = {}
     seconds = (time.perf_counter() - t0) / max(len(wave), 1)
     host = engine.fetch({u.uid: (states[u.uid], accs[u.uid]) for u in wave}, self.mesh)
+    extra_host = engine.fetch(extra_correct, self.mesh)
     for u in wave:
       st, terms = host[u.uid]
-      records = self._records(u, st, terms, n_test, failed[u.uid])
+      extra = {n: np.asarray(c[u.uid]) / float(len(self.eval_sets[n][0].labels))
+               for n, c in extra_host.items()}
+      records = self._records(u, st, terms, n_test, failed[u.uid], extra)
       by_obj: dict[str, list[dict[str, Any]]] = {o: [] for o in u.objectives}
       params_by_obj: dict[str, dict[str, list]] = {o: {"kernel": [], "bias": []}
                                                    for o in u.objectives}
@@ -921,8 +953,35 @@ class _Sweep:
       self.write_unit(u, by_obj, params_np, seconds)
     return out
 
+  def evaluate(self, wave: Sequence[Unit], states: Mapping[str, engine.StitchState],
+               which: str, progress) -> tuple[dict[str, Any], float]:
+    """Every unit's summed evaluation terms on the test split ('') or evaluation set
+    `which` (one donor pass per batch), and the end model's number of correct answers."""
+    accs = {}
+    for u in wave:
+      prog = self.programs(u)
+      accs[u.uid] = engine.put_tree(engine.zeros_like_terms(self.eval_shapes(u, prog),
+                                                            u.size), self.sharding(prog))
+    end_correct = 0.0
+    for batch, batch_b in self.eval_stream(which):
+      arrays = self.batch_arrays(batch, batch_b)
+      acts_a, logits_b, acts_b = self.donor_pass(arrays)
+      end_correct += float(np.sum(batch["mask"] * (
+          np.argmax(np.asarray(logits_b), -1) == batch["label"])))
+      for u in wave:
+        prog = self.programs(u)
+        st = states[u.uid]
+        shared = {"label": arrays["label"], "teacher": logits_b,
+                  "targets": {p: acts_b[p] for p in prog.eval_targets}}
+        accs[u.uid] = self.call(prog, prog.evaluate, accs[u.uid], st.params, st.front,
+                                self.vars_b, tuple(acts_a[p] for p in u.group.fronts),
+                                shared, arrays["mask"])
+      progress.advance()
+    return accs, end_correct
+
   def _records(self, u: Unit, st: engine.StitchState, terms, n_test: float,
-               failed: Mapping[int, str]) -> list[dict[str, Any]]:
+               failed: Mapping[int, str], extra: Mapping[str, np.ndarray]
+               ) -> list[dict[str, Any]]:
     acc = terms["correct"] / n_test
     dm_err = terms["dm_num"] / np.maximum(terms["dm_den"], 1e-30)
     train_loss = np.where(st.loss_weight > 0,
@@ -942,6 +1001,7 @@ class _Sweep:
           "train_loss": float(train_loss[s]),
           "dm_error": float(dm_err[s]),
           "pgd_accuracy": float(pgd[s]) if pgd is not None else float("nan"),
+          **{f"accuracy@{n}": float(a[s]) for n, a in extra.items()},
       }
       status, reason = "ok", ""
       if s in failed:
@@ -958,31 +1018,41 @@ class _Sweep:
                       "metrics": {k: _to_json_value(v) for k, v in metrics.items()}})
     return records
 
-  def _pgd(self, u: Unit, st: engine.StitchState) -> np.ndarray:
-    """Accuracy of each stitched model under PGD on the first test examples."""
-    from fula_jax import attacks
+  def pgd_program(self, row: str, col: str) -> Callable[..., jax.Array]:
+    """Jitted count of correct answers of the stitched model row -> col under PGD;
+    one per cell for the whole sweep (the objectives' stitches share it)."""
     pcfg = self.cfg["pgd"]
-    n = min(int(pcfg["num_examples"]), len(self.test.labels))
-    x_all, y_all = self.test.images[:n], self.test.labels[:n]
-    model_a, model_b = self.model_a, self.model_b
-    vars_a = engine.fetch(self.vars_a, self.mesh)
-    vars_b = engine.fetch(self.vars_b, self.mesh)
-    out = np.full((len(u.stitches),), np.nan)
-    for s, (_, row, col) in enumerate(u.stitches):
+    key = self._key + ("pgd", row, col, json.dumps(pcfg, sort_keys=True))
+    if key not in self._programs:
+      from fula_jax import attacks
+      model_a, model_b = self.model_a, self.model_b
       spec = maps.plan(row, self.shapes_a[row], col, self.shapes_b[col])
 
-      def stitched(p, va, vb, x, row=row, col=col, spec=spec):
+      def stitched(p, va, vb, x):
         z = maps.apply(spec, p, models.forward(model_a, va, x, end=row))
         return models.forward(model_b, vb, z, start=col)
 
       @jax.jit
-      def correct(p, va, vb, x, y, key, stitched=stitched):
-        x_adv = attacks.pgd(lambda xx: stitched(p, va, vb, xx), x, y, key,
+      def correct(p, va, vb, x, y, rng):
+        x_adv = attacks.pgd(lambda xx: stitched(p, va, vb, xx), x, y, rng,
                             eps=float(pcfg["eps"]), step_size=float(pcfg["step_size"]),
                             steps=int(pcfg["steps"]), norm=str(pcfg["norm"]),
                             random_start=bool(pcfg["random_start"]))
         return jnp.sum(jnp.argmax(stitched(p, va, vb, x_adv), -1) == y)
 
+      self._programs[key] = (correct, model_a, model_b)
+    return self._programs[key][0]
+
+  def _pgd(self, u: Unit, st: engine.StitchState) -> np.ndarray:
+    """Accuracy of each stitched model under PGD on the first test examples."""
+    pcfg = self.cfg["pgd"]
+    n = min(int(pcfg["num_examples"]), len(self.test.labels))
+    x_all, y_all = self.test.images[:n], self.test.labels[:n]
+    vars_a = engine.fetch(self.vars_a, self.mesh)
+    vars_b = engine.fetch(self.vars_b, self.mesh)
+    out = np.full((len(u.stitches),), np.nan)
+    for s, (_, row, col) in enumerate(u.stitches):
+      correct = self.pgd_program(row, col)
       p = {k: np.asarray(v)[s] for k, v in st.params.items()}
       total = 0.0
       key = cell_rng(int(self.cfg["seed"]) + 1, row, col)
@@ -999,7 +1069,8 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
               workdir: str | None = None, *, train_b=None, test_b=None,
               name_a: str = "A", name_b: str = "B", mesh: Mesh | None = None,
               keep_params: bool = False, cache: dict | None = None,
-              profile: dict | None = None) -> SweepResult:
+              profile: dict | None = None,
+              eval_sets: Mapping[str, Any] | None = None) -> SweepResult:
   """Run (or resume) a stitching sweep; see the module docstring.
 
   Args:
@@ -1019,6 +1090,10 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
       same model objects reuses their compiled programs.
     profile: a dict to fill with every compiled program's FLOPs and call count, for
       `program_flops`.
+    eval_sets: more test sets every stitch is evaluated on, ``{name: split}`` or
+      ``{name: (split, split_b)}`` (e.g. the shortcut cue absent); their accuracies are
+      the measures ``accuracy@<name>`` and the end model's are in
+      ``meta['end_accuracy_sets']``.
 
   Returns:
     A `SweepResult`; `stats` counts the units and cells computed in this run and the
@@ -1027,7 +1102,7 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
   cfg = resolve(cfg)
   t0 = time.perf_counter()
   sw = _Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, train_b,
-              test_b, name_a, name_b, mesh, keep_params, cache, profile)
+              test_b, name_a, name_b, mesh, keep_params, cache, profile, eval_sets)
   rows = list(cfg["rows"] or sw.points_a)
   cols = list(cfg["cols"] or sw.points_b)
   pairs, explicit = parse_pairs(cfg["pairs"], rows, cols)
@@ -1075,6 +1150,7 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
   reasons: dict[str, dict[str, str]] = {}
   requested = set(pairs)
   measures = [m for m in MEASURES if m != "pgd_accuracy" or cfg["pgd"]["enabled"]]
+  measures += [f"accuracy@{n}" for n in sw.eval_sets]
   for name in sw.objectives:
     mats = {m: np.full((len(rows), len(cols)), np.nan) for m in measures}
     why: dict[str, str] = {}
@@ -1100,7 +1176,9 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0}
   meta = {"settings": cfg, "n_train": len(train.labels), "n_test": len(test.labels),
           "train": train.name, "test": test.name, "batch_size": sw.batch,
-          "steps": sw.steps, "estimator": "stitching"}
+          "steps": sw.steps, "estimator": "stitching",
+          "end_accuracy_sets": dict(sw.end_accuracy_sets),
+          "eval_sets": {n: a.name for n, (a, _) in sw.eval_sets.items()}}
   return SweepResult(rows, cols, values, reasons,
                      float("nan") if sw.end_accuracy is None else sw.end_accuracy,
                      stats, meta, sw.kept_params)
