@@ -26,10 +26,6 @@ configs/study_jones.py.
 
 from __future__ import annotations
 
-import io as _io
-import json
-import logging
-import math
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -39,10 +35,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import attacks, data, io, models, registry, results
+from fula_jax import attacks, data, io, registry, reporting, results
 from fula_jax.progress import Progress
+from fula_jax.reporting import fmt, md_table
 from fula_jax.similarity import inversion
-from fula_jax.train import checkpoint, loop
+from fula_jax.train import checkpoint
+from fula_jax.train.zoo import robust_eval, train_or_reuse
 
 MEASURES = ("inverted_cka", "natural_cka")
 MODELS_DIR = "models"
@@ -121,65 +119,6 @@ def model_config(config: ml_collections.ConfigDict, arch: str, eps: float
   return cfg
 
 
-def _normalised(obj: Any) -> Any:
-  return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def check_existing(model_dir: epath.Path, cfg: ml_collections.ConfigDict) -> None:
-  """Refuse to reuse a model trained on other data, architecture or attack radius."""
-  have = checkpoint.read_config(model_dir).to_dict()
-  want = cfg.to_dict()
-  diffs = [k for k in ("model", "data") if _normalised(have.get(k)) != _normalised(want[k])]
-  adv_have = dict(have.get("train", {}).get("adversarial", {}) or {})
-  adv_want = want["train"]["adversarial"]
-  have_eps = float(adv_have.get("eps", 0.0)) if adv_have.get("enabled") else 0.0
-  want_eps = float(adv_want["eps"]) if adv_want["enabled"] else 0.0
-  if not math.isclose(have_eps, want_eps, rel_tol=1e-6, abs_tol=1e-12):
-    diffs.append("train.adversarial.eps")
-  elif want_eps > 0 and adv_have.get("norm") != adv_want["norm"]:
-    diffs.append("train.adversarial.norm")
-  if diffs:
-    raise ValueError(
-        f"{model_dir} holds a finished model whose config differs from this study's in "
-        f"{diffs}; use a fresh workdir or delete that model folder to retrain it.")
-
-
-def train_or_reuse(cfg: ml_collections.ConfigDict, model_dir: epath.Path
-                   ) -> tuple[dict[str, Any], bool]:
-  """(summary, trained): train into `model_dir` unless a finished model is there."""
-  summary = model_dir / "summary.json"
-  if summary.exists():
-    check_existing(model_dir, cfg)
-    return io.read_json(summary), False
-  out = loop.run(cfg, str(model_dir))
-  return {k: v for k, v in out.items() if k not in ("state", "model_obj")}, True
-
-
-def robust_eval(model: models.StagedModel, variables: Any, split: data.Split,
-                attack_cfg: ml_collections.ConfigDict, key: jax.Array, batch_size: int,
-                cache: epath.Path) -> dict[str, Any]:
-  """Clean and PGD accuracy on `split`, cached in `cache` for the same settings."""
-  settings = _normalised({"attack": attack_cfg.to_dict(), "split": split.name,
-                          "n": int(len(split.labels)),
-                          "key": np.asarray(key).tolist()})
-  if cache.exists():
-    stored = io.read_json(cache)
-    if stored.get("settings") == settings:
-      return stored["metrics"]
-  if attack_cfg.eps > 0:
-    metrics = attacks.robust_accuracy(
-        lambda x: models.forward(model, variables, x),
-        data.eval_batches(split, batch_size, process_index=jax.process_index(),
-                          process_count=jax.process_count()),
-        key, attack_cfg)
-  else:
-    acc = loop.evaluate(model, variables, split, batch_size)["accuracy"]
-    metrics = {"accuracy": acc, "robust_accuracy": acc}
-  if io.is_writer():
-    io.write_json(cache, {"settings": settings, "metrics": metrics})
-  return metrics
-
-
 def offdiag_mean(m: np.ndarray) -> float:
   """Mean of the finite off-diagonal entries (NaN when there are none)."""
   m = np.asarray(m, np.float64)
@@ -216,19 +155,10 @@ def _finding(measure_words: str, eps: Sequence[float], tr: Mapping[str, Any]) ->
           f"{tr['spearman_rho']:.2f}{mono}).")
 
 
-def _figure_bytes(fig) -> bytes:
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  return buf.getvalue()
-
-
 def heatmap_figure(inv: results.Matrix, nat: results.Matrix, label: str) -> bytes:
   """Inverted-image CKA and natural-image CKA side by side on one colour scale."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   n = len(inv.rows)
-  fig = Figure(figsize=(2 * (3.2 + 0.7 * n), 2.8 + 0.55 * n))
-  FigureCanvasAgg(fig)
+  fig = reporting.figure((2 * (3.2 + 0.7 * n), 2.8 + 0.55 * n))
   for i, (m, title, ylabel) in enumerate((
       (inv, f"inverted-image CKA, ε={label}", "reference model A (its inverted images)"),
       (nat, f"CKA on natural images, ε={label}", "model A"))):
@@ -238,19 +168,16 @@ def heatmap_figure(inv: results.Matrix, nat: results.Matrix, label: str) -> byte
     ax.set_xlabel("model B")
     ax.set_ylabel(ylabel)
   fig.tight_layout()
-  return _figure_bytes(fig)
+  return reporting.png_bytes(fig)
 
 
 def inversions_figure(seeds: np.ndarray, targets: np.ndarray,
                       inverted: Mapping[str, np.ndarray], label: str) -> bytes:
   """A few pairs: seed, target, and the image each reference model inverted."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   columns = [("seed", seeds), ("target", targets)] + [
       (f"inverted by {a}", x) for a, x in inverted.items()]
   n = len(seeds)
-  fig = Figure(figsize=(1.6 * len(columns), 1.6 * n + 0.6))
-  FigureCanvasAgg(fig)
+  fig = reporting.figure((1.6 * len(columns), 1.6 * n + 0.6))
   for i in range(n):
     for j, (title, images) in enumerate(columns):
       ax = fig.add_subplot(n, len(columns), i * len(columns) + j + 1)
@@ -265,17 +192,14 @@ def inversions_figure(seeds: np.ndarray, targets: np.ndarray,
         ax.set_title(title, fontsize=8)
   fig.suptitle(f"inverted images, ε={label}", fontsize=10)
   fig.tight_layout()
-  return _figure_bytes(fig)
+  return reporting.png_bytes(fig)
 
 
 def curve_figure(eps: Sequence[float], offdiag: Mapping[str, Sequence[float]],
                  accuracy: Mapping[str, Mapping[str, Sequence[float]]],
                  eval_label: str) -> bytes:
   """Mean off-diagonal similarity vs eps, and every model's clean/robust accuracy."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(11, 4))
-  FigureCanvasAgg(fig)
+  fig = reporting.figure((11, 4))
   x = np.arange(len(eps))
   labels = [eps_label(e, eps) for e in eps]
   ax = fig.add_subplot(1, 2, 1)
@@ -298,17 +222,7 @@ def curve_figure(eps: Sequence[float], offdiag: Mapping[str, Sequence[float]],
     a.set_xlabel("training ε (L∞)")
     a.grid(alpha=0.3)
   fig.tight_layout()
-  return _figure_bytes(fig)
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
-  return lines
-
-
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-  return "—" if v is None or not np.isfinite(v) else format(v, spec)
+  return reporting.png_bytes(fig)
 
 
 def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
@@ -331,11 +245,11 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
       + _finding("inverted-image CKA", eps, trends["inverted_cka"]) + " "
       + _finding("plain CKA on natural images", eps, trends["natural_cka"]), "",
       "## Models", ""]
-  lines += _md_table(
+  lines += md_table(
       ["architecture", "ε", "clean accuracy", "robust accuracy @ own ε",
        f"robust accuracy @ ε={eps_label(eval_eps, eps)}", "this run"],
-      [[r["arch"], eps_label(r["eps"], eps), _fmt(r["clean"]),
-        _fmt(r["robust_own"]), _fmt(r["robust_eval"]),
+      [[r["arch"], eps_label(r["eps"], eps), fmt(r["clean"]),
+        fmt(r["robust_own"]), fmt(r["robust_eval"]),
         "trained" if r["trained"] else "reused"]
        for r in sorted(model_rows, key=lambda r: (archs.index(r["arch"]), r["eps"]))])
   lines += ["", "## Similarity by ε", "",
@@ -344,9 +258,9 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
             "reference models; reduction = 1 − final/initial.", "",
             OFFDIAG_HEADER, "|---|---|---|---|---|"]
   for p in per_eps:
-    lines.append(f"| {eps_tag(p['eps'])} | {_fmt(p['offdiag']['inverted_cka'])} | "
-                 f"{_fmt(p['offdiag']['natural_cka'])} | {_fmt(p['loss_initial'])} → "
-                 f"{_fmt(p['loss_final'])} | {_fmt(p['loss_reduction'])} |")
+    lines.append(f"| {eps_tag(p['eps'])} | {fmt(p['offdiag']['inverted_cka'])} | "
+                 f"{fmt(p['offdiag']['natural_cka'])} | {fmt(p['loss_initial'])} → "
+                 f"{fmt(p['loss_final'])} | {fmt(p['loss_reduction'])} |")
   lines += ["", "## Matrices", "",
             "Inverted-image CKA: row = reference model A whose inverted images are "
             "used, column = model B. Files: `results/jones_eps<ε>_<measure>.*`; load "
@@ -356,9 +270,8 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
     for measure in MEASURES:
       m = p["matrices"][measure]
       lines += ["", f"{measure.replace('_', ' ')}:", ""]
-      lines += _md_table(["A \\ B", *m.cols],
-                         [[r, *(_fmt(v) for v in m.matrix[i])]
-                          for i, r in enumerate(m.rows)])
+      lines += md_table(["A \\ B", *m.cols],
+                        [[r, *(fmt(v) for v in m.matrix[i])] for i, r in enumerate(m.rows)])
     lines.append("")
   lines += ["## Figures", ""] + [f"![{f}]({FIGURES_DIR}/{f})" for f in figures] + [""]
   text = "\n".join(lines)
@@ -526,39 +439,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
-class _QuietCheckpointing(logging.Filter):
-  """Drop INFO chatter of orbax/tensorstore; warnings and errors still show."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(
-        part in record.pathname for part in ("/orbax/", "/tensorstore/"))
-
-
-def _main() -> None:
-  import os
-
-  from absl import app, flags
-  from absl import logging as absl_logging
-  from ml_collections import config_flags
-
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "Path to configs/study_jones.py, optionally with ':args'.",
-      lock_config=True)
-  workdir_flag = flags.DEFINE_string("workdir", None, "Output folder (local or gs://).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if io.is_writer():
-      io.write_json(epath.Path(workdir_flag.value) / "config.json",
-                    config_flag.value.to_dict())
-    run(config_flag.value, workdir_flag.value)
-
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  absl_logging.get_absl_handler().addFilter(_QuietCheckpointing())
-  app.run(main)
-
-
 if __name__ == "__main__":
-  _main()
+  from fula_jax import main
+  main.script(run)

@@ -7,9 +7,11 @@ write the resolved config into the workdir, and hand over to the job's library f
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
+from typing import Any, Callable
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -26,6 +28,7 @@ JOBS = {
     "quickstart": "fula_jax.quickstart:run",
     # Studies live in experiments/ (importable from the repository root).
     "study_jones": "experiments.study_jones:run",
+    "study_fula": "experiments.study_fula:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -67,18 +70,24 @@ class _QuietLibraries(logging.Filter):
         part in record.pathname for part in ("/orbax/", "/tensorstore/"))
 
 
-def main(argv):
+def main(argv, job: Callable[..., Any] | None = None):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
-  job = resolve_job(config.job)
+  job = job or resolve_job(config.job)
   initialize_distributed()
   from fula_jax import io
   if io.is_writer():
     io.write_json(os.path.join(_WORKDIR.value, "config.json"), config.to_dict())
   job(config, _WORKDIR.value)
+
+
+def script(job: Callable[..., Any]) -> None:
+  """Run `job(config, workdir)` with this module's flags: the ``__main__`` of a study
+  script in experiments/, which then takes the same flags as ``fula_jax.main``."""
+  app.run(functools.partial(main, job=job))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""The FuLA testbeds study (experiments/study_fula.py) end to end at its `tiny` scale.
+
+One run trains the four roles of a small CNN and runs the three testbeds with stitch
+parameters saved. The checks rebuild what the study stored from the saved models and
+stitch parameters with plain forward passes and NumPy (the stitched accuracy under each
+cue mode, the models' own accuracies), re-aggregate by_depth.csv independently against
+the findings, compare the control pair across testbeds, and rerun the study to see that
+nothing is retrained or re-stitched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+
+from fula_jax import models, registry, results
+from fula_jax.train import checkpoint, zoo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import(name: str):
+  sys.path.insert(0, str(REPO))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(REPO))
+
+
+study = _import("experiments.study_fula")
+study_config = _import("configs.study_fula")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  config = study_config.get_config("tiny")
+  config.stitch.save_params = True
+  workdir = tmp_path_factory.mktemp("fula")
+  out = study.run(config, str(workdir))
+  return config, workdir, out
+
+
+def _accuracy(logits, labels) -> float:
+  return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+
+
+def _saved_stitches(folder: Path, objective: str) -> dict[tuple[str, str], dict]:
+  """(row, col) -> {'kernel', 'bias'} from a sweep's unit files."""
+  out = {}
+  for js in (folder / "stitch" / objective).glob("*.json"):
+    cells = json.loads(js.read_text())["cells"]
+    params = np.load(js.with_suffix(".npz"))
+    for k, c in enumerate(cells):
+      out[(c["row"], c["col"])] = {"kernel": params["kernel"][k],
+                                   "bias": params["bias"][k]}
+  return out
+
+
+def test_trains_every_role_with_its_settings(tiny_run):
+  config, workdir, out = tiny_run
+  assert sorted(out["trained"]) == sorted(f"cnn_{r}" for r in study.ROLES)
+  cfgs = {r: checkpoint.read_config(workdir / "models" / f"cnn_{r}") for r in study.ROLES}
+  assert cfgs["second_seed"].seed == cfgs["standard"].seed + 1
+  assert cfgs["robust"].train.adversarial.enabled
+  assert cfgs["robust"].train.adversarial.eps == pytest.approx(config.robust.eps)
+  assert not cfgs["standard"].train.adversarial.enabled
+  assert cfgs["shortcut"].data.shortcut.enabled
+  assert not cfgs["standard"].data.shortcut.enabled
+  for r in study.ROLES:
+    assert (workdir / "models" / f"cnn_{r}" / "summary.json").exists()
+
+
+def test_model_table_matches_direct_evaluation(tiny_run):
+  config, workdir, out = tiny_run
+  splits = study.load_splits(config, ["shortcut"])
+  rows = {r["role"]: r for r in out["models"]}
+  for role in ("standard", "shortcut"):
+    model, variables, _ = checkpoint.load_trained(workdir / "models" / f"cnn_{role}")
+    clean = _accuracy(models.forward(model, variables, splits["test"].images),
+                      splits["test"].labels)
+    assert rows[role]["clean"] == pytest.approx(clean, abs=1e-6)
+    for mode, split in splits["cue_tests"].items():
+      acc = _accuracy(models.forward(model, variables, split.images), split.labels)
+      assert rows[role][f"cue_{mode}"] == pytest.approx(acc, abs=1e-6), (role, mode)
+
+
+def test_cue_modes_are_scored_on_the_right_images(tiny_run):
+  """Each stored accuracy@<mode> equals the saved stitch run by hand on that mode's
+  images: f up to the point, the 1x1 map in NumPy, g from the point."""
+  config, workdir, _ = tiny_run
+  splits = study.load_splits(config, ["shortcut"])
+  depth = pd.read_csv(workdir / study.DEPTH_CSV)
+  front, end = "shortcut", "standard"
+  mf, vf, _ = checkpoint.load_trained(workdir / "models" / f"cnn_{front}")
+  mg, vg, _ = checkpoint.load_trained(workdir / "models" / f"cnn_{end}")
+  folder = workdir / "stitch" / "cnn" / "shortcut" / f"{front}_to_{end}"
+  checked = 0
+  for obj in ("tlm", "fula"):
+    for (row, col), p in _saved_stitches(folder, obj).items():
+      for mode, split in splits["cue_tests"].items():
+        z = np.asarray(models.forward(mf, vf, split.images, end=row), np.float64)
+        z = np.einsum("...c,cd->...d", z, p["kernel"]) + p["bias"]
+        acc = _accuracy(models.forward(mg, vg, z.astype(np.float32), start=col),
+                        split.labels)
+        stored = depth[(depth.testbed == "shortcut") & (depth.objective == obj)
+                       & (depth.pair == f"{front}->{end}") & (depth.cell == f"{row}->{col}")
+                       & (depth.measure == f"accuracy@{mode}")].value
+        assert len(stored) == 1
+        assert float(stored.iloc[0]) == pytest.approx(acc, abs=1.01 / len(split.labels))
+        checked += 1
+  assert checked == 2 * len(mf.point_names) * 3
+
+
+def test_findings_agree_with_an_independent_aggregation(tiny_run):
+  config, workdir, out = tiny_run
+  depth = pd.read_csv(workdir / study.DEPTH_CSV)
+  means = depth.groupby(["testbed", "pair", "objective", "measure"]).value.mean()
+  facts = out["facts"]["cnn"]
+  for obj in config.stitch.objectives:
+    assert facts["robust"]["clean"][obj] == pytest.approx(
+        means["robust", "robust->standard", obj, "accuracy"])
+    assert facts["robust"]["pgd"][obj] == pytest.approx(
+        means["robust", "robust->standard", obj, "pgd_accuracy"])
+    assert facts["shortcut"]["present"][obj] == pytest.approx(
+        means["shortcut", "shortcut->standard", obj, "accuracy@present"])
+    assert facts["shortcut"]["drop"][obj] == pytest.approx(
+        means["shortcut", "shortcut->standard", obj, "accuracy@present"]
+        - means["shortcut", "shortcut->standard", obj, "accuracy@absent"])
+  report = (workdir / study.REPORT_FILE).read_text()
+  fula, tlm = (facts["shortcut"]["present"][o] for o in ("fula", "tlm"))
+  verdict = "lower" if fula < tlm else "not lower"
+  assert re.search(rf"Shortcut vs clean \(cnn\).*FuLA rates this pair {verdict} than "
+                   rf"TLM does \({fula:.3f} vs {tlm:.3f}\)", report)
+  for fig in out["figures"]:
+    assert (workdir / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert f"figures/{fig}" in report
+  assert {"robust_cnn.png", "shortcut_cnn.png", "cross_seed_cnn.png",
+          "summary_cnn.png"} <= set(out["figures"])
+
+
+def test_cross_seed_matrix_and_control_pair(tiny_run):
+  """The full matrix loads back by name; its diagonal is the control pair of the
+  robust testbed trained again (same data, seeds and init: equal up to grouping)."""
+  config, workdir, out = tiny_run
+  mats = results.load(workdir)
+  points = None
+  for obj in config.stitch.objectives:
+    m = mats[f"fula/cnn/cross_seed/second_seed_to_standard/stitch_{obj}/accuracy"]
+    points = m.rows
+    # A pooled vector and a spatial map cannot be stitched: exactly those cells are NaN.
+    is_map = np.array([p != "pool" for p in points])
+    np.testing.assert_array_equal(np.isfinite(m.matrix), is_map[:, None] == is_map[None])
+    assert "cannot be stitched" in m.meta["reasons"]["conv1->pool"]
+    ctrl = mats[f"fula/cnn/robust/second_seed_to_standard/stitch_{obj}/accuracy"]
+    np.testing.assert_allclose(np.diag(m.matrix), np.diag(ctrl.matrix), atol=3 / 359,
+                               err_msg=obj)
+    summary = out["cross_seed"]["cnn"][obj]
+    assert summary["diagonal"] == pytest.approx(np.mean(np.diag(m.matrix)))
+    assert summary["off_diagonal"] == pytest.approx(
+        np.nanmean(m.matrix[~np.eye(len(points), dtype=bool)]))
+  assert points == list(models.get_model("cnn", widths=(8, 16)).point_names)
+
+
+def test_rerun_reuses_models_and_stitches(tiny_run):
+  config, workdir, _ = tiny_run
+  before = pd.read_csv(workdir / study.DEPTH_CSV)
+  stamps = {p: p.stat().st_mtime_ns for p in (workdir / "stitch").rglob("*.json")}
+  again = study.run(config, str(workdir))
+  assert again["trained"] == [] and len(again["reused"]) == 4
+  assert {p: p.stat().st_mtime_ns for p in (workdir / "stitch").rglob("*.json")} == stamps
+  pd.testing.assert_frame_equal(pd.read_csv(workdir / study.DEPTH_CSV), before)
+
+
+def test_refuses_to_reuse_a_model_trained_differently(tiny_run):
+  config, workdir, _ = tiny_run
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.robust.eps = 0.3
+  with pytest.raises(ValueError, match=r"train.adversarial.eps"):
+    zoo.check_existing(workdir / "models" / "cnn_robust",
+                       study.model_config(other, "cnn", "robust"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("testbeds", ("robust", "shortcuts"), "Did you mean 'shortcut'"),
+    ("architectures", ("resnet",), "Valid choices"),
+])
+def test_bad_config_names_the_valid_choices(field, value, match):
+  config = study_config.get_config("tiny")
+  config[field] = value
+  with pytest.raises(registry.UnknownNameError, match=match):
+    study.check_config(config)
