@@ -31,14 +31,17 @@ Matrices go to ``<workdir>/results`` (Colab: ``fula_jax.results.load(workdir)``)
 Args (comma separated): runlocal, tiny (a seconds-scale smoke run for tests), seed=<int>.
 
 Expected time: runlocal (embedded digits at their native 8x8; a small CNN with four
-stitch points; PGD-3 adversarial training at eps 0.1; stitches trained for 3 epochs,
-PGD-10 on the stitched models) about 4 minutes on 2 CPU cores, a rerun that reuses the
-models about 2. tiny: well under a minute. Paper scale (CIFAR-10; ResNet-18, VGG-16 and
-ViT-Tiny; 12 models, the 3 robust ones with PGD-7 at 8/255 for 200 epochs; stitches 3
-epochs each, PGD-20 on 1,000 test images per stitch) is dominated by adversarial
-training: on the order of 30-60 GPU-hours on one modern GPU, then a few GPU-hours of
-stitching. The models are independent: train them in parallel with job=train into the
-same ``models/`` folders, then run the study to reuse them.
+stitch points; PGD-3 adversarial training at eps 0.1; stitches trained for 10 epochs
+from the least-squares init, PGD-10 on the stitched models) about 1.5 minutes on 2 CPU
+cores from scratch, and a rerun that reuses models and stitches about 10 seconds. Adding
+a quarter-width ResNet-20 (``--config.architectures='("cnn","resnet20")'``, 11 stitch
+points, a 121-cell cross-seed matrix) takes it to about 7 minutes. tiny: under a
+minute. Paper scale (CIFAR-10; ResNet-18, VGG-16 and ViT-Tiny; 12 models, the 3 robust
+ones with PGD-7 at 8/255 for 200 epochs; stitches 3 epochs each, PGD-20 on 1,000 test
+images per stitch) is dominated by adversarial training: on the order of 30-60
+GPU-hours on one modern GPU, then a few GPU-hours of stitching. The models are
+independent: train them in parallel with job=train into the same ``models/`` folders,
+then run the study to reuse them.
 
 Fields:
   architectures: zoo names; each needs an entry in `models`.
@@ -102,7 +105,7 @@ def get_config(arg=None):
     config.shortcut.patch_size = 2
     config.stitch.batch_size = 128
     config.stitch.eval_batch_size = 360
-    config.stitch.epochs = 3.0
+    config.stitch.epochs = 10.0
     config.stitch.init = "lstsq"
     config.stitch.lstsq_examples = 256
     config.stitch.progress_every_s = 15.0

@@ -263,9 +263,18 @@ def _names(values: Mapping[str, float], spec: str = ".3f") -> str:
   return ", ".join(f"{display(o)} {fmt(v, spec)}" for o, v in values.items())
 
 
+def compare_verdict(fula: float, tlm: float, n_test: int) -> str:
+  """Which of the two rates a pair lower; closer than one test example is a tie."""
+  if not (np.isfinite(fula) and np.isfinite(tlm)):
+    return "FuLA and TLM cannot be compared here"
+  if abs(fula - tlm) < 1.0 / n_test:
+    return "FuLA and TLM rate this pair the same within one test example"
+  return f"FuLA rates this pair {'lower' if fula < tlm else 'higher'} than TLM does"
+
+
 def findings(arch: str, testbeds: Sequence[str], records: Sequence[dict],
-             objectives: Sequence[str], modes: Sequence[str], cross: Mapping[str, Any]
-             ) -> tuple[list[str], dict[str, Any]]:
+             objectives: Sequence[str], modes: Sequence[str], cross: Mapping[str, Any],
+             n_test: int) -> tuple[list[str], dict[str, Any]]:
   """Sentences computed from this run's numbers, and the numbers behind them."""
   rec = [r for r in records if r["architecture"] == arch]
   lines, facts = [], {}
@@ -277,12 +286,10 @@ def findings(arch: str, testbeds: Sequence[str], records: Sequence[dict],
     if len(compare) < 2:
       return ""
     rel = {o: rating[o] / ctrl[o] if ctrl[o] > 0 else np.nan for o in compare}
-    verdict = "lower" if rating["fula"] < rating["tlm"] else "not lower"
-    rel_verdict = "further below" if rel["fula"] < rel["tlm"] else "not further below"
-    return (f" FuLA rates this pair {verdict} than TLM does ({fmt(rating['fula'], '.3f')} "
-            f"vs {fmt(rating['tlm'], '.3f')}); relative to the control it puts the pair "
-            f"{rel_verdict} the control than TLM does (pair / control: FuLA "
-            f"{fmt(rel['fula'], '.3f')}, TLM {fmt(rel['tlm'], '.3f')}).")
+    return (f" {compare_verdict(rating['fula'], rating['tlm'], n_test)} "
+            f"({fmt(rating['fula'], '.3f')} vs {fmt(rating['tlm'], '.3f')}); pair / "
+            f"control: FuLA {fmt(rel['fula'], '.3f')}, TLM {fmt(rel['tlm'], '.3f')} "
+            "(below 1: rated less alike than two standard seeds).")
 
   if "robust" in testbeds:
     pair = pair_name(("robust", "standard"))
@@ -567,7 +574,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       cross[arch] = cross_summary(res)
       figures[f"cross_seed_{arch}.png"] = cross_figure(arch, res, objectives)
     finding_lines[arch], facts[arch] = findings(arch, testbeds, records, objectives, modes,
-                                                cross.get(arch, {}))
+                                                cross.get(arch, {}),
+                                                len(splits["test"].labels))
     points = list(zoo["standard"][0].point_names)
     if "robust" in testbeds:
       pairs = TESTBEDS["robust"]

@@ -17,6 +17,7 @@ import pytest
 
 from fula_jax import data, models, results
 from fula_jax.train import checkpoint
+from fula_jax.train.zoo import check_existing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,8 +212,8 @@ def test_rerun_reuses_models_and_reproduces_matrices(tiny_run):
 def test_refuses_mismatched_model_and_bad_grid(tiny_run):
   config, workdir, _ = tiny_run
   with pytest.raises(ValueError, match="adversarial.eps"):
-    study.check_existing(workdir / "models" / "cnn_eps0",
-                         study.model_config(config, "cnn", 0.1))
+    check_existing(workdir / "models" / "cnn_eps0",
+                   study.model_config(config, "cnn", 0.1))
   bad = study_config.get_config("tiny")
   bad.architectures = ("cnn", "mpl")
   with pytest.raises(ValueError, match="Did you mean 'mlp'"):
