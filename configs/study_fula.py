@@ -119,26 +119,9 @@ def get_config(arg=None):
 
   candidates = (("cnn", "mlp", "resnet20") if small else
                 ("resnet18", "vgg16", "vit_tiny", "resnet20"))
-  config.models = ml_collections.ConfigDict()
-  for name in candidates:
-    cfg = train.get_config(f"model={name},seed={arg.seed}" + (",runlocal" if small else ""))
-    cfg.data = ml_collections.ConfigDict(config.data.to_dict())
-    if small:
-      cfg.eval_batch_size = config.eval_batch_size
-      cfg.train.checkpoint_every_steps = 1000
-      cfg.train.max_checkpoints = 1
-      cfg.train.progress_every_s = 30.0
-      cfg.train.num_epochs = 15.0
-      if name == "resnet20":
-        cfg.model.kwargs = dict(width_multiplier=0.25)
-    if arg.tiny:
-      cfg.train.num_epochs = 0.0
-      cfg.train.num_steps = 40
-      cfg.train.batch_size = 64
-      cfg.train.warmup_epochs = 0.0
-      cfg.train.log_every_steps = 40
-      cfg.train.progress_every_s = 1e9
-      if name == "cnn":
-        cfg.model.kwargs = dict(widths=(8, 16))
-    config.models[name] = cfg
+  scale = "tiny" if arg.tiny else "runlocal" if arg.runlocal else "paper"
+  config.models = defaults.study_models(
+      train, candidates, data=config.data, seed=arg.seed, scale=scale,
+      eval_batch_size=config.eval_batch_size, tiny_steps=40,
+      tiny_kwargs={"cnn": dict(widths=(8, 16))})
   return config

@@ -113,30 +113,14 @@ def get_config(arg=None):
   candidates = (("cnn", "mlp") if arg.tiny else
                 ("cnn", "mlp", "resnet20", "vit_tiny") if arg.runlocal else
                 ("resnet18", "vgg16", "vit_tiny", "resnet20"))
-  config.models = ml_collections.ConfigDict()
-  for name in candidates:
-    cfg = train.get_config(f"model={name},seed={arg.seed}" + (",runlocal" if small else ""))
-    cfg.data = ml_collections.ConfigDict(config.data.to_dict())
-    if small:
-      cfg.eval_batch_size = config.eval_batch_size
-      cfg.train.checkpoint_every_steps = 1000
-      cfg.train.max_checkpoints = 1
-      cfg.train.progress_every_s = 30.0
-      cfg.train.num_epochs = 15.0
-      if name == "resnet20":
-        cfg.model.kwargs = dict(width_multiplier=0.25)
-      if name == "vit_tiny":  # 16 tokens of 2x2 patches on 8x8 images
-        cfg.model.kwargs = dict(patch=2, depth=2, width=64, num_heads=2, mlp_dim=128)
-        cfg.train.learning_rate = 3e-3
-        cfg.train.num_epochs = 30.0
-    if arg.tiny:
-      cfg.train.num_epochs = 0.0
-      cfg.train.num_steps = 25
-      cfg.train.batch_size = 64
-      cfg.train.warmup_epochs = 0.0
-      cfg.train.log_every_steps = 25
-      cfg.train.progress_every_s = 1e9
-      cfg.model.kwargs = {"cnn": dict(widths=(8, 16)),
-                          "mlp": dict(widths=(64, 32))}.get(name, cfg.model.kwargs)
-    config.models[name] = cfg
+  scale = "tiny" if arg.tiny else "runlocal" if arg.runlocal else "paper"
+  config.models = defaults.study_models(
+      train, candidates, data=config.data, seed=arg.seed, scale=scale,
+      eval_batch_size=config.eval_batch_size, tiny_steps=25,
+      tiny_kwargs={"cnn": dict(widths=(8, 16)), "mlp": dict(widths=(64, 32))})
+  if arg.runlocal:  # 16 tokens of 2x2 patches on 8x8 images
+    vit = config.models.vit_tiny
+    vit.model.kwargs = dict(patch=2, depth=2, width=64, num_heads=2, mlp_dim=128)
+    vit.train.learning_rate = 3e-3
+    vit.train.num_epochs = 30.0
   return config

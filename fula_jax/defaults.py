@@ -10,7 +10,7 @@ import importlib.util
 import os
 import pathlib
 import types
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -87,3 +87,43 @@ def data_block(name: str = "digits", **overrides: Any) -> ml_collections.ConfigD
   cfg.name = name
   cfg.update(overrides)
   return cfg
+
+
+def study_models(train_configs: types.ModuleType, names: Sequence[str], *,
+                 data: ml_collections.ConfigDict, seed: int, scale: str,
+                 eval_batch_size: int, tiny_steps: int = 25,
+                 tiny_kwargs: dict[str, dict[str, Any]] | None = None
+                 ) -> ml_collections.ConfigDict:
+  """`config.models` of a study: the train config (configs/train.py) of each name,
+  on the study's data.
+
+  scale 'paper' keeps the full configs. 'runlocal' and 'tiny' start from the runlocal
+  ones, keep one checkpoint, train 15 epochs and use a quarter-width ResNet-20; 'tiny'
+  then trains `tiny_steps` steps of batch 64 with `tiny_kwargs[name]` as model kwargs.
+  """
+  if scale not in ("paper", "runlocal", "tiny"):
+    raise ValueError(f"scale must be 'paper', 'runlocal' or 'tiny', got {scale!r}.")
+  small = scale != "paper"
+  models = ml_collections.ConfigDict()
+  for name in names:
+    cfg = train_configs.get_config(f"model={name},seed={seed}" +
+                                   (",runlocal" if small else ""))
+    cfg.data = ml_collections.ConfigDict(data.to_dict())
+    if small:
+      cfg.eval_batch_size = eval_batch_size
+      cfg.train.checkpoint_every_steps = 1000
+      cfg.train.max_checkpoints = 1
+      cfg.train.progress_every_s = 30.0
+      cfg.train.num_epochs = 15.0
+      if name == "resnet20":
+        cfg.model.kwargs = dict(width_multiplier=0.25)
+    if scale == "tiny":
+      cfg.train.num_epochs = 0.0
+      cfg.train.num_steps = tiny_steps
+      cfg.train.batch_size = 64
+      cfg.train.warmup_epochs = 0.0
+      cfg.train.log_every_steps = tiny_steps
+      cfg.train.progress_every_s = 1e9
+      cfg.model.kwargs = (tiny_kwargs or {}).get(name, cfg.model.kwargs)
+    models[name] = cfg
+  return models

@@ -10,10 +10,8 @@ nothing is retrained or re-stitched.
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -21,22 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from configs import study_fula as study_config
+from experiments import study_fula as study
 from fula_jax import models, registry, results
 from fula_jax.train import checkpoint, zoo
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _import(name: str):
-  sys.path.insert(0, str(REPO))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(REPO))
-
-
-study = _import("experiments.study_fula")
-study_config = _import("configs.study_fula")
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +185,45 @@ def test_bad_config_names_the_valid_choices(field, value, match):
   config[field] = value
   with pytest.raises(registry.UnknownNameError, match=match):
     study.check_config(config)
+
+
+def test_paper_config_builds_every_model_and_stitch_setting():
+  """The accelerator-scale config is consistent without running it: every role of
+  ResNet-18, VGG-16 and ViT-Tiny builds for CIFAR-10 images, and each testbed's stitch
+  settings resolve."""
+  from fula_jax import data
+  from fula_jax.main import resolve_job
+  from fula_jax.train import loop
+  config = study_config.get_config()
+  archs, testbeds = study.check_config(config)
+  assert archs == ["resnet18", "vgg16", "vit_tiny"] and len(testbeds) == 3
+  assert config.data.name == "cifar10" and config.robust.eps == pytest.approx(8 / 255)
+  assert resolve_job(config.job) is study.run
+  for arch in archs:
+    for role in study.roles_for(testbeds):
+      cfg = study.model_config(config, arch, role)
+      assert cfg.data.name == "cifar10" and cfg.train.num_epochs == 200
+      model = loop.build_model(cfg)
+      shapes = models.point_shapes(model, (1,) + data.image_shape(cfg.data))
+      assert shapes["logits"].shape == (1, 10)
+  for testbed in testbeds:
+    cfg = study.stitch_settings(config, testbed)
+    assert cfg["pgd"]["enabled"] == (testbed == "robust")
+    assert cfg["pairs"] == ("all" if testbed == "cross_seed" else "diagonal")
+
+
+def test_script_entry_point_reports_bad_names(tmp_path):
+  """`python experiments/study_fula.py` takes fula_jax.main's flags and fails at once,
+  naming the valid testbeds, before anything is trained."""
+  import subprocess
+  import sys
+  repo = Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, str(repo / "experiments" / "study_fula.py"),
+       f"--config={repo / 'configs' / 'study_fula.py'}:tiny",
+       "--config.testbeds=('robust','shortcuts')", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert proc.returncode != 0
+  assert "Unknown FuLA testbed 'shortcuts'" in proc.stderr
+  assert "Valid choices: shortcut, " in proc.stderr
+  assert not (tmp_path / "models").exists()

@@ -8,30 +8,14 @@ against the loaded matrices, and rerun the study to see that no model is retrain
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from configs import study_jones as study_config
+from experiments import study_jones as study
 from fula_jax import data, models, results
 from fula_jax.train import checkpoint
 from fula_jax.train.zoo import check_existing
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _import(name: str):
-  sys.path.insert(0, str(REPO))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(REPO))
-
-
-study = _import("experiments.study_jones")
-study_config = _import("configs.study_jones")
 
 
 def _tag(eps: float) -> str:
