@@ -42,7 +42,7 @@ from fula_jax.data import transforms
 from fula_jax.progress import Progress
 from fula_jax.reporting import fmt, md_table
 from fula_jax.stitching import sweeper
-from fula_jax.train import checkpoint
+from fula_jax.train import checkpoint, loop
 from fula_jax.train.zoo import robust_eval, train_or_reuse
 
 ROLES = ("standard", "second_seed", "robust", "shortcut")
@@ -186,12 +186,13 @@ def prepare_models(config: ml_collections.ConfigDict, workdir: epath.Path, arch:
 
 
 def _accuracy(model, variables, split, config) -> float:
-  from fula_jax.train import loop
   return float(loop.evaluate(model, variables, split, int(config.eval_batch_size))
                ["accuracy"])
 
 
 def stitch_settings(config: ml_collections.ConfigDict, testbed: str) -> dict[str, Any]:
+  """The sweep settings of `testbed`: the shared ones, its cells, and for the robust
+  testbed PGD on the stitched models at the robust models' eps."""
   cfg = sweeper.resolve(config.stitch)
   cfg["pairs"] = "all" if testbed == "cross_seed" else str(config.depth_pairs)
   if testbed == "robust":
