@@ -1051,6 +1051,10 @@ class _Sweep:
     vars_a = engine.fetch(self.vars_a, self.mesh)
     vars_b = engine.fetch(self.vars_b, self.mesh)
     out = np.full((len(u.stitches),), np.nan)
+    from fula_jax.progress import Progress
+    bar = Progress(f"stitch PGD ({u.group.end})", len(u.stitches), unit="stitch",
+                   every_s=float(self.cfg["progress_every_s"]),
+                   enabled=bool(self.cfg["progress"]) and jax.process_index() == 0)
     for s, (_, row, col) in enumerate(u.stitches):
       correct = self.pgd_program(row, col)
       p = {k: np.asarray(v)[s] for k, v in st.params.items()}
@@ -1061,6 +1065,7 @@ class _Sweep:
         total += float(correct(p, vars_a, vars_b, x_all[lo:lo + self.eval_batch],
                                y_all[lo:lo + self.eval_batch], sub))
       out[s] = total / n
+      bar.update(s + 1)
     return out
 
 
