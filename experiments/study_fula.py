@@ -395,14 +395,18 @@ def depth_figure(arch: str, testbed: str, records: Sequence[dict],
 
 
 def cross_figure(arch: str, res: sweeper.SweepResult, objectives: Sequence[str]) -> bytes:
+  """Accuracy heatmaps of every objective, two per row, sized so values stay legible."""
   mats = res.matrices()
-  fig = reporting.figure((3.6 * len(objectives), 3.6))
+  n = max(len(res.rows), len(res.cols))
+  ncols = min(2, len(objectives))
+  nrows = -(-len(objectives) // ncols)
+  fig = reporting.figure(((2.4 + 0.55 * n) * ncols, (1.9 + 0.45 * n) * nrows + 0.4))
   for j, obj in enumerate(objectives):
-    ax = fig.add_subplot(1, len(objectives), j + 1)
+    ax = fig.add_subplot(nrows, ncols, j + 1)
     mats[f"stitch_{obj}/accuracy"].plot(ax=ax, vmin=0.0, vmax=1.0, fmt=".2f")
     ax.set_title(f"{display(obj)} stitched accuracy", fontsize=9)
     ax.set_xlabel("end model (standard), point")
-    ax.set_ylabel("front model (second seed), point" if j == 0 else "")
+    ax.set_ylabel("front model (second seed), point" if j % ncols == 0 else "")
   fig.suptitle(f"{arch}: cross-layer stitching, two seeds", fontsize=10)
   fig.tight_layout()
   return reporting.png_bytes(fig)
