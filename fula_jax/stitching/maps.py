@@ -135,23 +135,26 @@ def target_grid(spec: MapSpec) -> tuple[int, ...]:
   return spec.dst_shape[:-1]
 
 
+def _grid(shape: tuple[int, ...], is_map: bool) -> tuple[int, int] | None:
+  """A map's (H, W), or a token sequence as a square grid (None if not square)."""
+  if is_map:
+    return shape[0], shape[1]
+  side = _square_side(shape[0])
+  return (side, side) if side is not None else None
+
+
 def _src_grid(spec: MapSpec) -> tuple[int, int] | None:
   """Source as an (H, W) grid (tokens as a square), or None for vectors."""
   if spec.kind == "dense":
     return None
-  if spec.kind in ("conv", "conv_to_tokens"):
-    return spec.src_shape[0], spec.src_shape[1]
-  side = _square_side(spec.src_shape[0])
-  return (side, side) if side is not None else None
+  return _grid(spec.src_shape, spec.kind in ("conv", "conv_to_tokens"))
 
 
 def _dst_grid(spec: MapSpec) -> tuple[int, int] | None:
+  """Destination as an (H, W) grid (tokens as a square), or None for vectors."""
   if spec.kind == "dense":
     return None
-  if spec.kind in ("conv", "tokens_to_conv"):
-    return spec.dst_shape[0], spec.dst_shape[1]
-  side = _square_side(spec.dst_shape[0])
-  return (side, side) if side is not None else None
+  return _grid(spec.dst_shape, spec.kind in ("conv", "tokens_to_conv"))
 
 
 def _needs_resample(spec: MapSpec) -> bool:
