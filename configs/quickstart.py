@@ -4,10 +4,18 @@
 
 Trains model A and model B on the same data (each into <workdir>/models/<name>), then
 computes their CKA matrices and all four stitching matrices (TLM, SLM, DM, FuLA), writes
-every matrix with a heatmap under <workdir>/results and prints a summary table.
+every matrix with a heatmap under <workdir>/results, an overview figure
+(<workdir>/results/overview.png: CKA next to the four stitching accuracy matrices on one
+colour scale) and <workdir>/report.md, and prints a summary table.
+
 Expected time: runlocal (embedded digits, small CNN and small ResNet-20) a few minutes on
-2 CPU cores; full (CIFAR-10, ResNet-18 vs VGG-16) a few hours on one GPU.
+2 CPU cores; tiny (8x8 digits, a few training steps, a 1-block-per-stage ResNet) well
+under a minute; full (CIFAR-10, the default CNN vs ResNet-20) about an hour on one GPU.
+
+Args (comma separated): runlocal, tiny, model_a=<name>, model_b=<name>.
 """
+
+import pathlib
 
 import ml_collections
 
@@ -15,19 +23,19 @@ from fula_jax import defaults
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, runlocal=False, model_a="cnn", model_b="resnet20")
-  import pathlib
+  arg = defaults.parse_arg(arg, runlocal=False, tiny=False, model_a="cnn",
+                           model_b="resnet20")
   train = defaults.config_module(pathlib.Path(__file__).with_name("train.py"))
 
   config = ml_collections.ConfigDict()
   config.job = "quickstart"
-  suffix = ",runlocal" if arg.runlocal else ""
+  suffix = ",runlocal" if arg.runlocal or arg.tiny else ""
   config.model_a = train.get_config(f"model={arg.model_a},seed=0{suffix}")
   config.model_b = train.get_config(f"model={arg.model_b},seed=1{suffix}")
 
   config.similarity = ml_collections.ConfigDict(dict(
       measures=("cka_linear_debiased", "cka_linear", "procrustes"),
-      batch_size=256 if arg.runlocal else 1000,
+      batch_size=256 if arg.runlocal or arg.tiny else 1000,
   ))
 
   from fula_jax.stitching import sweeper
@@ -41,4 +49,17 @@ def get_config(arg=None):
     config.stitch.batch_size = 128
     config.stitch.epochs = 2.0
     config.stitch.progress_every_s = 15.0
+  if arg.tiny:
+    small = {"cnn": dict(widths=(8, 16)),
+             "resnet20": dict(width_multiplier=0.5, stage_sizes=(1, 1, 1))}
+    for cfg in (config.model_a, config.model_b):
+      cfg.data.image_size = None  # the native 8x8 digits
+      cfg.model.kwargs = small.get(cfg.model.name, cfg.model.kwargs)
+      cfg.train.num_epochs, cfg.train.num_steps = 0.0, 40
+      cfg.train.batch_size, cfg.train.warmup_epochs = 64, 0.0
+      cfg.train.progress_every_s = 1e9
+    config.stitch.batch_size = 128
+    config.stitch.steps = 8
+    config.stitch.lstsq_examples = 256
+    config.stitch.progress_every_s = 1e9
   return config

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import attacks, data, io, registry, reporting, results
+from fula_jax import attacks, data, errors, io, registry, reporting, results
 from fula_jax.data import transforms
 from fula_jax.progress import Progress
 from fula_jax.reporting import fmt, md_table
@@ -70,14 +70,14 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[list[str], list[str
   """Validated architectures and testbeds (config order)."""
   archs = [str(a) for a in config.architectures]
   if not archs or len(set(archs)) != len(archs):
-    raise ValueError(f"config.architectures must be non-empty and distinct, got {archs}.")
+    raise errors.ConfigError(f"config.architectures must be non-empty and distinct, got {archs}.")
   for a in archs:
     if a not in config.models:
       raise registry.unknown("study architecture (no entry in config.models)", a,
                              list(config.models.keys()))
   testbeds = [str(t) for t in config.testbeds]
   if not testbeds:
-    raise ValueError(f"config.testbeds is empty; choose from {list(TESTBEDS)}.")
+    raise errors.ConfigError(f"config.testbeds is empty; choose from {list(TESTBEDS)}.")
   for t in testbeds:
     registry.lookup("FuLA testbed", t, TESTBEDS)
   sweeper.make_objectives(sweeper.resolve(config.stitch))  # unknown names raise here
@@ -87,7 +87,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[list[str], list[str
         raise registry.unknown("shortcut evaluation mode", mode,
                                transforms.SHORTCUT_EVAL_MODES)
   if not 0.0 < float(config.robust.eps) <= 1.0 and "robust" in testbeds:
-    raise ValueError(f"config.robust.eps must be in (0, 1] (pixels in [0, 1]), got "
+    raise errors.ConfigError(f"config.robust.eps must be in (0, 1] (pixels in [0, 1]), got "
                      f"{config.robust.eps}.")
   return archs, testbeds
 
@@ -555,7 +555,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cross-seed summaries, which models were trained and the figure names.
   """
   t0 = time.perf_counter()
-  workdir = epath.Path(workdir)
+  workdir = io.path(workdir)
   archs, testbeds = check_config(config)
   objectives = [str(o) for o in config.stitch.objectives]
   modes = [str(m) for m in config.shortcut.eval_modes]

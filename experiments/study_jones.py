@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import attacks, data, io, registry, reporting, results
+from fula_jax import attacks, data, errors, io, registry, reporting, results
 from fula_jax.progress import Progress
 from fula_jax.reporting import fmt, md_table
 from fula_jax.similarity import inversion
@@ -80,7 +80,7 @@ def check_grid(config: ml_collections.ConfigDict) -> tuple[list[str], list[float
   """Validated architectures (config order) and eps values (ascending)."""
   archs = [str(a) for a in config.architectures]
   if len(archs) < 2 or len(set(archs)) != len(archs):
-    raise ValueError("config.architectures needs at least two distinct architectures "
+    raise errors.ConfigError("config.architectures needs at least two distinct architectures "
                      f"for inter-architecture similarity, got {archs}.")
   for a in archs:
     if a not in config.models:
@@ -88,9 +88,9 @@ def check_grid(config: ml_collections.ConfigDict) -> tuple[list[str], list[float
                              list(config.models.keys()))
   eps = [float(e) for e in config.eps]
   if not eps or len(set(eps_tag(e) for e in eps)) != len(eps):
-    raise ValueError(f"config.eps must be non-empty and distinct, got {eps}.")
+    raise errors.ConfigError(f"config.eps must be non-empty and distinct, got {eps}.")
   if any(not 0.0 <= e <= 1.0 for e in eps):
-    raise ValueError(f"config.eps are L-inf radii in [0, 1] pixel units, got {eps}.")
+    raise errors.ConfigError(f"config.eps are L-inf radii in [0, 1] pixel units, got {eps}.")
   registry.lookup("natural-image set", config.natural, {n: n for n in NATURAL_IMAGES})
   return archs, sorted(eps)
 
@@ -405,7 +405,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mean off-diagonal similarity per eps for both measures and their trends.
   """
   t0 = time.perf_counter()
-  workdir = epath.Path(workdir)
+  workdir = io.path(workdir)
   archs, eps = check_grid(config)
   test = data.load(config.data, "test")
   key = jax.random.PRNGKey(int(config.seed))

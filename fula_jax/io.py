@@ -1,7 +1,9 @@
-"""File I/O that never leaves a half-written file, on local disks and bucket paths.
+"""Paths and file I/O that never leaves a half-written file, on local disks and buckets.
 
 All paths go through `etils.epath`, so a workdir may be ``gs://...``. Writes go to a
-temporary name beside the target and are renamed into place.
+temporary name beside the target and are renamed into place. A path a user gives is
+resolved once, where it enters (the command line or a public function), by
+:func:`resolve`: local paths become absolute (orbax refuses relative ones), URLs stay.
 """
 
 from __future__ import annotations
@@ -15,6 +17,27 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL such as ``gs://bucket/run`` rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+  """`path` as an absolute local path (``~`` expanded, relative to the current
+  directory), or unchanged when it is a URL such as ``gs://bucket/run``."""
+  path = os.fspath(path)
+  if not path:
+    raise ValueError("An empty string is not a path.")
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+  """:func:`resolve`, as an `epath.Path`."""
+  return epath.Path(resolve(p))
 
 
 def is_writer() -> bool:

@@ -3,6 +3,12 @@
 Thin on purpose: parse flags, start `jax.distributed` when there are several processes,
 write the resolved config into the workdir, and hand over to the job's library function
 (which a Colab can call directly with the same config).
+
+Paths on the command line may be relative, start with ``~`` or hold spaces; they are
+made absolute here, once (bucket URLs such as ``gs://...`` are left as they are). A
+mistake in what was asked for (an unknown name or config key, a missing checkpoint, a
+dataset that is not prepared, points that cannot be stitched) ends with one line on
+stderr and exit status 2; ``--verbose`` (or ``FULA_JAX_VERBOSE=1``) adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import functools
 import importlib
 import logging
 import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fula_jax import registry
+from fula_jax import errors, registry
 
 # job name -> "module:function"; imported lazily so one job's dependencies never slow
 # down another's start-up.
@@ -30,6 +37,9 @@ JOBS = {
     "study_jones": "experiments.study_jones:run",
     "study_fula": "experiments.study_fula:run",
 }
+# Config fields that hold local paths (or bucket URLs), resolved like --workdir.
+PATH_SUFFIXES = ("workdir", "data_dir")
+VERBOSE_ENV = "FULA_JAX_VERBOSE"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally followed by ':args'.",
@@ -43,6 +53,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() with auto-detection "
     "(Cloud TPU VM slices, SLURM, Open MPI).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, f"Show the traceback of user errors too (or set {VERBOSE_ENV}=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,25 +82,123 @@ class _QuietLibraries(logging.Filter):
         part in record.pathname for part in ("/orbax/", "/tensorstore/"))
 
 
+# ---------------------------------------------------------------- the command line
+
+
+def _verbose(argv: Sequence[str] = ()) -> bool:
+  flag = any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
+             for a in argv)
+  return flag or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def fail(message: str) -> None:
+  """End the process after a user error: one line on stderr, exit status 2."""
+  print(f"fula_jax: error: {errors.one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  for k, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and k + 1 < len(argv):
+      return argv[k + 1]
+  return None
+
+
+def check_config_flags(argv: Sequence[str]) -> None:
+  """Raise a `UserError` for a config file that does not exist, a bad ``:args``
+  argument, or a ``--config.KEY=...`` override naming a key the config lacks.
+
+  absl would report these with a traceback of the config loader; this names the
+  problem and the valid choices instead.
+  """
+  from fula_jax import defaults
+  spec = _flag_value(argv, "config")
+  if spec is None:
+    return
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(
+        folder) else []
+    where = (f" Config files in {folder}: {', '.join(found)}." if found else
+             " Run from the repository root, or give the path to a configs/*.py file.")
+    raise errors.ConfigError(f"Config file {path!r} does not exist (looked for "
+                             f"{os.path.abspath(path)}).{where}")
+  config = defaults.load_config(path, arg or None)
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    dotted = a[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for key in dotted.split("."):
+      if not hasattr(node, "keys"):
+        break  # a value (or a dict-valued placeholder): config_flags takes it from here
+      if key not in node.keys():
+        prefix = "".join(f"{w}." for w in walked)
+        raise registry.unknown("config key", f"{prefix}{key}",
+                               [f"{prefix}{k}" for k in sorted(node.keys())])
+      node, walked = node[key], walked + [key]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with user mistakes reported as one line and exit status 2."""
+  try:
+    check_config_flags(argv)
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise errors.ConfigError("--config is required.")
+  except errors.UserError as e:
+    if _verbose(argv):
+      raise
+    fail(str(e))
+  except (flags.Error, OSError, KeyError, AttributeError) as e:
+    if _verbose(argv):
+      raise
+    fail(f"{str(e).strip().splitlines()[0]} (run with --helpshort for the flags)")
+  return rest
+
+
+def resolve_paths(config: Any) -> Any:
+  """`config` with every local path (a field named like `PATH_SUFFIXES`, at any depth)
+  made absolute, so config.json records what was used; URLs stay as they are."""
+  from fula_jax import io
+  for key in list(config.keys()):
+    value = config[key]
+    if hasattr(value, "keys"):
+      resolve_paths(value)
+    elif isinstance(value, str) and value and key.endswith(PATH_SUFFIXES):
+      config[key] = io.resolve(value)
+  return config
+
+
 def main(argv, job: Callable[..., Any] | None = None):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
-  job = job or resolve_job(config.job)
-  initialize_distributed()
-  from fula_jax import io
-  if io.is_writer():
-    io.write_json(os.path.join(_WORKDIR.value, "config.json"), config.to_dict())
-  job(config, _WORKDIR.value)
+  verbose = _VERBOSE.value or _verbose()
+  try:
+    from fula_jax import io
+    config = resolve_paths(_CONFIG.value)
+    workdir = io.resolve(_WORKDIR.value)
+    job = job or resolve_job(config.job)
+    initialize_distributed()
+    if io.is_writer():
+      io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    job(config, workdir)
+  except errors.UserError as e:
+    if verbose:
+      raise
+    fail(str(e))
 
 
 def script(job: Callable[..., Any]) -> None:
   """Run `job(config, workdir)` with this module's flags: the ``__main__`` of a study
   script in experiments/, which then takes the same flags as ``fula_jax.main``."""
-  app.run(functools.partial(main, job=job))
+  app.run(functools.partial(main, job=job), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

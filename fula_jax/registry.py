@@ -5,10 +5,12 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, Mapping, TypeVar
 
+from fula_jax.errors import UserError
+
 V = TypeVar("V")
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(UserError, KeyError, ValueError):
   """A name (model, dataset, layer, objective, job, ...) that is not registered."""
 
   def __str__(self) -> str:  # KeyError would otherwise quote the message.

@@ -20,11 +20,11 @@ def fmt(v: float | None, spec: str = ".4f") -> str:
   return "—" if v is None or not np.isfinite(v) else format(v, spec)
 
 
-def figure(figsize: tuple[float, float]):
+def figure(figsize: tuple[float, float], layout: str | None = None):
   """A matplotlib Figure with an Agg canvas, outside pyplot's global state."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  fig = Figure(figsize=figsize)
+  fig = Figure(figsize=figsize, layout=layout)
   FigureCanvasAgg(fig)
   return fig
 

@@ -31,21 +31,26 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 from etils import epath
 
 from fula_jax import io
+from fula_jax.errors import UserError
 
 RESULTS_DIR = "results"
 FORMAT = "fula_jax.results/1"
 COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "measure", "value")
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
   """A results folder or file that is missing, damaged or inconsistent."""
+
+
+class NoResultsError(ResultsError, FileNotFoundError):
+  """A workdir that holds no results (yet)."""
 
 
 @dataclasses.dataclass
@@ -83,10 +88,13 @@ class Matrix:
     }, columns=list(COLUMNS))
 
   def plot(self, ax=None, annotate: bool | None = None, *, cmap: str = "viridis",
-           vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f"):
+           vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f",
+           title: str | None = None, colorbar: bool = True):
     """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey.
 
-    `annotate` None writes the values when there are at most 400 cells.
+    `annotate` None writes the values when there are at most 400 cells. `title` None
+    names the measure and both models. Returns the axes (the image is
+    ``ax.images[0]``, e.g. for a colour bar shared by several panels).
     """
     import matplotlib as mpl
     if ax is None:
@@ -122,10 +130,16 @@ class Matrix:
     ax.set_yticks(range(nr), self.rows, fontsize=8)
     ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
     ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
-    ax.set_title(f"{self.measure}\nA: {_short(self.model_a)}   B: {_short(self.model_b)}",
-                 fontsize=9)
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(self.title() if title is None else title, fontsize=9)
+    if colorbar:
+      ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return ax
+
+  def title(self) -> str:
+    """The measure, then which model gives the rows (A) and the columns (B)."""
+    a, b = _short(self.model_a), _short(self.model_b)
+    models = f"A = B = {a}" if a == b else f"A = {a}, B = {b}"
+    return f"{self.measure}\n{models}"
 
 
 def _short(s: str, limit: int = 48) -> str:
@@ -140,7 +154,39 @@ def file_stem(name: str) -> str:
 
 
 def _results_dir(workdir: str | os.PathLike) -> epath.Path:
-  return epath.Path(workdir) / RESULTS_DIR
+  return io.path(workdir) / RESULTS_DIR
+
+
+def overview(matrices: Sequence[Matrix], titles: Sequence[str] | None = None, *,
+             vmin: float | None = None, vmax: float | None = None,
+             label: str = "value", suptitle: str | None = None):
+  """Heatmaps of several matrices side by side on ONE colour scale, with one colour bar.
+
+  Use it for measures that share a range (CKA and stitching accuracy both live in
+  [0, 1]); `vmin`/`vmax` default to the joint finite range. Returns a matplotlib Figure
+  (outside pyplot's state; in Colab, display it or call ``fig.savefig``).
+  """
+  from fula_jax import reporting
+  if not matrices:
+    raise ValueError("overview() needs at least one matrix.")
+  finite = np.concatenate([m.matrix[np.isfinite(m.matrix)] for m in matrices])
+  lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+  hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+  nr = max(m.matrix.shape[0] for m in matrices)
+  nc = max(m.matrix.shape[1] for m in matrices)
+  panel_w, panel_h = min(1.6 + 0.42 * nc, 8.0), min(1.8 + 0.38 * nr, 8.0)
+  fig = reporting.figure((panel_w * len(matrices) + 1.2, panel_h + 0.8),
+                         layout="constrained")
+  axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+  for k, (m, ax) in enumerate(zip(matrices, axes)):
+    m.plot(ax=ax, vmin=lo, vmax=hi, colorbar=False,
+           title=titles[k] if titles is not None else m.measure)
+    if k:
+      ax.set_ylabel("")
+  fig.colorbar(axes[0].images[0], ax=list(axes), fraction=0.025, pad=0.02, label=label)
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=10)
+  return fig
 
 
 def _png_bytes(m: Matrix) -> bytes:
@@ -232,13 +278,13 @@ def load(workdir: str | os.PathLike) -> dict[str, Matrix]:
   """Every matrix under ``<workdir>/results``, keyed by the name it was saved with."""
   d = _results_dir(workdir)
   if not d.exists():
-    raise FileNotFoundError(
+    raise NoResultsError(
         f"No results in {workdir}: {d} does not exist. Run a job (e.g. "
         f"`python -m fula_jax.main --config=configs/similarity.py --workdir={workdir}`) "
         "first, or check the path.")
   paths = sorted(p for p in d.glob("*.npz") if not p.name.startswith("."))
   if not paths:
-    raise FileNotFoundError(f"No results in {workdir}: {d} holds no .npz matrices.")
+    raise NoResultsError(f"No results in {workdir}: {d} holds no .npz matrices.")
   out = {}
   for p in paths:
     name, m = _load_one(p)

@@ -2,14 +2,11 @@
 
 import pathlib
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from fula_jax import defaults, io, models, registry, results
+from fula_jax import defaults, registry, results
 from fula_jax.stitching import job
-from fula_jax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,26 +15,9 @@ def _config_module(name):
   return defaults.config_module(ROOT / "configs" / f"{name}.py")
 
 
-def _model_workdir(path, name, kwargs, channels, seed):
-  """A `job=train`-style workdir (config.json + an orbax checkpoint) of a random model."""
-  cfg = _config_module("train").get_config(f"model={name},runlocal,seed={seed}")
-  cfg.model.kwargs = kwargs
-  cfg.data.image_size = None  # native 8x8 digits
-  cfg.data.channels = channels
-  io.write_json(path / checkpoint.CONFIG_FILE, cfg.to_dict())
-  model = models.get_model(name, num_classes=10, **kwargs)
-  variables = jax.jit(lambda k: models.init(model, k, (1, 8, 8, channels)))(
-      jax.random.PRNGKey(seed))
-  tree = {"step": np.int32(1), **jax.tree_util.tree_map(np.asarray, variables)}
-  mngr = checkpoint.manager(path)
-  mngr.save(1, args=ocp.args.StandardSave(tree))
-  mngr.wait_until_finished()
-  return str(path)
-
-
-def test_cross_architecture_job_writes_and_resumes(tmp_path):
-  a = _model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, 1, 0)
-  b = _model_workdir(tmp_path / "mlp", "mlp", {"widths": (6,)}, 3, 1)
+def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir):
+  a = model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, 1, 0)
+  b = model_workdir(tmp_path / "mlp", "mlp", {"widths": (6,)}, 3, 1)
   config = _config_module("stitch").get_config("variant=cross_arch,objectives=dm+fula,"
                                                "runlocal")
   config.model_a_workdir, config.model_b_workdir = a, b

@@ -1,4 +1,4 @@
-"""Training: CLI overrides and errors, accuracy on digits, exact resume after SIGKILL."""
+"""Training: CLI overrides, accuracy on digits, exact resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -27,21 +27,6 @@ def _main(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def _load_config(arg: str):
   return defaults.load_config(REPO / "configs" / "train.py", arg)
-
-
-def test_cli_unknown_config_key_fails_with_message(tmp_path):
-  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path}",
-            "--config.train.lerning_rate=0.1", timeout=120)
-  assert r.returncode != 0
-  assert "lerning_rate" in r.stderr
-
-
-def test_cli_unknown_job_lists_valid_jobs(tmp_path):
-  r = _main("--config=configs/train.py:runlocal", f"--workdir={tmp_path}",
-            "--config.job=trian", timeout=120)
-  assert r.returncode != 0
-  assert "Unknown job 'trian'" in r.stderr and "'train'" in r.stderr
-  assert "stitch" in r.stderr and "similarity" in r.stderr
 
 
 def test_unknown_model_and_dataset_list_valid_names(tmp_path):

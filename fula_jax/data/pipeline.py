@@ -8,9 +8,10 @@ import types
 from typing import Iterator, Mapping
 
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
-from fula_jax import registry
+from fula_jax import errors, registry
 from fula_jax.data import digits
 from fula_jax.data import tfds_source
 from fula_jax.data import transforms
@@ -63,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every field `load` reads. The default runs anywhere: digits upsampled to 32x32x3."""
   return ml_collections.ConfigDict(dict(
       name="digits",
-      data_dir=None,          # tfds data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      # tfds data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      data_dir=config_dict.placeholder(str),
       download=False,         # True: tfds download_and_prepare when not on disk
       image_size=32,          # None = native size
       channels=3,             # None = native; 1 or 3
@@ -84,7 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
 def _resolve(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
   full = default_config()
   if cfg is not None:
-    full.update(cfg)
+    # Plain values: ml_collections cannot update one placeholder from another.
+    full.update(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
   return full
 
 
@@ -113,7 +116,7 @@ def load_with_cues(cfg: ml_collections.ConfigDict, split: str
   ds = spec(cfg.name)
   size = cfg.image_size or ds.native_size
   if cfg.channels not in (None, 1, 3):
-    raise ValueError(f"data.channels must be None, 1 or 3, got {cfg.channels}.")
+    raise errors.ConfigError(f"data.channels must be None, 1 or 3, got {cfg.channels}.")
   if ds.tfds_name is None:
     images, labels = digits.load_split(split, test_fraction=float(cfg.digits_test_fraction),
                                        seed=int(cfg.digits_split_seed))

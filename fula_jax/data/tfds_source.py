@@ -10,12 +10,14 @@ import os
 
 import numpy as np
 
+from fula_jax import io
 from fula_jax.data import transforms
+from fula_jax.errors import UserError
 
 _CHUNK = 1024
 
 
-class DatasetNotReadyError(RuntimeError):
+class DatasetNotReadyError(UserError, RuntimeError):
   """A tfds dataset that is not prepared (in a readable format) where we looked."""
 
 
@@ -39,6 +41,7 @@ def builder(tfds_name: str, *, data_dir: str | None, download: bool):
   """A prepared tfds builder; prepares it (array_record) only when `download` is set."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  data_dir = io.resolve(data_dir) if data_dir else None
   b = tfds.builder(tfds_name, data_dir=data_dir)
   if not b.is_prepared():
     if not download:
@@ -69,6 +72,7 @@ def read(tfds_name: str, split: str, *, data_dir: str | None, download: bool,
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  data_dir = io.resolve(data_dir) if data_dir else None
   builder(tfds_name, data_dir=data_dir, download=download)
   try:
     source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fula_jax import errors
 from fula_jax import progress as progress_lib
 from fula_jax import registry
 from fula_jax import results
@@ -79,7 +80,7 @@ def _check_exact_size(acts_a, acts_b, rows, cols, limit: int) -> None:
   need = 4 * (sum(dims_a) * sum(dims_b) + sum(d * d for d in dims_a + dims_b))
   if need > limit:
     widest = sorted(zip(dims_a + dims_b, rows + cols), reverse=True)[:3]
-    raise ValueError(
+    raise errors.ConfigError(
         f"The exact estimator would hold {need / 2**30:.1f} GiB of statistics (widest "
         f"layers: {', '.join(f'{n}={d}' for d, n in widest)}); use "
         "estimator='minibatch', fewer points, or raise exact_max_bytes.")
@@ -266,7 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``.
   """
   if not config.get("model_a_workdir"):
-    raise ValueError("config.model_a_workdir is required: the workdir of a trained "
+    raise errors.ConfigError("config.model_a_workdir is required: the workdir of a trained "
                      "model (`job=train`).")
   model_a, vars_a, cfg_a = _load_trained(config.model_a_workdir)
   model_b = vars_b = None
@@ -289,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"{jax.device_count()} devices; running on one device.",
                     checks.SimilarityWarning)
     else:
-      raise ValueError(f"batch_size {config.batch_size} must be a multiple of the "
+      raise errors.ConfigError(f"batch_size {config.batch_size} must be a multiple of the "
                        f"{jax.device_count()} devices for a multi-host run.")
   num_batches = -(-n // config.batch_size)
   mats = similarity_matrices(

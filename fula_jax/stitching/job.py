@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from fula_jax import registry
+from fula_jax import errors, registry
 
 _VIEW_KEYS = ("image_size", "channels", "grayscale")
 
@@ -49,7 +49,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from fula_jax.train.checkpoint import load_trained
 
   if not config.get("model_a_workdir"):
-    raise ValueError("config.model_a_workdir is required: the workdir of a trained "
+    raise errors.ConfigError("config.model_a_workdir is required: the workdir of a trained "
                      "model (`job=train`).")
   name_a = str(config.model_a_workdir)
   name_b = str(config.get("model_b_workdir") or name_a)

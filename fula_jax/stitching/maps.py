@@ -31,13 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fula_jax.errors import UserError
+
 KINDS = ("conv", "tokens", "dense", "conv_to_tokens", "tokens_to_conv")
 _LAYOUT_NAMES = {1: "vector (B, D)", 2: "tokens (B, T, D)", 3: "NHWC map (B, H, W, C)"}
 
 Params = dict[str, jax.Array]
 
 
-class UnstitchableError(ValueError):
+class UnstitchableError(UserError, ValueError):
   """Two stitch points whose activation layouts no stitch map can connect."""
 
 

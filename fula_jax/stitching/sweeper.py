@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -75,8 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
       objectives=("tlm", "slm", "dm", "fula"),
       pairs="all",            # 'all' | 'diagonal' | 'offset:k' (i->i+-k) | 'offset:+k' |
                               # 'offset:-k' | 'a->b,c->d' | a list of 'a->b' or (a, b)
-      rows=None,              # front points (model A); None = all stitch points
-      cols=None,              # end points (model B); None = all stitch points
+      rows=config_dict.placeholder(tuple),  # front points (A); None = every point
+      cols=config_dict.placeholder(tuple),  # end points (B); None = every point
       batch_size=256,
       eval_batch_size=512,
       epochs=3.0,
@@ -93,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
                                   # (0 = one epoch of the training split)
               refine_epochs=0.0),  # gradient refinement of the closed form
       fula=dict(C="1",            # scalar, 'c1,c2,..' per point of g, or 'point=c,..'
-                k=None,           # last latent point (None: g's last stitch point)
+                k=config_dict.placeholder(str),  # last latent point (None: g's last)
                 squared=False, normalise="example", eps=1e-8),
       pgd=dict(enabled=False, norm="linf", eps=8 / 255, step_size=2 / 255, steps=20,
                random_start=True, num_examples=512),
@@ -1106,6 +1107,7 @@ def run_sweep(model_a: models.StagedModel, vars_a: Any, model_b: models.StagedMo
   """
   cfg = resolve(cfg)
   t0 = time.perf_counter()
+  workdir = None if workdir is None else fio.resolve(workdir)
   sw = _Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, train_b,
               test_b, name_a, name_b, mesh, keep_params, cache, profile, eval_sets)
   rows = list(cfg["rows"] or sw.points_a)

@@ -17,12 +17,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fula_jax import io
+from fula_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that is missing or cannot be read."""
 
 
@@ -31,7 +32,7 @@ def manager(workdir: str | epath.Path, *, save_every_steps: int = 1,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=max(1, save_every_steps),
       enable_async_checkpointing=False, create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR, options=options)
+  return ocp.CheckpointManager(io.path(workdir) / CHECKPOINT_DIR, options=options)
 
 
 def state_to_tree(state: Any) -> dict:
@@ -59,7 +60,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any = None
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = io.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(
         f"No trained model in {workdir}: {path} is missing. Train one with "
@@ -81,7 +82,7 @@ def load_trained(workdir: str | epath.Path):
 
   config = read_config(workdir)
   model = loop.build_model(config)
-  ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+  ckpt_dir = io.path(workdir) / CHECKPOINT_DIR
   if not ckpt_dir.exists():
     raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(

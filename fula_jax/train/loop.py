@@ -12,10 +12,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fula_jax import io, models
+from fula_jax import errors, io, models
 from fula_jax.progress import Progress
 from fula_jax.train import checkpoint
 from fula_jax.train.state import (TrainState, create_state, learning_rate_schedule,
@@ -100,19 +99,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from clu import metric_writers
   from fula_jax import data
 
-  workdir = epath.Path(workdir)
+  workdir = io.path(workdir)
   tcfg = config.train
+  model = build_model(config)  # an unknown model name fails before any data is read
   train_split = data.load(config.data, "train")
   test_split = data.load(config.data, "test")
-  model = build_model(config)
   mesh = data_mesh()
 
   if tcfg.batch_size % mesh.size:
-    raise ValueError(f"train.batch_size={tcfg.batch_size} must be a multiple of the "
+    raise errors.ConfigError(f"train.batch_size={tcfg.batch_size} must be a multiple of the "
                      f"number of devices ({mesh.size}): the batch is sharded over them.")
   steps_per_epoch = len(train_split.labels) // tcfg.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"train.batch_size={tcfg.batch_size} is larger than the training "
+    raise errors.ConfigError(f"train.batch_size={tcfg.batch_size} is larger than the training "
                      f"split ({len(train_split.labels)} examples).")
   total_steps = tcfg.num_steps or int(round(tcfg.num_epochs * steps_per_epoch))
   schedule = learning_rate_schedule(tcfg, total_steps, steps_per_epoch)

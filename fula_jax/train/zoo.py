@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import attacks, data, io, models
+from fula_jax import attacks, data, errors, io, models
 from fula_jax.train import checkpoint, loop
 
 
@@ -45,7 +45,7 @@ def check_existing(model_dir: epath.Path, cfg: ml_collections.ConfigDict) -> Non
   elif want_eps > 0 and have_norm != want_norm:
     diffs.append("train.adversarial.norm")
   if diffs:
-    raise ValueError(
+    raise errors.ConfigError(
         f"{model_dir} holds a finished model whose config differs from this study's in "
         f"{diffs}; use a fresh workdir or delete that model folder to retrain it.")
 
@@ -54,7 +54,7 @@ def train_or_reuse(cfg: ml_collections.ConfigDict, model_dir: str | epath.Path
                    ) -> tuple[dict[str, Any], bool]:
   """(summary, trained): train `cfg` into `model_dir` unless a finished model is there
   (an interrupted one resumes from its checkpoint)."""
-  model_dir = epath.Path(model_dir)
+  model_dir = io.path(model_dir)
   summary = model_dir / "summary.json"
   if summary.exists():
     check_existing(model_dir, cfg)

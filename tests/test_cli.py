@@ -1,0 +1,177 @@
+"""The command line as a new user meets it: relative, ``~`` and spaced paths from any
+working directory, and user errors that end in one line and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fula_jax import io, main, results
+from fula_jax.train import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ERROR_PREFIX = "fula_jax: error: "
+
+
+def _env(**extra: str) -> dict[str, str]:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(REPO))
+  env.pop(main.VERBOSE_ENV, None)
+  return dict(env, **extra)
+
+
+def _start(args, cwd, **env) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(**env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resolve_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert io.resolve("runs/a b") == str(tmp_path / "runs" / "a b")
+  assert io.resolve("~/x") == str(tmp_path / "home" / "x")
+  assert io.resolve("./y/../z") == str(tmp_path / "z")
+  assert io.resolve(tmp_path / "abs") == str(tmp_path / "abs")
+  for url in ("gs://bucket/run", "s3://b/r", "gs://bucket/relative/../x"):
+    assert io.resolve(url) == url
+  with pytest.raises(ValueError):
+    io.resolve("")
+
+
+def test_quickstart_from_another_directory_with_a_relative_workdir(tmp_path, monkeypatch):
+  """The README's first command, but :tiny, from a directory that is not the
+  repository, with a relative config path and a relative workdir holding a space."""
+  cwd = tmp_path / "somewhere else"
+  cwd.mkdir()
+  config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
+  proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
+                 "--workdir=runs/quick start"], cwd)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, (out + err)[-4000:]
+
+  monkeypatch.chdir(cwd)  # everything below reads through relative paths
+  mats = results.load("runs/quick start")
+  assert {"cka_linear_debiased", "stitch_tlm/accuracy", "stitch_slm/accuracy",
+          "stitch_dm/accuracy", "stitch_fula/accuracy"} <= set(mats)
+  tlm = mats["stitch_tlm/accuracy"]
+  assert (tlm.model_a, tlm.model_b) == ("cnn", "resnet20")
+  assert np.isfinite(tlm.matrix).any()
+  assert 0.0 <= np.nanmin(tlm.matrix) and np.nanmax(tlm.matrix) <= 1.0
+  model, variables, cfg = checkpoint.load_trained("runs/quick start/models/a_cnn")
+  assert cfg.model.name == "cnn" and model.point_names == ("conv1", "conv2", "pool")
+  assert mats["cka_linear_debiased"].rows == list(model.point_names)
+
+  # The workdir written into config.json is the absolute one.
+  written = io.read_json("runs/quick start/config.json")
+  assert written["model_a"]["model"]["name"] == "cnn"
+  assert (cwd / "runs" / "quick start" / "results" / "overview.png").stat().st_size > 0
+  report = (cwd / "runs" / "quick start" / "report.md").read_text()
+  for key in ("cka_linear_debiased", "stitch_tlm/accuracy", "stitch_fula/accuracy"):
+    assert f"`{key}`" in report
+  assert "results/overview.png" in report
+  # Titles name each model once (they once read "A: A:cnn B: B:resnet20").
+  for m in mats.values():
+    title = m.title()
+    assert title.count("cnn") == 1 and title.count("resnet20") == 1, title
+
+
+@pytest.fixture(scope="module")
+def broken_workdirs(tmp_path_factory, model_workdir):
+  """Model workdirs for the error cases: a CNN, an MLP, and a CNN whose checkpoint
+  files are overwritten with garbage."""
+  make_model_workdir = model_workdir
+  root = tmp_path_factory.mktemp("models")
+  cnn = make_model_workdir(root / "cnn", "cnn", {"widths": (4, 6)})
+  mlp = make_model_workdir(root / "mlp", "mlp", {"widths": (6,)}, seed=1)
+  damaged = make_model_workdir(root / "damaged", "cnn", {"widths": (4, 6)})
+  for f in (Path(damaged) / "checkpoints").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\x00garbage")
+  return {"cnn": cnn, "mlp": mlp, "damaged": damaged, "root": root}
+
+
+def test_user_errors_end_with_one_line_and_status_2(tmp_path, broken_workdirs):
+  w = broken_workdirs
+  stitch = ["-m", "fula_jax.main", "--config=configs/stitch.py:runlocal",
+            f"--workdir={tmp_path / 'out'}"]
+  train = ["-m", "fula_jax.main", f"--workdir={tmp_path / 'out'}"]
+  cases = {
+      "unknown model": (train + ["--config=configs/train.py:model=resnet19,runlocal"],
+                        ["Unknown model 'resnet19'", "resnet18", "Valid choices"]),
+      "unknown config key": (train + ["--config=configs/train.py:runlocal",
+                                      "--config.train.lerning_rate=0.1"],
+                             ["train.lerning_rate", "train.learning_rate",
+                              "Valid choices"]),
+      "unknown config argument": (train + ["--config=configs/train.py:runlocl"],
+                                  ["'runlocl'", "runlocal", "Valid choices"]),
+      "unknown job": (train + ["--config=configs/train.py:runlocal",
+                               "--config.job=trian"],
+                      ["Unknown job 'trian'", "'train'", "stitch"]),
+      "missing config file": (train + ["--config=configs/trian.py"],
+                              ["configs/trian.py", "does not exist", "train.py"]),
+      "missing checkpoint": (stitch + [f"--config.model_a_workdir={w['root']}/none"],
+                             ["No trained model", "config.json is missing",
+                              "configs/train.py"]),
+      "damaged checkpoint": (stitch + [f"--config.model_a_workdir={w['damaged']}"],
+                             ["could not be read", "Delete that step"]),
+      "dataset not prepared": (train + ["--config=configs/train.py:dataset=cifar10",
+                                        f"--config.data.data_dir={tmp_path}/tfds"],
+                               ["'cifar10' is not prepared", "download=True",
+                                "data_dir"]),
+      "unstitchable": (stitch + [f"--config.model_a_workdir={w['cnn']}",
+                                 f"--config.model_b_workdir={w['mlp']}",
+                                 "--config.stitch.pairs=conv1->fc1"],
+                       ["Cannot stitch 'conv1'", "'fc1' (B, 6)", "pick pooled points"]),
+  }
+  procs = {}
+  for name, (args, _) in cases.items():  # two at a time: this machine has 2 cores
+    procs[name] = _start(args, REPO)
+    if len(procs) % 2 == 0:
+      procs[name].wait(timeout=300)
+  for name, (args, wanted) in cases.items():
+    out, err = procs[name].communicate(timeout=300)
+    assert procs[name].returncode == 2, (name, (out + err)[-3000:])
+    assert "Traceback" not in err, (name, err[-3000:])
+    lines = [line for line in err.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), (name, err[-3000:])
+    for text in wanted:
+      assert text in lines[0], (name, text, lines[0])
+
+
+def test_verbose_shows_user_error_tracebacks_and_bugs_keep_theirs(tmp_path):
+  script = tmp_path / "job.py"
+  script.write_text(textwrap.dedent("""
+      import sys
+      from fula_jax import errors, main
+
+      BUG = sys.argv.pop() == "--bug"
+
+      def job(config, workdir):
+        if BUG:
+          return 1 / 0
+        raise errors.ConfigError("config.thing must be positive, got -1.")
+
+      main.script(job)
+  """))
+  args = [str(script), f"--config={REPO}/configs/train.py:runlocal",
+          f"--workdir={tmp_path}"]
+  runs = {"user": _start(args + ["--user"], REPO),
+          "verbose": _start(args + ["--verbose", "--user"], REPO),
+          "env": _start(args + ["--user"], REPO, **{main.VERBOSE_ENV: "1"}),
+          "bug": _start(args + ["--bug"], REPO)}
+  out = {k: p.communicate(timeout=120) + (p.returncode,) for k, p in runs.items()}
+  _, err, rc = out["user"]
+  assert rc == 2 and "Traceback" not in err
+  assert err.strip().endswith(f"{ERROR_PREFIX}config.thing must be positive, got -1.")
+  for k in ("verbose", "env"):
+    _, err, rc = out[k]
+    assert rc != 0 and "Traceback" in err and "ConfigError" in err, (k, err[-2000:])
+  _, err, rc = out["bug"]
+  assert rc == 1 and "Traceback" in err and "ZeroDivisionError" in err
+  assert ERROR_PREFIX not in err
