@@ -38,8 +38,8 @@ def get_config(arg=None):
       batch_size=256 if arg.runlocal or arg.tiny else 1000,
   ))
 
-  from fula_jax.stitching import sweeper
-  config.stitch = sweeper.default_config()
+  from fula_jax import stitching
+  config.stitch = stitching.default_config()
   config.stitch.objectives = ("tlm", "slm", "dm", "fula")
   config.stitch.pairs = "all"
   # Start trained stitches from the least-squares (DM) map: a few epochs from a random

@@ -49,13 +49,11 @@ VARIANTS = {"cross_seed": "all", "cross_arch": "all", "self": "diagonal",
 
 
 def stitch_block(pairs: str = "all") -> ml_collections.ConfigDict:
-  """`config.stitch`: every setting of the sweep engine (see stitching/sweeper.py)."""
-  from fula_jax.stitching import sweeper
-  block = sweeper.default_config()
+  """`config.stitch`: every setting of the sweep engine (fula_jax/stitching/settings.py:
+  what it computes, which cells, how it runs)."""
+  from fula_jax import stitching
+  block = stitching.default_config()
   block.pairs = pairs
-  block.rows = config_dict.placeholder(tuple)  # None = every stitch point of A
-  block.cols = config_dict.placeholder(tuple)  # None = every stitch point of B
-  block.fula.k = config_dict.placeholder(str)  # None = g's last stitch point
   return block
 
 

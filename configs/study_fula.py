@@ -51,7 +51,7 @@ Fields:
     (`eval_steps` on the first `eval_examples` test images).
   shortcut: the cue (see fula_jax/data: correlation, strength, patch_size, seed) and the
     evaluation modes every stitch is scored under.
-  stitch: fula_jax.stitching.sweeper settings shared by every sweep (objectives, epochs,
+  stitch: fula_jax.stitching settings shared by every sweep (objectives, epochs,
     batch size, learning rate, init, FuLA's C, k and norms, ...); `pairs` is set per
     testbed.
   depth_pairs: the cells of the robust and shortcut testbeds: 'diagonal', or

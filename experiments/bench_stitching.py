@@ -1,73 +1,80 @@
-"""Benchmark: the stitching sweep engine vs a one-pair-at-a-time loop, same run.
+"""Benchmark: the stitching sweep engine against one-pair-at-a-time loops, in one run.
 
-Two randomly initialised models (by default two 8-layer MLPs of widths 32 and 24, so
-every end point has a group of 8 same-shape fronts) and the embedded digits: the full
-cross-layer matrix (every stitchable (front point, end point) cell, all requested
-objectives) is computed twice with the same JAX code (:func:`fula_jax.stitching.run_sweep`):
+The same cross-layer matrix is computed three ways:
 
-* sweep: groups of same-shape stitches trained together under vmap, ONE donor pass
-  per batch shared by every stitch of every objective (the default engine);
-* loop: every stitch alone (``grouping='single'``, one stitch per unit and per wave),
-  so both donors run again for every stitch and every batch.
+* sweep: the engine's default (`grouping='end'`): one program per (end point, objective)
+  trains every stitch into that point under vmap, and one donor pass per batch is
+  shared by every stitch;
+* loop: the same JAX code one stitch at a time (`grouping='single'`, one stitch per
+  wave), so both donors run again for every stitch and every batch;
+* torch: the loop a researcher would write in PyTorch (`experiments/torch_loop.py`,
+  ResNet presets only, when torch is installed): a 1x1-conv stitch per pair, donors
+  rerun per step, no evaluation.
 
-Both times include compilation (programs are compiled once per shape in each mode, in
-parallel threads); the ratio is also given without it. It prints the largest difference
-between the two matrices, the FLOPs each mode executed (XLA cost analysis of every
-compiled program x its calls), the sweep's achieved FLOP/s and this machine's float32
-matmul FLOP/s (a timed large ``jnp.dot``) for scale.
+For each it prints wall time, compile time and programs compiled, ms per stitch step
+(training time / (stitches x steps)), the sweep's phases (compile, least squares, train,
+evaluate), the FLOPs each JAX mode executed (XLA's cost analysis x calls) and the
+achieved FLOP/s next to this machine's float32 matmul FLOP/s, and the ratios.
 
-  # default, about 2 minutes on 2 CPU cores:
+  # the ResNet workload (two CIFAR ResNet-18 layouts at width 1/4, stem + 8 block points =
+  # 81 cells, digits at 32x32x3, batch 64, 20 Adam steps from a random init), TLM then
+  # FuLA; about 25 minutes on 2 CPU cores with both loops:
+  python experiments/bench_stitching.py --preset=resnet18
+  python experiments/bench_stitching.py --preset=resnet18 --objectives=tlm --loops=torch
+  # small MLPs, all four objectives, about 2 minutes:
   python experiments/bench_stitching.py
-  # a ResNet-20 into a small ViT (conv maps resized onto token grids), 20 steps:
-  python experiments/bench_stitching.py --model_a=resnet20 --model_b=vit --steps=20
-  # other objectives:
-  python experiments/bench_stitching.py --objectives=fula,dm
-
-Measured on the 2-core CPU this project was built on (see the final report / README),
-the wall-clock ratio is bounded by compilation (~0.4 s per program there): the sweep
-compiles about half as many programs as the loop, in parallel threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fula_jax import models
-from fula_jax.stitching import engine, sweeper, testing
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fula_jax import models, sharding, stitching  # noqa: E402
+from fula_jax.data import Split, transforms  # noqa: E402
+from fula_jax.stitching import testing  # noqa: E402
 
 SMALL = {
-    "mlp8x32": {"widths": (32,) * 8},
-    "mlp8x24": {"widths": (24,) * 8},
-    "resnet20": {"width_multiplier": 0.25},
-    "resnet18": {"width_multiplier": 0.125},
-    "vit": {"patch": 2, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32},
-    "cnn": {"widths": (8, 16, 16)},
-    "mlp": {"widths": (32, 32, 32)},
-    "vgg11": {"width_multiplier": 0.125},
+    "mlp8x32": ("mlp", {"widths": (32,) * 8}),
+    "mlp8x24": ("mlp", {"widths": (24,) * 8}),
+    "resnet18": ("resnet18", {"width_multiplier": 0.25}),
+    "resnet20": ("resnet20", {"width_multiplier": 0.25}),
+    "vit": ("vit", {"patch": 2, "width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32}),
+    "cnn": ("cnn", {"widths": (8, 16, 16)}),
+}
+PRESETS = {
+    "mlp": dict(model_a="mlp8x32", model_b="mlp8x24", objectives="tlm,slm,dm,fula",
+                steps=400, batch_size=128, image_size=8, loops="jax"),
+    "resnet18": dict(model_a="resnet18", model_b="resnet18", objectives="tlm,fula",
+                     steps=20, batch_size=64, image_size=32, loops="jax,torch",
+                     drop_last_point=True),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model_a", default="mlp8x32",
-                 help="a registered model, or a preset of SMALL (mlp8x32, mlp8x24)")
-  p.add_argument("--model_b", default="mlp8x24")
-  p.add_argument("--kwargs_a", default=None, help="JSON model kwargs (default: small)")
-  p.add_argument("--kwargs_b", default=None)
-  p.add_argument("--objectives", default="tlm,slm,dm,fula")
-  p.add_argument("--steps", type=int, default=400, help="training steps per stitch")
-  p.add_argument("--batch_size", type=int, default=128)
-  p.add_argument("--num_train", type=int, default=1024)
-  p.add_argument("--num_test", type=int, default=256)
-  p.add_argument("--skip_loop", action="store_true", help="time the sweep only")
+  p.add_argument("--preset", default="mlp", choices=sorted(PRESETS))
+  p.add_argument("--model_a", help=f"one of {sorted(SMALL)}")
+  p.add_argument("--model_b")
+  p.add_argument("--objectives", help="comma separated; each is timed on its own")
+  p.add_argument("--steps", type=int, help="training steps per stitch")
+  p.add_argument("--batch_size", type=int)
+  p.add_argument("--loops", help="baselines to time: jax, torch, both ('jax,torch'), none")
   p.add_argument("--matmul_n", type=int, default=2048)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for k, v in PRESETS[args.preset].items():
+    if getattr(args, k, None) is None:
+      setattr(args, k, v)
+  return args
 
 
 def matmul_flops_per_s(n: int, reps: int = 5) -> float:
@@ -83,89 +90,105 @@ def matmul_flops_per_s(n: int, reps: int = 5) -> float:
   return 2.0 * n ** 3 / best
 
 
-def build(name: str, kwargs_json: str | None, seed: int, input_shape):
-  kwargs = json.loads(kwargs_json) if kwargs_json else SMALL.get(name, {})
-  registered = "mlp" if name.startswith("mlp") and name not in models.MODELS else name
-  model = models.get_model(registered, num_classes=10, **kwargs)
-  variables = jax.jit(lambda k: models.init(model, k, input_shape))(
+def data(image_size: int):
+  train, test = testing.digits_splits(1400, 397)
+  if image_size == 8:
+    return train, test
+
+  def up(s):
+    im = transforms.to_channels(transforms.resize(s.images, image_size), 3)
+    return Split(np.ascontiguousarray(im, np.float32), s.labels, 10,
+                 f"{s.name}@{image_size}")
+  return up(train), up(test)
+
+
+def donor(preset: str, seed: int, input_shape):
+  name, kwargs = SMALL[preset]
+  model = models.get_model(name, num_classes=10, **kwargs)
+  return model, jax.jit(lambda k: models.init(model, k, input_shape))(
       jax.random.PRNGKey(seed))
-  return model, variables
 
 
-def timed(label, fn):
+def time_jax(label, a, b, train, test, cfg):
+  profile: dict = {}
+  mesh = sharding.line_mesh("devices", sharding.devices(1))
   t0 = time.perf_counter()
-  out = fn()
-  dt = time.perf_counter() - t0
-  print(f"{label}: {dt:.1f} s", flush=True)
-  return out, dt
+  res = stitching.run_sweep(*a, *b, train, test, cfg, mesh=mesh, profile=profile)
+  wall = time.perf_counter() - t0
+  st = res.stats
+  n = st["stitches_computed"]
+  train_s = st["phase_seconds"].get("train", 0.0)
+  out = {"wall_s": wall, "compile_s": st["phase_seconds"].get("compile", 0.0),
+         "programs": st["programs_compiled"], "stitches": n,
+         "phases_s": st["phase_seconds"],
+         "ms_per_stitch_step": 1e3 * train_s / max(n * res.meta["steps"], 1),
+         "flops": stitching.program_flops(profile)}
+  out["flops_per_s_run"] = out["flops"] / max(wall - out["compile_s"], 1e-9)
+  print(f"  {label}: {wall:.1f} s wall; {out['programs']} programs compiled in "
+        f"{out['compile_s']:.1f} s ({100 * out['compile_s'] / wall:.0f}% of the wall); "
+        f"{out['ms_per_stitch_step']:.1f} ms per stitch step; phases "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in st["phase_seconds"].items()), flush=True)
+  return res, out
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  train, test = testing.digits_splits(args.num_train, args.num_test)
-  shape = (1,) + train.images.shape[1:]
-  model_a, vars_a = build(args.model_a, args.kwargs_a, 0, shape)
-  model_b, vars_b = build(args.model_b, args.kwargs_b, 1, shape)
-  cfg = dict(objectives=args.objectives.split(","), steps=args.steps,
-             batch_size=args.batch_size, eval_batch_size=args.batch_size,
-             progress=False, max_stitches_per_wave=4096)
-  mesh = engine.mesh_for(1)
-  print(f"devices: {jax.devices()}", flush=True)
+  train, test = data(args.image_size)
+  shape = (1,) + train.image_shape
+  a = donor(args.model_a, 0, shape)
+  b = donor(args.model_b, 1, shape)
+  rows = list(a[0].point_names[:-1] if getattr(args, "drop_last_point", False)
+              else a[0].point_names)
+  cols = list(b[0].point_names[:-1] if getattr(args, "drop_last_point", False)
+              else b[0].point_names)
+  loops = [x for x in args.loops.split(",") if x and x != "none"]
+  print(f"devices: {jax.devices()}; {args.model_a} -> {args.model_b}, {len(rows)} x "
+        f"{len(cols)} cells, {args.steps} steps of batch {args.batch_size}", flush=True)
   peak = matmul_flops_per_s(args.matmul_n)
   print(f"matmul {args.matmul_n}^2 float32: {peak / 1e9:.1f} GFLOP/s", flush=True)
-
-  prof_sweep: dict = {}
-  res, t_sweep = timed("sweep (vmapped groups, shared donor passes)", lambda: (
-      sweeper.run_sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, mesh=mesh,
-                        profile=prof_sweep)))
-  n_cells = sum(int(np.isfinite(m["accuracy"]).sum()) for m in res.values.values())
-  c_sweep = res.stats["compile_seconds"]
-  print(f"  {n_cells} stitches ({len(res.rows)} x {len(res.cols)} points, "
-        f"{len(res.values)} objectives), {res.stats['units_computed']} units, "
-        f"{res.stats['programs_compiled']} programs compiled in {c_sweep:.1f} s",
-        flush=True)
-  out = {"sweep_s": t_sweep, "sweep_compile_s": c_sweep, "stitches": n_cells,
-         "matmul_flops": peak}
-  flops_sweep = sweeper.program_flops(prof_sweep)
-  out["sweep_flops"] = flops_sweep
-  if not args.skip_loop:
-    prof_loop: dict = {}
-    loop_cfg = dict(cfg, grouping="single", max_group_size=1, max_stitches_per_wave=1)
-    res_loop, t_loop = timed("loop (one stitch at a time, donors per stitch)", lambda: (
-        sweeper.run_sweep(model_a, vars_a, model_b, vars_b, train, test, loop_cfg,
-                          mesh=mesh, profile=prof_loop)))
-    def max_diff(objs, measure):
-      return max([float(np.nanmax(np.abs(res.values[o][measure] -
-                                         res_loop.values[o][measure])))
-                  for o in objs] or [0.0])
-    closed = [o for o in res.values if o == "dm"]
-    trained = [o for o in res.values if o != "dm"]
-    diff = max(max_diff(closed, "loss"), max_diff(closed, "dm_error"))
-    diff_trained = max_diff(trained, "loss")
-    print(f"  largest |difference| sweep vs loop: closed-form DM {diff:.1e}; trained "
-          f"objectives' test loss {diff_trained:.1e} (float rounding, amplified over "
-          f"{args.steps} Adam steps)")
-    flops_loop = sweeper.program_flops(prof_loop)
-    c_loop = res_loop.stats["compile_seconds"]
-    print(f"  {res_loop.stats['units_computed']} units, "
-          f"{res_loop.stats['programs_compiled']} programs compiled in {c_loop:.1f} s")
-    steady = (t_loop - c_loop) / max(t_sweep - c_sweep, 1e-9)
-    out.update(loop_s=t_loop, loop_compile_s=c_loop, ratio=t_loop / t_sweep,
-               ratio_without_compile=steady, max_abs_diff_dm=diff,
-               max_abs_diff_trained=diff_trained, loop_flops=flops_loop)
-    print(f"speed-up sweep vs loop: {t_loop / t_sweep:.1f}x wall clock; "
-          f"{steady:.1f}x without compilation")
-    print(f"FLOPs executed: sweep {flops_sweep / 1e9:.1f} G, loop "
-          f"{flops_loop / 1e9:.1f} G ({flops_loop / max(flops_sweep, 1):.1f}x)")
-  rate = flops_sweep / t_sweep
-  rate_run = flops_sweep / max(t_sweep - c_sweep, 1e-9)
-  out.update(sweep_flops_per_s=rate, sweep_flops_per_s_without_compile=rate_run)
-  print(f"sweep achieved {rate / 1e9:.2f} GFLOP/s over its wall time "
-        f"({100 * rate / peak:.1f}% of the measured matmul rate), "
-        f"{rate_run / 1e9:.2f} GFLOP/s without compilation "
-        f"({100 * rate_run / peak:.1f}%)")
-  print(json.dumps(out))
-  return out
+  report = {"matmul_flops_per_s": peak, "objectives": {}}
+  for obj in args.objectives.split(","):
+    print(f"\n== {obj}", flush=True)
+    cfg = dict(objectives=[obj], rows=rows, cols=cols, steps=args.steps,
+               batch_size=args.batch_size, progress=False, compilation_cache="off",
+               max_stitches_per_wave=4096)
+    res, sweep = time_jax("sweep (one program per end point, shared donors)", a, b,
+                          train, test, cfg)
+    entry = {"sweep": sweep}
+    if "jax" in loops:
+      loop_cfg = dict(cfg, grouping="single", max_group_size=1, max_stitches_per_wave=1)
+      res_loop, loop = time_jax("loop  (one stitch at a time, donors per stitch)", a, b,
+                                train, test, loop_cfg)
+      diff = float(np.nanmax(np.abs(res.values[obj]["loss"] -
+                                    res_loop.values[obj]["loss"])))
+      print(f"  largest |test loss difference| sweep vs loop: {diff:.1e}; loop did "
+            f"{loop['flops'] / max(sweep['flops'], 1):.2f}x the sweep's FLOPs")
+      entry.update(loop=loop, max_abs_diff=diff,
+                   ratio_wall=loop["wall_s"] / sweep["wall_s"])
+      print(f"  sweep vs JAX loop: {entry['ratio_wall']:.2f}x faster wall clock")
+    if "torch" in loops and args.model_a.startswith("resnet"):
+      try:
+        from experiments import torch_loop
+      except ImportError as e:
+        print(f"  torch loop skipped: {e}")
+      else:
+        name, kwargs = SMALL[args.model_a]
+        widths = [max(1, round(w * kwargs["width_multiplier"])) for w in
+                  models.get_model(name).widths]
+        t = torch_loop.run(train.images, train.labels, obj, widths=widths,
+                           stage_sizes=models.get_model(name).stage_sizes, rows=rows,
+                           cols=cols, steps=args.steps, batch=args.batch_size)
+        entry["torch"] = t
+        entry["ratio_torch"] = t["seconds"] / sweep["wall_s"]
+        print(f"  torch loop (NCHW, donors per step, no evaluation): {t['seconds']:.1f} s, "
+              f"{t['ms_per_stitch_step']:.1f} ms per stitch step; sweep is "
+              f"{entry['ratio_torch']:.2f}x faster wall clock")
+    print(f"  sweep executed {sweep['flops'] / 1e9:.0f} GFLOP: "
+          f"{sweep['flops_per_s_run'] / 1e9:.1f} GFLOP/s outside compilation = "
+          f"{100 * sweep['flops_per_s_run'] / peak:.0f}% of the measured matmul rate")
+    report["objectives"][obj] = entry
+  print(json.dumps(report, default=float))
+  return report
 
 
 if __name__ == "__main__":

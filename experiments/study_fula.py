@@ -41,7 +41,9 @@ from fula_jax import attacks, data, errors, io, registry, reporting, results
 from fula_jax.data import transforms
 from fula_jax.progress import Progress
 from fula_jax.reporting import fmt, md_table
-from fula_jax.stitching import sweeper
+from fula_jax import stitching
+from fula_jax.stitching import plan as stitch_plan
+from fula_jax.stitching import settings as sweep_settings
 from fula_jax.train import checkpoint, loop
 from fula_jax.train.zoo import robust_eval, train_or_reuse
 
@@ -80,7 +82,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[list[str], list[str
     raise errors.ConfigError(f"config.testbeds is empty; choose from {list(TESTBEDS)}.")
   for t in testbeds:
     registry.lookup("FuLA testbed", t, TESTBEDS)
-  sweeper.make_objectives(sweeper.resolve(config.stitch))  # unknown names raise here
+  sweep_settings.split(config.stitch)  # unknown names and settings raise here
   if "shortcut" in testbeds:
     for mode in config.shortcut.eval_modes:
       if mode not in transforms.SHORTCUT_EVAL_MODES:
@@ -193,7 +195,7 @@ def _accuracy(model, variables, split, config) -> float:
 def stitch_settings(config: ml_collections.ConfigDict, testbed: str) -> dict[str, Any]:
   """The sweep settings of `testbed`: the shared ones, its cells, and for the robust
   testbed PGD on the stitched models at the robust models' eps."""
-  cfg = sweeper.resolve(config.stitch)
+  cfg = sweep_settings.resolve(config.stitch)
   cfg["pairs"] = "all" if testbed == "cross_seed" else str(config.depth_pairs)
   if testbed == "robust":
     a = attack(config, evaluation=True)
@@ -205,7 +207,7 @@ def stitch_settings(config: ml_collections.ConfigDict, testbed: str) -> dict[str
 
 def run_testbed(config: ml_collections.ConfigDict, workdir: epath.Path, arch: str,
                 testbed: str, zoo: Mapping[str, tuple[Any, Any]],
-                splits: Mapping[str, Any], cache: dict) -> dict[str, sweeper.SweepResult]:
+                splits: Mapping[str, Any]) -> dict[str, stitching.SweepResult]:
   """Every pair of `testbed` for `arch`: {'front->end': SweepResult}, matrices saved."""
   cfg = stitch_settings(config, testbed)
   train, test, eval_sets = splits["train"], splits["test"], None
@@ -218,9 +220,9 @@ def run_testbed(config: ml_collections.ConfigDict, workdir: epath.Path, arch: st
     print(f"{arch} {testbed}: stitching {name}", flush=True)
     folder = workdir / STITCH_DIR / arch / testbed / f"{front}_to_{end}"
     (ma, va), (mb, vb) = zoo[front], zoo[end]
-    res = sweeper.run_sweep(ma, va, mb, vb, train, test, cfg, str(folder),
-                            name_a=f"{arch}_{front}", name_b=f"{arch}_{end}",
-                            cache=cache, eval_sets=eval_sets)
+    res = stitching.run_sweep(ma, va, mb, vb, train, test, cfg, str(folder),
+                              name_a=f"{arch}_{front}", name_b=f"{arch}_{end}",
+                              eval_sets=eval_sets)
     for mname, m in res.matrices(f"{arch}_{front}", f"{arch}_{end}").items():
       m.meta.update(testbed=testbed, pair=name, architecture=arch)
       png = testbed == "cross_seed" and mname.endswith(("/accuracy", "/dm_error"))
@@ -230,17 +232,17 @@ def run_testbed(config: ml_collections.ConfigDict, workdir: epath.Path, arch: st
   return out
 
 
-def depth_records(arch: str, testbed: str, pair: str, res: sweeper.SweepResult,
+def depth_records(arch: str, testbed: str, pair: str, res: stitching.SweepResult,
                   pairs_spec: str) -> list[dict[str, Any]]:
   """Tidy rows (one per objective, requested cell and measure) of a sweep."""
-  cells, _ = sweeper.parse_pairs(pairs_spec, res.rows, res.cols)
+  cells, _ = stitch_plan.parse_pairs(pairs_spec, res.rows, res.cols)
   out = []
   for obj, measures in res.values.items():
     for r, c in cells:
       i, j = res.rows.index(r), res.cols.index(c)
       for measure, m in measures.items():
         out.append({"architecture": arch, "testbed": testbed, "pair": pair,
-                    "objective": obj, "cell": sweeper.cell_key(r, c), "front_point": r,
+                    "objective": obj, "cell": stitch_plan.cell_key(r, c), "front_point": r,
                     "end_point": c, "depth": j, "measure": measure,
                     "value": float(m[i, j])})
   return out
@@ -339,7 +341,7 @@ def findings(arch: str, testbeds: Sequence[str], records: Sequence[dict],
   return lines, facts
 
 
-def cross_summary(res: sweeper.SweepResult) -> dict[str, dict[str, float]]:
+def cross_summary(res: stitching.SweepResult) -> dict[str, dict[str, float]]:
   out = {}
   for obj, measures in res.values.items():
     m = measures["accuracy"]
@@ -394,7 +396,7 @@ def depth_figure(arch: str, testbed: str, records: Sequence[dict],
   return reporting.png_bytes(fig)
 
 
-def cross_figure(arch: str, res: sweeper.SweepResult, objectives: Sequence[str]) -> bytes:
+def cross_figure(arch: str, res: stitching.SweepResult, objectives: Sequence[str]) -> bytes:
   """Accuracy heatmaps of every objective, two per row, sized so values stay legible."""
   mats = res.matrices()
   n = max(len(res.rows), len(res.cols))
@@ -567,10 +569,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     zoo, rows = prepare_models(config, workdir, arch, roles, splits)
     model_rows += rows
     by_role = {r["role"]: r for r in rows}
-    cache: dict = {}
     sweeps = {}
     for testbed in testbeds:
-      sweeps[testbed] = run_testbed(config, workdir, arch, testbed, zoo, splits, cache)
+      sweeps[testbed] = run_testbed(config, workdir, arch, testbed, zoo, splits)
       spec = "all" if testbed == "cross_seed" else str(config.depth_pairs)
       for pair, res in sweeps[testbed].items():
         records += depth_records(arch, testbed, pair, res, spec)

@@ -103,10 +103,18 @@ def _random_start(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
   return direction * eps * radius ** (1.0 / d)
 
 
-def pgd(apply_fn: ApplyFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
+def random_starts(key: jax.Array, x: jax.Array, eps, norm: str,
+                  index: jax.Array) -> jax.Array:
+  """`_random_start` drawn example by example from ``fold_in(key, index[e])``: example
+  e's draw depends on its index alone, not on how the batch is split over devices."""
+  one = lambda i, xe: _random_start(jax.random.fold_in(key, i), xe[None], eps, norm)[0]
+  return jax.vmap(one)(index, x)
+
+
+def pgd(apply_fn: ApplyFn, x: jax.Array, y: jax.Array, key: jax.Array | None, *,
         eps: float | jax.Array, step_size: float | jax.Array, steps: int,
         norm: str = "linf", random_start: bool = True,
-        loss_fn: LossFn = cross_entropy) -> jax.Array:
+        loss_fn: LossFn = cross_entropy, start: jax.Array | None = None) -> jax.Array:
   """Adversarial examples maximising ``loss_fn(apply_fn(x_adv), y)`` within the eps-ball.
 
   Args:
@@ -121,6 +129,8 @@ def pgd(apply_fn: ApplyFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     norm: 'linf' or 'l2' (static).
     random_start: start from a uniform point of the ball (static).
     loss_fn: per-example loss ``(logits, labels) -> (B,)``; cross-entropy by default.
+    start: a given initial perturbation (e.g. from `random_starts`) instead of the
+      random start drawn from `key`.
 
   Returns:
     x_adv with ``x_adv - x`` inside the eps-ball and pixels in [0, 1]; ``x`` itself when
@@ -146,7 +156,9 @@ def pgd(apply_fn: ApplyFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     return to_ball(x_adv + step_size * _ascent_direction(g, norm))
 
   x_adv = x
-  if random_start:
+  if start is not None:
+    x_adv = to_ball(x + start)
+  elif random_start:
     x_adv = to_ball(x + _random_start(key, x, eps, norm))
   x_adv = jax.lax.fori_loop(0, steps, step, x_adv)
   return jax.lax.stop_gradient(x_adv)

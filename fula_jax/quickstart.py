@@ -66,7 +66,7 @@ OBJECTIVE_TITLES = {"tlm": "TLM", "slm": "SLM", "dm": "DM", "fula": "FuLA"}
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from fula_jax.similarity import job as similarity_job
-  from fula_jax.stitching import sweeper
+  from fula_jax import stitching
 
   workdir = io.path(workdir)
   cfg_a, cfg_b = config.model_a, config.model_b
@@ -91,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     saved[m.measure] = m
 
   print("\n== Functional similarity (stitching A -> B, all four objectives)", flush=True)
-  stitched = sweeper.sweep(model_a, vars_a, model_b, vars_b, train_split, test_split,
+  stitched = stitching.sweep(model_a, vars_a, model_b, vars_b, train_split, test_split,
                            config.stitch, workdir=str(workdir / "stitch"),
                            name_a=name_a, name_b=name_b)
   for key, m in stitched.items():

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from fula_jax import models
-from fula_jax.stitching import engine, maps, sweeper, testing
+from fula_jax import models, sharding, stitching
+from fula_jax.stitching import maps, plan, programs, testing
 
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False)
 
@@ -31,13 +31,8 @@ def mlp_b(digits):
   return model, testing.train_donor(model, digits[0], steps=300, lr=3e-3, seed=1)
 
 
-@pytest.fixture(scope="module")
-def cache():
-  return {}
-
-
 def _one_device():
-  return engine.mesh_for(1)
+  return sharding.line_mesh("devices", sharding.devices(1))
 
 
 def test_self_stitching_dm_recovers_identity(digits):
@@ -45,7 +40,7 @@ def test_self_stitching_dm_recovers_identity(digits):
   train, test = digits
   model = models.get_model("cnn", widths=(6, 8))
   variables = models.init(model, jax.random.PRNGKey(3), (1, 8, 8, 1))
-  res = sweeper.run_sweep(model, variables, model, variables, train, test,
+  res = stitching.run_sweep(model, variables, model, variables, train, test,
                           dict(BASE, objectives=["dm"], pairs="diagonal"),
                           mesh=_one_device(), keep_params=True)
   acts = models.capture(model, variables, train.images)[1]
@@ -68,7 +63,7 @@ def test_self_stitching_every_objective_reaches_own_accuracy(digits, mlp):
   train, test = digits
   own = testing.accuracy(model, variables, test)
   assert own > 0.85
-  res = sweeper.run_sweep(model, variables, model, variables, train, test,
+  res = stitching.run_sweep(model, variables, model, variables, train, test,
                           dict(BASE, pairs="diagonal", rows=["fc2", "fc3"],
                                cols=["fc2", "fc3"], steps=1000, learning_rate=1e-2),
                           mesh=_one_device())
@@ -81,7 +76,7 @@ def test_self_stitching_every_objective_reaches_own_accuracy(digits, mlp):
 
 
 def _sweep(a, b, digits, cfg, workdir=None, **kw):
-  return sweeper.run_sweep(a[0], a[1], b[0], b[1], *digits, dict(BASE, **cfg), workdir,
+  return stitching.run_sweep(a[0], a[1], b[0], b[1], *digits, dict(BASE, **cfg), workdir,
                            **kw)
 
 
@@ -94,14 +89,14 @@ def _assert_same(r1, r2, measures=("accuracy", "loss", "dm_error", "train_loss")
                                  err_msg=f"{obj}/{m}")
 
 
-def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b, cache):
+def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b):
   cfg = dict(objectives=["tlm", "fula"], steps=12, learning_rate=3e-3, cols=["fc2"])
-  together = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), cache=cache,
+  together = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(),
                     keep_params=True)
-  assert together.stats["units_computed"] == 1  # 3 fronts x 2 objectives, one program
+  assert together.stats["units_computed"] == 2  # 3 fronts each, one unit per objective
   alone = _sweep(mlp, mlp_b, digits,
                  dict(cfg, grouping="single", max_group_size=1, max_stitches_per_wave=1),
-                 mesh=_one_device(), cache=cache, keep_params=True)
+                 mesh=_one_device(), keep_params=True)
   assert alone.stats["units_computed"] == 6
   assert alone.stats["waves"] == 6
   _assert_same(together, alone)
@@ -110,20 +105,20 @@ def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b, ca
                                atol=1e-5)
   # A memory budget below one group's plan splits it; the numbers do not change.
   split = _sweep(mlp, mlp_b, digits, dict(cfg, memory_budget_mb=1e-3),
-                 mesh=_one_device(), cache=cache)
+                 mesh=_one_device())
   assert split.stats["units_computed"] == 6
   _assert_same(together, split)
   for res in (together, alone, split):
     assert res.stats["programs_compiled_late"] == 0  # all compiled ahead, in parallel
 
 
-def test_sharded_over_8_devices_equals_one_device(digits, mlp, mlp_b, cache):
+def test_sharded_over_8_devices_equals_one_device(digits, mlp, mlp_b):
   assert jax.device_count() == 8
   cfg = dict(objectives=["tlm", "dm", "fula"], steps=8, learning_rate=3e-3,
              init="lstsq", lstsq_examples=200, dm={"num_examples": 300},
              cols=["fc1", "fc3"])
-  one = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), cache=cache)
-  eight = _sweep(mlp, mlp_b, digits, cfg, cache=cache)
+  one = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device())
+  eight = _sweep(mlp, mlp_b, digits, cfg)
   assert eight.stats["devices"] == 8
   _assert_same(one, eight)
   # Per-batch FuLA is not a mean over examples: its stitch axis alone is split (padded).
@@ -133,11 +128,11 @@ def test_sharded_over_8_devices_equals_one_device(digits, mlp, mlp_b, cache):
                _sweep(mlp, mlp_b, digits, cfg_b))
 
 
-def test_dm_gradient_refinement_starts_from_the_closed_form(digits, mlp, mlp_b, cache):
+def test_dm_gradient_refinement_starts_from_the_closed_form(digits, mlp, mlp_b):
   cfg = dict(objectives=["dm"], cols=["fc3"], learning_rate=1e-4)
-  closed = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), cache=cache)
+  closed = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device())
   refined = _sweep(mlp, mlp_b, digits, dict(cfg, dm={"refine_epochs": 1.0}),
-                   mesh=_one_device(), cache=cache)
+                   mesh=_one_device())
   assert np.isnan(closed.values["dm"]["train_loss"]).all()  # nothing was trained
   assert np.isfinite(refined.values["dm"]["train_loss"]).all()
   # Least squares is the optimum on the training rows: small steps stay close to it.
@@ -146,18 +141,10 @@ def test_dm_gradient_refinement_starts_from_the_closed_form(digits, mlp, mlp_b, 
   assert not np.array_equal(refined.values["dm"]["loss"], closed.values["dm"]["loss"])
 
 
-def test_stitch_ways_spread_small_groups_over_the_batch():
-  assert engine.stitch_ways(1, 8, (256,)) == 1     # one stitch: batch split 8 ways
-  assert engine.stitch_ways(6, 8, (256,)) == 2     # 6 stitches: 2 x 4, no padding
-  assert engine.stitch_ways(16, 8, (256,)) == 8
-  assert engine.stitch_ways(1, 8, (100,)) == 2     # 100 splits 4 ways at most
-  assert engine.stitch_ways(3, 8, (256,), batch_split_ok=False) == 8
-
-
-def test_divergent_stitch_marks_only_its_cell(digits, mlp, mlp_b, cache):
+def test_divergent_stitch_marks_only_its_cell(digits, mlp, mlp_b):
   cfg = dict(objectives=["tlm", "dm"], steps=5, cell_lr={"fc1->fc2": float("inf")},
              cols=["fc2"])
-  res = _sweep(mlp, mlp_b, digits, cfg, cache=cache)
+  res = _sweep(mlp, mlp_b, digits, cfg)
   tlm = res.values["tlm"]["accuracy"]
   assert np.isnan(tlm[0, 0])
   assert np.isfinite(tlm[1:, 0]).all()
@@ -167,21 +154,20 @@ def test_divergent_stitch_marks_only_its_cell(digits, mlp, mlp_b, cache):
   assert np.isfinite(res.values["dm"]["accuracy"]).all()  # DM is not trained
 
 
-def test_pgd_hook(digits, mlp, mlp_b, cache):
+def test_pgd_hook(digits, mlp, mlp_b):
   """With eps = 0 the attack is the identity: robust accuracy equals clean accuracy."""
   cfg = dict(objectives=["dm"], pairs="fc3->fc3", eval_batch_size=200,
              pgd={"enabled": True, "eps": 0.0, "steps": 2, "num_examples": 200})
-  res = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), cache=cache)
+  res = _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device())
   dm = res.values["dm"]
   np.testing.assert_allclose(dm["pgd_accuracy"][2, 2], dm["accuracy"][2, 2])
   strong = _sweep(mlp, mlp_b, digits, dict(cfg, pgd=dict(cfg["pgd"], eps=0.3, steps=5,
                                                          step_size=0.1)),
-                  mesh=_one_device(), cache=cache)
+                  mesh=_one_device())
   assert strong.values["dm"]["pgd_accuracy"][2, 2] < dm["accuracy"][2, 2] - 0.1
 
 
-def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, mlp_b,
-                                                         cache):
+def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, mlp_b):
   """An extra set equal to the test split reproduces its accuracy; a blanked one is
   scored independently (checked against the stitched model run directly); and a
   sweep over other test data does not reuse finished cells."""
@@ -191,7 +177,7 @@ def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, 
       np.arange(8)[None, :, None, None] < 4, 0.0, test.images).astype(np.float32),
       name="digits/test_left_half_blank")
   cfg = dict(objectives=["tlm", "dm"], pairs="fc2->fc2,fc3->fc3", steps=20)
-  res = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device(), cache=cache,
+  res = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device(),
                keep_params=True, eval_sets={"same": test, "blank": blank})
   for obj in ("tlm", "dm"):
     v = res.values[obj]
@@ -211,15 +197,14 @@ def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, 
   with pytest.raises(ValueError, match="letters, digits"):
     _sweep(mlp, mlp_b, digits, cfg, mesh=_one_device(), eval_sets={"a/b": test})
   other_test = _sweep(mlp, mlp_b, (train, blank), cfg, tmp_path, mesh=_one_device(),
-                      cache=cache, eval_sets={"same": test, "blank": blank})
+                      eval_sets={"same": test, "blank": blank})
   assert other_test.stats["stitches_resumed"] == 0
   np.testing.assert_array_equal(other_test.values["tlm"]["accuracy"],
                                 res.values["tlm"]["accuracy@blank"])
 
 
 def test_random_init_is_fan_in_and_per_cell():
-  spec = maps.plan("a", (300,), "b", (200,))
-  p = engine.random_init(spec, 0, [1, 2, 1])
+  p = programs.random_init([300, 300, 300], 200, 300, 0, [1, 2, 1])
   assert p["kernel"].shape == (3, 300, 200) and not p["bias"].any()
   assert abs(float(np.var(p["kernel"][0])) * 300 - 1.0) < 0.05
   assert np.abs(p["kernel"]).max() <= 2.0 / 0.8796 / np.sqrt(300) + 1e-6
@@ -234,9 +219,9 @@ def test_unstitchable_cells(digits):
   vc = models.init(cnn, jax.random.PRNGKey(0), (1, 8, 8, 1))
   vm = models.init(mlp, jax.random.PRNGKey(1), (1, 8, 8, 1))
   with pytest.raises(maps.UnstitchableError) as e:
-    sweeper.run_sweep(cnn, vc, mlp, vm, train, test, dict(BASE, pairs="conv2->fc1"))
+    stitching.run_sweep(cnn, vc, mlp, vm, train, test, dict(BASE, pairs="conv2->fc1"))
   assert "'conv2' (B, 4, 4, 4)" in str(e.value) and "'fc1' (B, 8)" in str(e.value)
-  res = sweeper.run_sweep(cnn, vc, mlp, vm, train, test,
+  res = stitching.run_sweep(cnn, vc, mlp, vm, train, test,
                           dict(BASE, objectives=["dm"], pairs="all"), mesh=_one_device())
   m = res.values["dm"]["accuracy"]
   assert res.rows == ["conv1", "conv2", "pool"] and res.cols == ["fc1"]
@@ -244,33 +229,33 @@ def test_unstitchable_cells(digits):
   assert "cannot be stitched" in res.reasons["dm"]["conv1->fc1"]
 
 
-def test_resume_recomputes_only_missing_units(tmp_path, digits, mlp, mlp_b, cache):
+def test_resume_recomputes_only_missing_units(tmp_path, digits, mlp, mlp_b):
   cfg = dict(objectives=["tlm", "slm"], steps=4, max_stitches_per_wave=6)
-  first = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device(), cache=cache)
+  first = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device())
   files = sorted((tmp_path / "stitch").glob("*/*.json"))
-  assert len(files) == 2 * first.stats["units_computed"]  # one file per objective
+  assert len(files) == first.stats["units_computed"]  # one file per unit
   rec = json.loads(files[0].read_text())
   assert rec["cells"] and rec["fingerprint"]
   files[0].unlink()
-  again = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device(), cache=cache)
+  again = _sweep(mlp, mlp_b, digits, cfg, tmp_path, mesh=_one_device())
   assert again.stats["stitches_computed"] == len(rec["cells"])
   assert again.stats["stitches_resumed"] == 18 - len(rec["cells"])
   _assert_same(first, again)
   nothing = _sweep(mlp, mlp_b, digits, dict(cfg, pairs="diagonal"), tmp_path,
-                   mesh=_one_device(), cache=cache)
+                   mesh=_one_device())
   assert nothing.stats["stitches_computed"] == 0
   np.testing.assert_allclose(np.diag(nothing.values["slm"]["loss"]),
                              np.diag(first.values["slm"]["loss"]), rtol=1e-6)
   changed = _sweep(mlp, mlp_b, digits, dict(cfg, learning_rate=5e-3, pairs="diagonal"),
-                   tmp_path, mesh=_one_device(), cache=cache)
+                   tmp_path, mesh=_one_device())
   assert changed.stats["stitches_computed"] == 6  # a setting that changes the numbers
 
 
-def test_sweep_returns_results_matrices(digits, mlp, mlp_b, cache):
+def test_sweep_returns_results_matrices(digits, mlp, mlp_b):
   from fula_jax import results
-  mats = sweeper.sweep(mlp[0], mlp[1], mlp_b[0], mlp_b[1], *digits,
+  mats = stitching.sweep(mlp[0], mlp[1], mlp_b[0], mlp_b[1], *digits,
                        dict(BASE, objectives=["dm"], pairs="offset:+1"),
-                       name_a="mlp_s0", name_b="mlp_s1", mesh=_one_device(), cache=cache)
+                       name_a="mlp_s0", name_b="mlp_s1", mesh=_one_device())
   m = mats["stitch_dm/accuracy"]
   assert isinstance(m, results.Matrix)
   assert (m.rows, m.cols, m.model_a, m.model_b) == (["fc1", "fc2", "fc3"],

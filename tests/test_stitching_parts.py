@@ -7,7 +7,7 @@ import pytest
 
 from fula_jax import registry
 from fula_jax.models import LOGITS
-from fula_jax.stitching import lstsq, maps, objectives, sweeper
+from fula_jax.stitching import lstsq, maps, objectives, plan, settings
 
 
 def _rand_params(key, cin, cout):
@@ -238,20 +238,22 @@ def test_unknown_names_list_the_valid_ones():
   with pytest.raises(registry.UnknownNameError, match="example"):
     objectives.FuLA(normalise="layer")
   with pytest.raises(registry.UnknownNameError, match="objectives"):
-    sweeper.resolve({"objectivs": ["tlm"]})
+    settings.resolve({"objectivs": ["tlm"]})
   with pytest.raises(registry.UnknownNameError, match="diagonal"):
-    sweeper.parse_pairs("diagonl", ["a"], ["b"])
+    plan.parse_pairs("diagonl", ["a"], ["b"])
 
 
 def test_pair_lists():
   rows, cols = ["a0", "a1", "a2"], ["b0", "b1", "b2"]
-  assert sweeper.parse_pairs("all", rows, cols)[0] == [(r, c) for r in rows for c in cols]
-  assert sweeper.parse_pairs("diagonal", rows, cols) == (
+  assert plan.parse_pairs("all", rows, cols)[0] == [(r, c) for r in rows for c in cols]
+  assert plan.parse_pairs("diagonal", rows, cols) == (
       [("a0", "b0"), ("a1", "b1"), ("a2", "b2")], False)
-  assert sorted(sweeper.parse_pairs("offset:1", rows, cols)[0]) == sorted(
+  assert sorted(plan.parse_pairs("offset:1", rows, cols)[0]) == sorted(
       [("a0", "b1"), ("a1", "b2"), ("a1", "b0"), ("a2", "b1")])
-  assert sweeper.parse_pairs("offset:+1", rows, cols)[0] == [("a0", "b1"), ("a1", "b2")]
-  assert sweeper.parse_pairs("a2->b0, a0->b1", rows, cols) == (
+  assert plan.parse_pairs("offset:+1", rows, cols)[0] == [("a0", "b1"), ("a1", "b2")]
+  assert plan.parse_pairs("a2->b0, a0->b1", rows, cols) == (
       [("a2", "b0"), ("a0", "b1")], True)
-  assert sweeper.parse_fula_c("1,0.5") == [1.0, 0.5]
-  assert sweeper.parse_fula_c("pool=2") == {"pool": 2.0}
+  assert objectives.parse_fula_c("1,0.5") == (1.0, 0.5)
+  assert objectives.parse_fula_c("pool=2") == (("pool", 2.0),)
+  assert objectives.parse_fula_c({"b": 1, "a": 0.5}) == (("a", 0.5), ("b", 1.0))
+  assert objectives.parse_fula_c(2) == 2.0

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from fula_jax.stitching import engine
+from fula_jax import sharding
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -27,15 +27,17 @@ WORKER = textwrap.dedent("""
                                  initialization_timeout=120)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import spec
-    from fula_jax.stitching import sweeper
+    from fula_jax.stitching import store
     cfg = None
     if mode == "kill":
       cfg = dict(max_stitches_per_wave=1, grouping="single", max_group_size=1)
-      write = sweeper._Sweep.write_unit
+      write = store.Store.write
       def slow_write(self, *args, **kwargs):
         write(self, *args, **kwargs)
         time.sleep(3.0)  # room for the test to kill us between two units
-      sweeper._Sweep.write_unit = slow_write
+      store.Store.write = slow_write
+    if mode == "cache":
+      cfg = dict(compilation_cache=sys.argv[7])
     res = spec.run(workdir=sys.argv[6] if len(sys.argv) > 6 else None, cfg=cfg)
     if jax.process_index() == 0:
       with open(out, "w") as f:
@@ -47,7 +49,8 @@ WORKER = textwrap.dedent("""
 SPEC = textwrap.dedent("""
     import jax
     from fula_jax import models
-    from fula_jax.stitching import sweeper, testing
+    from fula_jax import stitching
+    from fula_jax.stitching import testing
 
     CFG = dict(objectives=["tlm", "dm"], cols=["fc2"], steps=4, batch_size=96,
                eval_batch_size=96, learning_rate=3e-3, progress=False)
@@ -61,7 +64,7 @@ SPEC = textwrap.dedent("""
 
     def run(workdir=None, cfg=None, **kw):
       train, test = testing.synthetic_splits(288, 96)
-      return sweeper.run_sweep(*donors(), train, test, dict(CFG, **(cfg or {})), workdir,
+      return stitching.run_sweep(*donors(), train, test, dict(CFG, **(cfg or {})), workdir,
                                **kw)
 """)
 
@@ -121,7 +124,7 @@ def test_two_processes_equal_one(scripts, tmp_path):
   assert got["stats"]["processes"] == 2 and got["stats"]["devices"] == 4
   # Process 0 wrote the unit files; the other wrote nothing of its own.
   assert list((tmp_path / "wd" / "stitch").glob("*/*.json"))
-  ref = spec.run(mesh=engine.mesh_for(1))
+  ref = spec.run(mesh=sharding.line_mesh("devices", sharding.devices(1)))
   _assert_close(_values(got["values"]), ref.values)
 
 
@@ -147,13 +150,49 @@ def test_sigkilled_sweep_resumes_without_recomputing(scripts, tmp_path):
   done = list(wd.glob("stitch/*/*.json"))
   assert 1 <= len(done) < 4  # 2 cells x 2 objectives, one stitch per unit
   assert not list(wd.glob("stitch/*/*.npz"))
-  cache = {}
   # Resumed with the default grouping: the remaining stitches are planned afresh.
-  resumed = spec.run(wd, mesh=engine.mesh_for(8), cache=cache)
+  resumed = spec.run(wd)
   assert resumed.stats["stitches_resumed"] == len(done)
   assert resumed.stats["stitches_computed"] == 4 - len(done)
   cells = [(f.parent.name, c["row"], c["col"]) for f in wd.glob("stitch/*/*.json")
            for c in json.loads(f.read_text())["cells"]]
   assert len(cells) == len(set(cells)) == 4
-  fresh = spec.run(None, mesh=engine.mesh_for(8), cache=cache)
+  fresh = spec.run(None)
   _assert_close(resumed.values, fresh.values)
+
+
+def test_repeated_and_resumed_sweeps_compile_nothing(scripts, tmp_path):
+  """With the persistent compilation cache, a sweep run again in a new process, and a
+  sweep resumed with one unit left to do, compile no program: they count the programs
+  XLA compiled and find none."""
+  import shutil
+  d, spec = scripts
+  cache = tmp_path / "xla cache"
+
+  def start(name):
+    return subprocess.Popen(
+        [sys.executable, str(d / "worker.py"), "cache", "1", str(tmp_path / f"{name}.json"),
+         "-", "-", str(tmp_path / name), str(cache)], env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  def finish(proc, name):
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-4000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+  first = finish(start("first"), "first")
+  assert first["stats"]["programs_compiled"] > 0
+  units = sorted((tmp_path / "first" / "stitch").glob("*/*.json"))
+  assert len(units) == 2  # one unit per objective: fc1 and fc2 into fc2 share it
+  shutil.copytree(tmp_path / "first" / "stitch", tmp_path / "resumed" / "stitch")
+  (tmp_path / "resumed" / "stitch" / units[0].relative_to(
+      tmp_path / "first" / "stitch")).unlink()
+  procs = {name: start(name) for name in ("resumed", "repeated")}
+  runs = {name: finish(p, name) for name, p in procs.items()}
+  assert runs["resumed"]["stats"]["stitches_resumed"] == 2
+  assert runs["resumed"]["stats"]["stitches_computed"] == 2
+  assert runs["repeated"]["stats"]["stitches_computed"] == 4
+  for name, r in runs.items():
+    assert r["stats"]["programs_compiled"] == 0, (name, r["stats"])
+    assert r["stats"]["programs_from_cache"] > 0, (name, r["stats"])
+    _assert_close(_values(r["values"]), _values(first["values"]))

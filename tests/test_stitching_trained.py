@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fula_jax import data, defaults, results
-from fula_jax.stitching import sweeper
+from fula_jax import stitching
 from fula_jax.train import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_tlm_between_two_trained_models_is_high_on_the_diagonal(tmp_path):
   model_a, vars_a, cfg = _train(0, tmp_path / "a")
   model_b, vars_b, _ = _train(1, tmp_path / "b")
   train, test = data.load(cfg.data, "train"), data.load(cfg.data, "test")
-  mats = sweeper.sweep(model_a, vars_a, model_b, vars_b, train, test,
+  mats = stitching.sweep(model_a, vars_a, model_b, vars_b, train, test,
                        dict(objectives=["tlm"], pairs="diagonal", epochs=2.0, init="lstsq",
                             batch_size=64, progress=False),
                        workdir=str(tmp_path / "sweep"), name_a="A:mlp", name_b="B:mlp")

@@ -4,6 +4,7 @@ static transforms applied) and the deterministic, resumable, multi-process batch
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import types
 from typing import Iterator, Mapping
 
@@ -48,9 +49,15 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
 })
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """A whole split in memory."""
+  """A whole split in memory, and a batch source.
+
+  A batch source is what jobs read data through, so a streaming dataset can stand in
+  for a split held in memory: ``len(source)``, `name`, `num_classes`, `image_shape`
+  (H, W, C), `train_batches` and `eval_batches` (each process gets its own slice of every
+  global batch), and `fingerprint` (a digest of the examples, for resuming).
+  """
   images: np.ndarray  # float32 (N, H, W, C) in [0, 1]
   labels: np.ndarray  # int32 (N,)
   num_classes: int
@@ -58,6 +65,31 @@ class Split:
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(int(d) for d in self.images.shape[1:])
+
+  def train_batches(self, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """`train_batches` of this split (seed, start_step, num_steps, process_*)."""
+    return train_batches(self, batch_size, **kwargs)
+
+  def eval_batches(self, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """`eval_batches` of this split (process_*, limit)."""
+    return eval_batches(self, batch_size, **kwargs)
+
+  def fingerprint(self) -> str:
+    """Digest of the images and labels (computed once)."""
+    cached = self.__dict__.get("_fingerprint")
+    if cached is None:
+      h = hashlib.sha256()
+      for a in (self.images, self.labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+      cached = h.hexdigest()[:24]
+      object.__setattr__(self, "_fingerprint", cached)
+    return cached
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -209,17 +241,20 @@ def train_batches(split: Split, batch_size: int, *, seed: int, start_step: int =
     step += 1
 
 
-def num_eval_batches(split: Split, batch_size: int) -> int:
-  return -(-len(split) // batch_size)
+def num_eval_batches(split: Split, batch_size: int, limit: int | None = None) -> int:
+  n = len(split) if limit is None else min(len(split), int(limit))
+  return -(-n // batch_size)
 
 
 def eval_batches(split: Split, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """The split in order; the last global batch is zero-padded to `batch_size` and
-  'mask' (float32) is 1 on real rows. Every process yields the same number of batches."""
+                 process_count: int = 1, limit: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """The split in order (its first `limit` examples when given); the last global batch
+  is zero-padded to `batch_size` and 'mask' (float32) is 1 on real rows. Every process
+  yields the same number of batches."""
   local = _check_batch(batch_size, process_index, process_count)
-  n = len(split)
-  for b in range(num_eval_batches(split, batch_size)):
+  n = len(split) if limit is None else min(len(split), int(limit))
+  for b in range(num_eval_batches(split, batch_size, limit)):
     start = b * batch_size + process_index * local
     rows = np.arange(start, start + local)
     real = rows < n

@@ -1,12 +1,14 @@
-"""The model zoo: Flax models with named stitch points, looked up by name."""
+"""The model protocol (`base.Model`) and the zoo: Flax models with named stitch points,
+looked up by name."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from fula_jax import registry
-from fula_jax.models.base import (INPUT, LOGITS, StagedModel, capture,
-                                  count_params, forward, init, point_shapes)
+from fula_jax.models.base import (INPUT, LOGITS, Model, StagedModel, capture,
+                                  check_points, count_params, forward, init,
+                                  point_shapes)
 from fula_jax.models.resnet import ResNet, ResNet18, ResNet20
 from fula_jax.models.small import MLP, SmallCNN
 from fula_jax.models.vgg import VGG, VGG11, VGG16
@@ -29,6 +31,7 @@ def get_model(name: str, **kwargs: Any) -> StagedModel:
   return registry.lookup("model", name, MODELS)(**kwargs)
 
 
-__all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "ResNet", "ResNet18", "ResNet20",
+__all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "Model", "ResNet", "ResNet18", "ResNet20",
            "SmallCNN", "StagedModel", "VGG", "VGG11", "VGG16", "ViT", "ViTTiny", "capture",
-           "count_params", "forward", "get_model", "init", "point_shapes"]
+           "check_points", "count_params", "forward", "get_model", "init",
+           "point_shapes"]

@@ -1,22 +1,35 @@
-"""The model contract: a network is a sequence of named stages followed by a head.
+"""The model protocol every job uses, and `StagedModel`, the zoo's way to follow it.
 
-The stage outputs are the *stitch points*, in order. Every model can run
+The protocol (duck-typed: nothing checks a class, any object with these two members
+works -- a zoo model, or a model from elsewhere behind an adapter):
 
-  * the whole net:                 ``apply(v, x)``
-  * input -> point i:              ``apply(v, x, end=i)``
-  * point j -> point l:            ``apply(v, h, start=j, end=l)``
-  * point j -> logits:             ``apply(v, h, start=j)``
-  * every point in one pass:       ``apply(v, x, capture=True)`` -> ``(logits, {point: act})``
+* ``point_names``: the stitch points, in execution order;
+* ``apply(variables, x, *, start=None, end=None, capture=False, train=False)``:
 
-Activations are NHWC for conv maps, (B, T, D) for tokens and (B, D) for vectors.
-Subclasses implement :meth:`StagedModel.stages` (a list of ``(point_name, fn)`` where
-``fn(h, train)`` builds its submodules lazily, so the list itself can be inspected
-without binding the module) and :meth:`StagedModel.head`.
+  * the whole net:             ``apply(v, x)`` -> logits
+  * input -> point i:          ``apply(v, x, end=i)``
+  * point j -> point l:        ``apply(v, h, start=j, end=l)``
+  * point j -> logits:         ``apply(v, h, start=j)``
+  * every point in one pass:   ``apply(v, x, capture=True)`` -> ``(out, {point: act})``,
+    the points after `start` up to `end`.
+
+Inputs are images in [0, 1] (a model standardises them itself). Activations are NHWC
+for conv maps, (B, T, D) for tokens and (B, D) for vectors. Running input -> i and then
+i -> logits equals the whole net. ``train=False`` runs BatchNorm (and the like) in
+inference mode; variables are a frozen pytree (``{'params': ..., 'batch_stats': ...}``).
+The front model of a stitch and every similarity measure only need activations at the
+points; the end model of a stitch must also run from a point. Models are used as static
+arguments of jitted programs, so they must be hashable (Flax modules are).
+
+`StagedModel` subclasses implement :meth:`StagedModel.stages` (a list of ``(point_name,
+fn)`` where ``fn(h, train)`` builds its submodules lazily, so the list itself can be
+inspected without binding the module) and :meth:`StagedModel.head`; Flax's own
+``Module.apply`` then follows the protocol.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +41,28 @@ INPUT = "input"
 LOGITS = "logits"
 
 StageFn = Callable[[jax.Array, bool], jax.Array]
+
+
+class Model(Protocol):
+  """The model protocol (see the module docstring); for type hints only."""
+
+  @property
+  def point_names(self) -> Sequence[str]: ...
+
+  def apply(self, variables: Any, x: jax.Array, *, start: str | None = None,
+            end: str | None = None, capture: bool = False, train: bool = False
+            ) -> Any: ...
+
+
+def check_points(model: Any, points: Sequence[str], role: str = "model",
+                 extra: Sequence[str] = ()) -> list[str]:
+  """`points` if every one is a stitch point of `model` (or in `extra`); otherwise an
+  error naming the valid points."""
+  valid = list(model.point_names) + list(extra)
+  for p in points:
+    if p not in valid:
+      raise registry.unknown(f"stitch point of the {role}", p, valid)
+  return list(points)
 
 
 def module_name(point: str) -> str:

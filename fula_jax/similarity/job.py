@@ -22,13 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fula_jax import errors
 from fula_jax import progress as progress_lib
 from fula_jax import registry
 from fula_jax import results
+from fula_jax import sharding
 from fula_jax.similarity import checks
 from fula_jax.similarity import measures as measures_lib
 from fula_jax.similarity import minibatch
@@ -40,10 +39,7 @@ def _points(model, points: Sequence[str] | None) -> list[str]:
   from fula_jax import models
   if points is None:
     return list(model.point_names)
-  for p in points:
-    if p != models.LOGITS:
-      model.point_index(p, default=0)  # raises a did-you-mean error for unknown points
-  return list(points)
+  return models.base.check_points(model, points, extra=(models.LOGITS,))
 
 
 def _capture_fn(model, points: Sequence[str]):
@@ -59,19 +55,13 @@ def _capture_fn(model, points: Sequence[str]):
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return sharding.fetch(x)
 
 
 def _place(mesh, axis: str | None, arr: np.ndarray) -> jax.Array:
   if mesh is None:
     return jnp.asarray(arr)
-  sharding = NamedSharding(mesh, P(axis))
-  if jax.process_count() > 1:
-    return jax.make_array_from_process_local_data(sharding, arr)
-  return jax.device_put(arr, sharding)
+  return sharding.put_local(arr, sharding.split(mesh, axis))
 
 
 def _check_exact_size(acts_a, acts_b, rows, cols, limit: int) -> None:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fula_jax import registry
+from fula_jax import registry, sharding
 from fula_jax.similarity import checks
 from fula_jax.similarity import cka
 
@@ -61,9 +61,7 @@ Acts = Sequence[jax.Array]
 def batch_mesh(devices: Sequence[jax.Device] | None = None,
                axis: str = "batch") -> jax.sharding.Mesh:
   """A 1-D mesh over `devices` (default: all, every host) with an Auto axis."""
-  devices = np.asarray(jax.devices() if devices is None else list(devices))
-  return jax.sharding.Mesh(devices, (axis,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return sharding.line_mesh(axis, devices)
 
 
 # ----------------------------------------------------------------------------

@@ -1,21 +1,24 @@
-"""Model stitching: maps, the four objectives (TLM, SLM, DM, FuLA), least squares and
-the sweep engine that computes whole L_A x L_B matrices.
+"""Model stitching: maps, the four objectives (TLM, SLM, DM, FuLA) as values, least
+squares, and the sweep engine that computes whole L_A x L_B matrices:
+plan (pure) -> store (resume) -> programs -> measures (one protocol) -> api.
 
-Colab use, with models and splits in memory::
+Colab use, with any two models that follow the model protocol and data in memory::
 
   from fula_jax import stitching
   mats = stitching.sweep(model_a, vars_a, model_b, vars_b, train, test,
-                         {"objectives": ["fula", "dm"], "epochs": 1})
+                         {"objectives": [stitching.FuLA(k="block3.1"), "dm"],
+                          "epochs": 1})
   mats["stitch_fula/accuracy"].plot()
 """
 
+from fula_jax.stitching.api import SweepResult, program_flops, run_sweep, sweep
 from fula_jax.stitching.lstsq import fit as lstsq_fit
-from fula_jax.stitching.maps import MapSpec, UnstitchableError, plan
-from fula_jax.stitching.objectives import OBJECTIVES, fula_loss
+from fula_jax.stitching.maps import MapSpec, UnstitchableError
+from fula_jax.stitching.measures import NAMES as MEASURES
+from fula_jax.stitching.objectives import DM, OBJECTIVES, SLM, TLM, FuLA, fula_loss
 from fula_jax.stitching.objectives import get as get_objective
-from fula_jax.stitching.sweeper import (MEASURES, SweepResult, default_config, run_sweep,
-                                      sweep)
+from fula_jax.stitching.settings import default_config
 
-__all__ = ["MEASURES", "MapSpec", "OBJECTIVES", "SweepResult", "UnstitchableError",
-           "default_config", "fula_loss", "get_objective", "lstsq_fit", "plan",
-           "run_sweep", "sweep"]
+__all__ = ["DM", "FuLA", "MEASURES", "MapSpec", "OBJECTIVES", "SLM", "SweepResult", "TLM",
+           "UnstitchableError", "default_config", "fula_loss", "get_objective",
+           "lstsq_fit", "program_flops", "run_sweep", "sweep"]

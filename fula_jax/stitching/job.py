@@ -45,7 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns ``{'matrices': {name: {'shape', 'nan_cells'}}, 'end_accuracy', 'stats'}``.
   """
   from fula_jax import data, results
-  from fula_jax.stitching import sweeper
+  from fula_jax import stitching
   from fula_jax.train.checkpoint import load_trained
 
   if not config.get("model_a_workdir"):
@@ -79,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_b = _subset(data.load(dcfg_b, "train"), n_train)
     test_b = _subset(data.load(dcfg_b, "test"), n_test)
 
-  res = sweeper.run_sweep(model_a, vars_a, model_b, vars_b, train, test, config.stitch,
+  res = stitching.run_sweep(model_a, vars_a, model_b, vars_b, train, test, config.stitch,
                           workdir, train_b=train_b, test_b=test_b, name_a=name_a,
                           name_b=name_b)
   mats = res.matrices(name_a, name_b)

@@ -113,7 +113,16 @@ class Objective:
     return True
 
   def train_end(self, points_b: Sequence[str], j: str) -> str:
+    """How far g's tail runs in a training step (never further than the loss reads)."""
     return LOGITS
+
+  def targets(self, points_b: Sequence[str], j: str) -> tuple[str, ...]:
+    """g's own activations the loss compares against (its 'targets')."""
+    return ()
+
+  def train_steps(self, steps: int, steps_per_epoch: int) -> int:
+    """Gradient steps of one stitch, given the sweep's `steps` (0: not trained)."""
+    return steps
 
   def loss(self, outs: Mapping[str, jax.Array], shared: Shared, where: Where
            ) -> jax.Array:
@@ -130,7 +139,8 @@ class Objective:
     raise NotImplementedError
 
   def settings(self) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(self).items()}
+    """Every field, with the name: what a finished result's fingerprint records."""
+    return {"name": self.name, **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +178,24 @@ class SLM(Objective):
 
 @dataclasses.dataclass(frozen=True)
 class DM(Objective):
-  """Direct matching; solved in closed form, optionally refined by gradient steps."""
+  """Direct matching; solved in closed form, optionally refined by gradient steps.
+
+  `num_examples` examples give the least-squares rows (0: one epoch of the training
+  split); `refine_epochs` > 0 then refines the closed form by gradient steps.
+  """
   name = "dm"
   closed_form = True
+  num_examples: int = 0
+  refine_epochs: float = 0.0
 
   def train_end(self, points_b, j):
     return j
+
+  def targets(self, points_b, j):
+    return (j,)
+
+  def train_steps(self, steps, steps_per_epoch):
+    return int(round(self.refine_epochs * steps_per_epoch))
 
   @staticmethod
   def _row_errors(z, t):
@@ -219,6 +241,9 @@ class FuLA(Objective):
 
   def train_end(self, points_b, j):
     return self.last_point(points_b, j)
+
+  def targets(self, points_b, j):
+    return tuple(self.layers(points_b, j))
 
   def layers(self, points_b: Sequence[str], j: str) -> list[str]:
     lo, hi = points_b.index(j), points_b.index(self.last_point(points_b, j))
@@ -277,27 +302,48 @@ class FuLA(Objective):
     return total
 
 
-def _fula_from(cfg: Mapping[str, Any]) -> FuLA:
-  c = cfg.get("C", 1.0)
+def parse_fula_c(c: Any) -> float | tuple:
+  """FuLA's C_l from a config: 1 -> 1.0; '1,1,0.5' -> (1, 1, 0.5) (one per point of g);
+  'conv1=2,pool=0' or {'conv1': 2, 'pool': 0} -> (('conv1', 2.0), ('pool', 0.0))."""
+  if isinstance(c, str):
+    parts = [p.strip() for p in c.split(",") if p.strip()]
+    if any("=" in p for p in parts):
+      c = {p.split("=")[0].strip(): float(p.split("=")[1]) for p in parts}
+    else:
+      c = float(parts[0]) if len(parts) == 1 else [float(p) for p in parts]
   if isinstance(c, Mapping) or hasattr(c, "to_dict"):
-    c = tuple(sorted((str(k), float(v)) for k, v in dict(c).items()))
-  elif isinstance(c, (list, tuple)):
-    c = tuple(float(v) for v in c)
-  else:
-    c = float(c)
-  return FuLA(C=c, k=cfg.get("k", None), squared=bool(cfg.get("squared", False)),
+    return tuple(sorted((str(k), float(v)) for k, v in dict(c).items()))
+  if isinstance(c, (list, tuple)):
+    if c and isinstance(c[0], (list, tuple)):
+      return tuple((str(k), float(v)) for k, v in c)
+    return tuple(float(v) for v in c)
+  return float(c)
+
+
+def _fula_from(cfg: Mapping[str, Any]) -> FuLA:
+  k = cfg.get("k", None)
+  return FuLA(C=parse_fula_c(cfg.get("C", 1.0)), k=None if k in (None, "") else str(k),
+              squared=bool(cfg.get("squared", False)),
               normalise=str(cfg.get("normalise", "example")),
               eps=float(cfg.get("eps", 1e-8)))
+
+
+def _dm_from(cfg: Mapping[str, Any]) -> DM:
+  return DM(num_examples=int(cfg.get("num_examples", 0)),
+            refine_epochs=float(cfg.get("refine_epochs", 0.0)))
 
 
 OBJECTIVES: dict[str, Callable[[Mapping[str, Any]], Objective]] = {
     "tlm": lambda cfg: TLM(),
     "slm": lambda cfg: SLM(tau=float(cfg.get("slm", {}).get("tau", 1.0))),
-    "dm": lambda cfg: DM(),
+    "dm": lambda cfg: _dm_from(cfg.get("dm", {})),
     "fula": lambda cfg: _fula_from(cfg.get("fula", {})),
 }
 
 
-def get(name: str, cfg: Mapping[str, Any] | None = None) -> Objective:
-  """The objective `name` configured from the sweep config (its 'slm'/'fula' blocks)."""
+def get(name: str | Objective, cfg: Mapping[str, Any] | None = None) -> Objective:
+  """The objective `name` configured from the sweep config (its 'slm', 'dm' and 'fula'
+  blocks); an `Objective` value is returned as it is."""
+  if isinstance(name, Objective):
+    return name
   return registry.lookup("stitching objective", name, OBJECTIVES)(cfg or {})

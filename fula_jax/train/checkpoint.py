@@ -78,10 +78,10 @@ def load_trained(workdir: str | epath.Path):
   optimiser state in the checkpoint is not read into memory.
   """
   from fula_jax import models
-  from fula_jax.train import loop
+  from fula_jax.train import build
 
   config = read_config(workdir)
-  model = loop.build_model(config)
+  model = build.build_model(config)
   ckpt_dir = io.path(workdir) / CHECKPOINT_DIR
   if not ckpt_dir.exists():
     raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
@@ -96,7 +96,7 @@ def load_trained(workdir: str | epath.Path):
     variables["batch_stats"] = tree["batch_stats"]
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   expected = jax.eval_shape(
-      lambda: models.init(model, jax.random.PRNGKey(0), loop.input_shape(config)))
+      lambda: models.init(model, jax.random.PRNGKey(0), build.input_shape(config)))
   got_shapes = jax.tree_util.tree_map(lambda a: a.shape, variables)
   want_shapes = jax.tree_util.tree_map(lambda a: a.shape, expected)
   if got_shapes != want_shapes:

@@ -14,39 +14,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fula_jax import errors, io, models
+from fula_jax import errors, io, models, sharding
 from fula_jax.progress import Progress
 from fula_jax.train import checkpoint
+from fula_jax.train.build import build_model, input_shape, num_classes  # noqa: F401
 from fula_jax.train.state import (TrainState, create_state, learning_rate_schedule,
                                   make_eval_step, make_optimizer, make_train_step)
 
 
-def _tuples(v: Any) -> Any:
-  return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def build_model(config: ml_collections.ConfigDict) -> models.StagedModel:
-  """The model `config.model` names. List-valued kwargs (a JSON round trip turns tuples
-  into lists) become tuples, so the module stays hashable for `jax.jit` static args."""
-  kwargs = {k: _tuples(v) for k, v in dict(config.model.get("kwargs", {}) or {}).items()}
-  kwargs.setdefault("num_classes", num_classes(config))
-  return models.get_model(config.model.name, **kwargs)
-
-
-def num_classes(config: ml_collections.ConfigDict) -> int:
-  from fula_jax import data
-  return data.num_classes(config.data)
-
-
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """(1, H, W, C) of the model input for this config's data settings."""
-  from fula_jax import data
-  return (1, *data.image_shape(config.data))
-
-
 def data_mesh() -> Mesh:
   """A 1-D mesh over every device (all hosts); the batch axis is sharded over it."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
+  return sharding.line_mesh("data")
 
 
 def _global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -146,8 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_split, tcfg.batch_size, seed=config.seed, start_step=start_step,
       num_steps=total_steps - start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  from fula_jax.stitching.engine import needs_sync
-  sync = needs_sync(mesh)  # CPU collectives deadlock when dispatched back to back
+  sync = sharding.needs_sync(mesh)  # CPU collectives deadlock when dispatched back to back
   metrics_sum: dict[str, float] = {}
   metrics_n = 0
   for step, batch in zip(range(start_step, total_steps), batches):

@@ -1,0 +1,221 @@
+"""The public sweep API: ``run_sweep`` and ``sweep`` over any two protocol models.
+
+A whole L_A x L_B stitching matrix for several objectives, resumably: the requested
+cells are planned into units and waves (:mod:`.plan`), what a previous run finished is
+loaded (:mod:`.store`), each wave runs (:mod:`.wave`, set up by :mod:`.runner`), and
+every cell of every objective and measure (:mod:`.measures`) comes back as arrays or as
+`results.Matrix`.
+
+Colab use, with models and data in memory::
+
+  from fula_jax import stitching
+  mats = stitching.sweep(model_a, vars_a, model_b, vars_b, train, test,
+                         {"objectives": ["fula", "dm"], "epochs": 1})
+  mats["stitch_fula/accuracy"].plot()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from fula_jax import registry
+from fula_jax.progress import Progress
+from fula_jax.stitching import maps, plan as plan_lib, settings
+from fula_jax.stitching import store as store_lib
+from fula_jax.stitching.runner import Sweep
+from fula_jax.stitching.wave import Wave
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """Every cell of every objective, as arrays; `matrices()` gives results.Matrix."""
+  rows: list[str]
+  cols: list[str]
+  values: dict[str, dict[str, np.ndarray]]   # objective -> measure -> (rows, cols)
+  reasons: dict[str, dict[str, str]]         # objective -> 'a->b' -> why it is NaN
+  end_accuracy: float
+  stats: dict[str, Any]
+  meta: dict[str, Any]
+  params: dict[tuple[str, str, str], dict[str, np.ndarray]] = dataclasses.field(
+      default_factory=dict)
+
+  def matrices(self, model_a: str = "A", model_b: str = "B") -> dict[str, Any]:
+    """``{'stitch_<objective>/<measure>': results.Matrix}``."""
+    from fula_jax import results
+    out = {}
+    for obj, measures in self.values.items():
+      for measure, m in measures.items():
+        name = f"stitch_{obj}/{measure}"
+        meta = dict(self.meta, objective=obj, reasons=self.reasons.get(obj, {}),
+                    end_accuracy=self.end_accuracy)
+        out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
+                                   cols=list(self.cols), measure=name, model_a=model_a,
+                                   model_b=model_b, meta=meta)
+    return out
+
+
+def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
+              cfg: Mapping[str, Any] | None = None, workdir: str | None = None, *,
+              train_b=None, test_b=None, name_a: str = "A", name_b: str = "B",
+              mesh: Mesh | None = None, keep_params: bool = False,
+              profile: dict | None = None,
+              eval_sets: Mapping[str, Any] | None = None) -> SweepResult:
+  """Run (or resume) a stitching sweep; see the module docstring.
+
+  Args:
+    model_a, vars_a: the front model f (any model following the model protocol) and its
+      frozen variables.
+    model_b, vars_b: the end model g and its frozen variables.
+    train, test: batch sources (e.g. `fula_jax.data.Split`s, images in [0, 1]);
+      stitches train on `train` and are evaluated on `test`.
+    cfg: settings overriding `settings.default_config()` (a dict or ConfigDict).
+    workdir: where unit files (``<workdir>/stitch/...``) and the compilation cache go and
+      are resumed from; None keeps everything in memory (e.g. in a Colab).
+    train_b, test_b: the same examples as the end model sees them, when its inputs
+      differ (e.g. a grayscale model); default: the same sources.
+    name_a, name_b: model identities, part of the fingerprints and of the results.
+    mesh: a 1-D mesh of the devices to use; default: every device of every process.
+    keep_params: return the trained stitch parameters in `SweepResult.params`.
+    profile: a dict to fill with every program's FLOPs and call count
+      (`program_flops`).
+    eval_sets: more test sets every stitch is evaluated on, ``{name: source}`` or
+      ``{name: (source, source_b)}``; their accuracies are the measures
+      ``accuracy@<name>`` and the end model's are in ``meta['end_accuracy_sets']``.
+
+  Returns:
+    A `SweepResult`; `stats` counts units, waves, stitches computed and resumed, and the
+    programs compiled (``programs_compiled``, ``compile_seconds``; programs read back
+    from the persistent cache are ``programs_from_cache``).
+  """
+  t0 = time.perf_counter()
+  sw = Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
+             train_b=train_b, test_b=test_b, name_a=name_a, name_b=name_b, mesh=mesh,
+             keep_params=keep_params, profile=profile, eval_sets=eval_sets)
+  sci, ex = sw.science, sw.execution
+  rows = list(sw.cells.rows or sw.points_a)
+  cols = list(sw.cells.cols or sw.points_b)
+  pairs, explicit = plan_lib.parse_pairs(sw.cells.pairs, rows, cols)
+  for r, c in [(r, cols[0]) for r in rows] + [(rows[0], c) for c in cols] + pairs:
+    if r not in sw.points_a:
+      raise registry.unknown(f"stitch point of the front model ({name_a})", r, sw.points_a)
+    if c not in sw.points_b:
+      raise registry.unknown(f"stitch point of the end model ({name_b})", c, sw.points_b)
+  unstitchable: dict[tuple[str, str], str] = {}
+  stitchable = []
+  for r, c in pairs:
+    try:
+      maps.plan(r, sw.shapes_a[r], c, sw.shapes_b[c])
+      stitchable.append((r, c))
+    except maps.UnstitchableError as e:
+      if explicit:
+        raise
+      unstitchable[(r, c)] = str(e)
+
+  finished, end = sw.store.load()
+  if end:
+    sw.end_accuracy = {"": end["end_accuracy"], **end["end_accuracy_sets"]}
+  units = plan_lib.plan(
+      stitchable, sci.objectives, finished=finished, shapes_a=sw.shapes_a,
+      shapes_b={p: sw.shapes_b[p] for p in sw.points_b},
+      trains={o.name: sw.stitch_steps(o.name) > 0 for o in sci.objectives},
+      grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
+      bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
+      max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints)
+  waves = [Wave(sw, w) for w in plan_lib.pack_waves(units, ex.max_stitches_per_wave)]
+  show = ex.progress and jax.process_index() == 0
+  progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),
+                               unit="batch", every_s=ex.progress_every_s, enabled=show))
+  wanted = set(stitchable)
+  resumed = sum(1 for (_, r, c) in finished if (r, c) in wanted)
+  if show:
+    print(f"stitch sweep: {len(pairs)} cells x {len(sci.objectives)} objectives; "
+          f"{resumed} (objective, cell) results resumed from the workdir; "
+          f"{sum(len(u.fronts) for u in units)} stitches in {len(units)} units, "
+          f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
+          f"processes).", flush=True)
+  records = dict(finished)
+  for w in waves:
+    records.update(w.run(progress))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("fula_jax.stitching done")
+
+  measures = [m.name for m in sw.measures] + [f"accuracy@{n}" for n in sw.eval_sets]
+  values: dict[str, dict[str, np.ndarray]] = {}
+  reasons: dict[str, dict[str, str]] = {}
+  requested = set(pairs)
+  for obj in sci.objectives:
+    mats = {m: np.full((len(rows), len(cols)), np.nan) for m in measures}
+    why: dict[str, str] = {}
+    for a, r in enumerate(rows):
+      for b, c in enumerate(cols):
+        if (r, c) not in requested:
+          continue
+        if (r, c) in unstitchable:
+          why[plan_lib.cell_key(r, c)] = unstitchable[(r, c)]
+          continue
+        rec = records[(obj.name, r, c)]
+        for m in measures:
+          mats[m][a, b] = store_lib.from_json_value(rec["metrics"].get(m))
+        if rec["status"] != "ok":
+          why[plan_lib.cell_key(r, c)] = f"{rec['status']}: {rec['reason']}"
+    values[obj.name], reasons[obj.name] = mats, why
+  stats = {"units_computed": len(units), "waves": len(waves),
+           "programs_compiled": sw.count.compiled,
+           "programs_compiled_late": sw.count.compiled_late,
+           "programs_from_cache": sw.count.from_cache,
+           "compile_seconds": sw.count.seconds,
+           "stitches_computed": sum(len(u.fronts) for u in units),
+           "stitches_resumed": resumed, "devices": sw.n_dev,
+           "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
+           "phase_seconds": dict(sw.seconds)}
+  meta = {"settings": settings.resolve(_named(cfg)), "n_train": len(train),
+          "n_test": len(test), "train": train.name, "test": test.name,
+          "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
+          "end_accuracy_sets": {k: v for k, v in sw.end_accuracy.items() if k},
+          "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n}}
+  return SweepResult(rows, cols, values, reasons, sw.end_accuracy.get("", float("nan")),
+                     stats, meta, sw.kept_params)
+
+
+def _named(cfg: Any) -> Any:
+  """`cfg` with objective values replaced by their settings (JSON-able metadata)."""
+  if cfg is None:
+    return None
+  plain = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  if "objectives" in plain and not isinstance(plain["objectives"], str):
+    plain["objectives"] = [o if isinstance(o, str) else o.name
+                           for o in plain["objectives"]]
+  return plain
+
+
+class _Advance:
+  def __init__(self, bar: Progress):
+    self.bar, self.count = bar, 0
+
+  def advance(self) -> None:
+    self.count += 1
+    self.bar.update(self.count)
+
+
+def sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
+          cfg: Mapping[str, Any] | None = None, workdir: str | None = None,
+          **kwargs: Any) -> dict[str, Any]:
+  """`run_sweep`, returned as ``{'stitch_<objective>/<measure>': results.Matrix}``.
+
+  Callable from a Colab with models and data in memory and ``workdir=None``.
+  """
+  res = run_sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, **kwargs)
+  return res.matrices(kwargs.get("name_a", "A"), kwargs.get("name_b", "B"))
+
+
+def program_flops(profile: Mapping[Any, Mapping[str, Any]]) -> float:
+  """Total FLOPs a profiled sweep executed: XLA's cost analysis of each compiled
+  program times its calls."""
+  return float(sum(e["flops"] * e["calls"] for e in profile.values()))

@@ -1,0 +1,150 @@
+"""What every stitch reports, in one protocol.
+
+A measure may add per-batch sums to the evaluation program (`terms`, run per stitch
+inside the compiled program on each held-out batch; padded rows are masked out) and
+turns the summed terms, and whatever else the run recorded, into one number per stitch
+on the host (`value`). Adding a measure is one class here and one entry in `MEASURES`:
+the programs, the accumulator shapes (`jax.eval_shape` of the terms) and the result
+matrices all follow from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fula_jax.models.base import LOGITS
+from fula_jax.stitching.objectives import Objective, Where
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One stitch on one held-out batch, inside the evaluation program."""
+  outs: Mapping[str, jax.Array]   # g's tail from z_j: every later point and 'logits'
+  z: jax.Array                    # the stitch's output at the end point, z_j
+  shared: Mapping[str, Any]       # 'label', 'teacher' (g's logits), 'targets' {point: g}
+  mask: jax.Array                 # (B,) 1 on real examples
+  objective: Objective
+  where: Where
+
+
+@dataclasses.dataclass(frozen=True)
+class Readout:
+  """Everything a stitch's numbers come from, on the host, for the unit's stitches."""
+  sums: Mapping[str, np.ndarray]  # '<measure>/<term>' -> (S, ...) summed over the set
+  n: float                        # real examples in the evaluation set
+  end_accuracy: float             # g's own accuracy on that set
+  objective: Objective
+  where: Where
+  train_loss: np.ndarray          # (S,) mean training loss of the last epoch (NaN: none)
+  pgd_accuracy: np.ndarray | None  # (S,) or None when PGD is off
+
+
+class Measure:
+  """Base: no device terms; `value` must be defined."""
+  name = "measure"
+
+  def terms(self, b: Batch) -> dict[str, jax.Array]:
+    return {}
+
+  def value(self, r: Readout) -> np.ndarray:
+    raise NotImplementedError
+
+
+def _correct(b: Batch) -> jax.Array:
+  return jnp.sum(b.mask * (jnp.argmax(b.outs[LOGITS], -1) == b.shared["label"]))
+
+
+class Accuracy(Measure):
+  """Test accuracy of the stitched model."""
+  name = "accuracy"
+
+  def terms(self, b):
+    return {"correct": _correct(b)}
+
+  def value(self, r):
+    return np.asarray(r.sums["accuracy/correct"]) / r.n
+
+
+class RelativeAccuracy(Measure):
+  """Stitched accuracy divided by the end model's own (1 = nothing lost)."""
+  name = "relative_accuracy"
+
+  def value(self, r):
+    acc = np.asarray(r.sums["accuracy/correct"]) / r.n
+    return acc / r.end_accuracy if r.end_accuracy else np.full_like(acc, np.nan)
+
+
+class Loss(Measure):
+  """The stitch's own objective on the held-out set."""
+  name = "loss"
+
+  def terms(self, b):
+    return b.objective.eval_terms(b.outs, b.shared, b.mask, b.where)
+
+  def value(self, r):
+    own = {k.split("/", 1)[1]: np.asarray(v) for k, v in r.sums.items()
+           if k.startswith("loss/")}
+    return np.asarray(r.objective.eval_value(own, r.n, r.where), np.float64)
+
+
+class TrainLoss(Measure):
+  """Mean training loss over the last epoch of training (NaN when not trained)."""
+  name = "train_loss"
+
+  def value(self, r):
+    return np.asarray(r.train_loss, np.float64)
+
+
+class DMError(Measure):
+  """The structural error ``||z_j - g_{<=j}(x)||^2 / ||g_{<=j}(x)||^2`` on held-out data."""
+  name = "dm_error"
+
+  def terms(self, b):
+    z = b.z.reshape(b.z.shape[0], -1).astype(jnp.float32)
+    t = b.shared["targets"][b.where.end]
+    t = t.reshape(t.shape[0], -1).astype(jnp.float32)
+    return {"num": jnp.sum(b.mask * jnp.sum(jnp.square(z - t), 1)),
+            "den": jnp.sum(b.mask * jnp.sum(jnp.square(t), 1))}
+
+  def value(self, r):
+    return (np.asarray(r.sums["dm_error/num"]) /
+            np.maximum(np.asarray(r.sums["dm_error/den"]), 1e-30))
+
+
+class PGDAccuracy(Measure):
+  """Accuracy of the stitched model under the sweep's PGD attack."""
+  name = "pgd_accuracy"
+
+  def value(self, r):
+    if r.pgd_accuracy is None:
+      return np.full_like(np.asarray(r.train_loss, np.float64), np.nan)
+    return np.asarray(r.pgd_accuracy, np.float64)
+
+
+MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLoss(),
+                                 DMError(), PGDAccuracy())
+NAMES = tuple(m.name for m in MEASURES)
+# Measures whose non-finite value marks a stitch as diverged.
+REQUIRED_FINITE = ("accuracy", "loss", "dm_error")
+
+
+def active(pgd: bool) -> tuple[Measure, ...]:
+  return tuple(m for m in MEASURES if m.name != "pgd_accuracy" or pgd)
+
+
+def terms(b: Batch, measures: Sequence[Measure] = MEASURES) -> dict[str, jax.Array]:
+  """Every measure's per-batch sums for one stitch, keyed '<measure>/<term>'."""
+  out = {}
+  for m in measures:
+    for k, v in m.terms(b).items():
+      out[f"{m.name}/{k}"] = v
+  return out
+
+
+def values(r: Readout, measures: Sequence[Measure] = MEASURES) -> dict[str, np.ndarray]:
+  return {m.name: np.asarray(m.value(r), np.float64) for m in measures}

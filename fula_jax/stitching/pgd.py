@@ -1,0 +1,83 @@
+"""PGD on stitched models, inside the engine: one program per unit attacks every
+stitched model of the unit on a batch, split over the devices like the unit's training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fula_jax import attacks
+from fula_jax.stitching import maps
+from fula_jax.stitching.programs import BATCH, UnitContext, on_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDContext:
+  """A unit's stitched models under attack: f to the deepest front, the front chosen
+  per stitch, the stitch, g to the logits."""
+  unit: UnitContext
+  model_a: Any
+  points: tuple[str, ...]          # the unit's distinct front points, in f's order
+  point_shapes: tuple[tuple[int, ...], ...]
+  norm: str
+  steps: int
+  random_start: bool
+
+  @property
+  def split(self) -> bool:
+    return self.unit.split
+
+
+@functools.partial(jax.jit, static_argnames=("ctx",))
+def pgd_correct(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, step_size,
+                *, ctx: PGDContext) -> jax.Array:
+  """Correct answers of each stitched model on PGD examples of one batch, (S,).
+
+  Stitch s attacks its own model (front point ``ctx.points[which[s]]``) from a random
+  start drawn example by example from ``fold_in(keys[s], offset + e)``, so the numbers
+  do not depend on how examples are split over devices. Stitches are processed one
+  after another (`lax.map`) inside the program, each picking its front with
+  `lax.switch`: under `vmap` every stitch would compute every front.
+  """
+  u = ctx.unit
+  deepest = ctx.points[-1]
+  specs = [maps.plan("front", s, "end", u.end_shape) for s in ctx.point_shapes]
+
+  def local(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, step_size):
+    shard = jax.lax.axis_index(BATCH) if u.split else 0
+    index = offset + shard * x.shape[0] + jnp.arange(x.shape[0])
+
+    def logits_of(p, k, images):
+      acts = ctx.model_a.apply(vars_a, images, end=deepest, train=False,
+                               capture=True)[1]
+      branches = [functools.partial(_stitched_front, spec=spec, point=pt, p=p)
+                  for spec, pt in zip(specs, ctx.points)]
+      z = jax.lax.switch(k, branches, acts)
+      return u.model_b.apply(vars_b, z, start=u.end, train=False)
+
+    def one(args):
+      p, k, key = args
+      fn = functools.partial(logits_of, p, k)
+      start = (attacks.random_starts(key, x, eps, ctx.norm, index)
+               if ctx.random_start else None)
+      adv = attacks.pgd(fn, x, y, None, eps=eps, step_size=step_size, steps=ctx.steps,
+                        norm=ctx.norm, random_start=False, start=start)
+      return jnp.sum(mask * (jnp.argmax(fn(adv), -1) == y))
+
+    correct = jax.lax.map(one, (params, which, keys))
+    return jax.lax.psum(correct, BATCH) if u.split else correct
+
+  rep, bt = P(), P(BATCH)
+  return on_mesh(local, u, (rep, rep, rep, rep, rep, bt, bt, bt, rep, rep, rep), rep)(
+      params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, step_size)
+
+
+def _stitched_front(acts, *, spec, point, p):
+  return maps.apply(spec, {"kernel": p["kernel"][:spec.in_features], "bias": p["bias"]},
+                    acts[point])

@@ -1,0 +1,197 @@
+"""Planning, pure: requested cells -> units of stitches -> waves. No arrays, no devices.
+
+A *unit* is the stitches one compiled program trains together under `jax.vmap`: one
+objective, one end point j of g, and a set of front points of f, one stitch each. With
+the default grouping ('end') every front into j shares the unit, whatever its shape:
+each stitch maps its own front onto j's grid inside the program, so there is one
+training program per (end point, objective). 'shape' groups only fronts of the same
+shape (the previous engine's layout, kept to check that merging changes no number) and
+'single' makes one unit per stitch (the one-pair-at-a-time baseline). A unit larger
+than the memory budget is split into equal chunks, which share their program. Units are
+laid out on a (stitch x batch) view of the devices.
+
+A *wave* is a run of consecutive units up to a stitch budget; per batch, each wave runs
+both donors once and every unit of the wave steps on those activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from fula_jax import registry
+from fula_jax.stitching import maps
+
+def parse_pairs(pairs: Any, rows: Sequence[str], cols: Sequence[str]
+                ) -> tuple[list[tuple[str, str]], bool]:
+  """The requested (row, col) cells and whether they were named explicitly."""
+  if isinstance(pairs, str) and pairs == "all":
+    return [(r, c) for r in rows for c in cols], False
+  if isinstance(pairs, str) and pairs == "diagonal":
+    return [(rows[k], cols[k]) for k in range(min(len(rows), len(cols)))], False
+  if isinstance(pairs, str) and pairs.startswith("offset:"):
+    arg = pairs.split(":", 1)[1].strip()
+    k = int(arg)
+    shifts = [k] if arg[:1] in "+-" else sorted({k, -k})
+    out = [(rows[a], cols[a + s]) for a in range(len(rows)) for s in shifts
+           if 0 <= a + s < len(cols)]
+    return out, False
+  if isinstance(pairs, str):
+    if "->" not in pairs:
+      raise registry.unknown("stitch pairs", pairs,
+                             ("all", "diagonal", "offset:1", "a->b,c->d"))
+    pairs = [p for p in pairs.split(",") if p.strip()]
+  out = []
+  for p in pairs:
+    a, b = (p.split("->") if isinstance(p, str) else p)
+    out.append((a.strip(), b.strip()))
+  return out, True
+
+
+def cell_key(row: str, col: str) -> str:
+  return f"{row}->{col}"
+
+
+def cell_salt(row: str, col: str) -> int:
+  """Salt of one cell's random numbers: independent of grouping, devices, objective."""
+  return zlib.crc32(cell_key(row, col).encode()) & 0x7FFFFFFF
+
+
+def cell_rng(seed: int, row: str, col: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(seed), cell_salt(row, col))
+
+
+def digest(obj: Any, n: int = 16) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
+                        ).hexdigest()[:n]
+
+
+def safe_name(name: str) -> str:
+  return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """Stitches of one objective into end point `end`, trained by one program call.
+
+  Stitch s maps front point ``fronts[s]`` (per-example shape ``front_shapes[s]``) to
+  `end`; the program pads the stitch axis to `size` (repeating the first front; padded
+  stitches take no steps) and stores every stitch's kernel with `width` rows (the
+  widest front's features).
+  """
+  objective: str
+  end: str
+  end_shape: tuple[int, ...]
+  fronts: tuple[str, ...]
+  front_shapes: tuple[tuple[int, ...], ...]
+  width: int
+  size: int
+  ways: int      # the stitch axis is split `ways` ways; each stitch's batch the rest
+  trains: bool
+  uid: str
+
+  @property
+  def cells(self) -> tuple[tuple[str, str], ...]:
+    return tuple((r, self.end) for r in self.fronts)
+
+  @property
+  def padded_fronts(self) -> tuple[str, ...]:
+    return self.fronts + (self.fronts[0],) * (self.size - len(self.fronts))
+
+  @property
+  def padded_shapes(self) -> tuple[tuple[int, ...], ...]:
+    return self.front_shapes + (self.front_shapes[0],) * (self.size - len(self.fronts))
+
+  @property
+  def grid(self) -> tuple[int, ...]:
+    """The end point's spatial or token layout (() for vectors)."""
+    return self.end_shape[:-1]
+
+  def specs(self) -> tuple[maps.MapSpec, ...]:
+    """The layout change of each (padded) stitch's front onto the end point."""
+    return tuple(maps.plan(r, s, self.end, self.end_shape)
+                 for r, s in zip(self.padded_fronts, self.padded_shapes))
+
+
+def stitch_ways(num_stitches: int, num_devices: int, batch_sizes: Sequence[int],
+                batch_split_ok: bool = True) -> int:
+  """How many ways to split a unit's stitch axis; the other devices split each stitch's
+  batch. Splitting the batch is preferred (no padded stitches, and every device shares
+  every stitch's work); the stitch axis takes the devices the batch sizes do not divide
+  by, or all of them when an objective cannot split its batch."""
+  if not batch_split_ok:
+    return num_devices
+  for ways in sorted(d for d in range(1, num_devices + 1) if num_devices % d == 0):
+    if not any(bs % (num_devices // ways) for bs in batch_sizes):
+      return ways
+  return num_devices
+
+
+def group(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple[int, ...]],
+          grouping: str) -> list[list[tuple[str, str]]]:
+  """Cells that may share one program, in first-seen order: by end point ('end'), by
+  end point and exact front shape ('shape'), or one each ('single')."""
+  table: dict[Any, list[tuple[str, str]]] = {}
+  for row, col in cells:
+    key = {"end": (col,), "shape": (col, shapes_a[row]), "single": (row, col)}[grouping]
+    table.setdefault(key, []).append((row, col))
+  return list(table.values())
+
+
+def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
+         finished: Any, shapes_a: Mapping[str, tuple[int, ...]],
+         shapes_b: Mapping[str, tuple[int, ...]], trains: Mapping[str, bool],
+         grouping: str, num_devices: int, batch_sizes: Sequence[int],
+         bytes_per_stitch: Callable[[str, int], int], budget_bytes: float,
+         max_group_size: int, fingerprints: Mapping[str, str]) -> list[Unit]:
+  """Units for every (objective, cell) not in `finished`, laid out over the devices.
+
+  `objectives` are values with `.name` and `.decomposable`; `trains[name]` says whether
+  that objective takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
+  one stitch's train step.
+  """
+  points_b = list(shapes_b)
+  units = []
+  for members in group(cells, shapes_a, grouping):
+    end = members[0][1]
+    width = max(shapes_a[r][-1] for r, _ in members)
+    per = bytes_per_stitch(end, width)
+    cap = max(1, int(budget_bytes // max(per, 1))) * num_devices
+    if max_group_size:
+      cap = min(cap, int(max_group_size))
+    for obj in objectives:
+      todo = [r for r, c in members if (obj.name, r, c) not in finished]
+      if not todo:
+        continue
+      n_chunks = -(-len(todo) // cap)
+      per_chunk = -(-len(todo) // n_chunks)
+      for k in range(n_chunks):
+        fronts = tuple(todo[k * per_chunk:(k + 1) * per_chunk])
+        ways = stitch_ways(len(fronts), num_devices, batch_sizes, obj.decomposable)
+        size = -(-len(fronts) // ways) * ways
+        uid = safe_name(f"{end}-{digest([fronts, width, fingerprints[obj.name]], 12)}")
+        units.append(Unit(obj.name, end, tuple(shapes_b[end]), fronts,
+                          tuple(tuple(shapes_a[r]) for r in fronts), width, size, ways,
+                          trains[obj.name], uid))
+  order = {o.name: k for k, o in enumerate(objectives)}
+  units.sort(key=lambda u: (points_b.index(u.end), order[u.objective], u.width))
+  return units
+
+
+def pack_waves(units: Sequence[Unit], max_stitches: int) -> list[list[Unit]]:
+  """Consecutive units, up to `max_stitches` (padded) stitches per wave."""
+  waves, cur, n = [], [], 0
+  for u in units:
+    if cur and n + u.size > max_stitches:
+      waves.append(cur)
+      cur, n = [], 0
+    cur.append(u)
+    n += u.size
+  if cur:
+    waves.append(cur)
+  return waves

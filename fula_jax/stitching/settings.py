@@ -1,0 +1,209 @@
+"""A sweep's settings in three parts: what it computes, which cells, and how it runs.
+
+* `Science`: everything that changes a stitch's numbers (objectives as values, the
+  optimiser, init, epochs, batch size, seed, PGD). A finished result's fingerprint is
+  a digest of these and of nothing else.
+* `Cells`: which cells of the matrix to compute (results are stored per cell).
+* `Execution`: how the work is laid out (grouping, waves, memory budget, devices,
+  evaluation batch, progress, the compilation cache); the numbers do not depend on it
+  beyond float rounding, so changing it keeps finished results.
+
+Users write one flat config (``configs/stitch.py``'s ``config.stitch``, or a dict);
+each key belongs to the part whose dataclass declares it, so there is no list of
+settings to keep apart by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+from fula_jax import registry
+from fula_jax.errors import ConfigError
+from fula_jax.stitching import objectives as objectives_lib
+
+INITS = ("random", "lstsq")
+GROUPINGS = ("end", "shape", "single")
+
+
+@dataclasses.dataclass(frozen=True)
+class PGD:
+  """Accuracy of every stitched model under a PGD attack on the first test examples."""
+  enabled: bool = False
+  norm: str = "linf"
+  eps: float = 8 / 255
+  step_size: float = 2 / 255
+  steps: int = 20
+  random_start: bool = True
+  num_examples: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Science:
+  """Everything that changes a stitch's numbers (Adam lr 1e-3, batch 256: the
+  stitching literature's defaults)."""
+  objectives: tuple[objectives_lib.Objective, ...] = ()
+  batch_size: int = 256
+  epochs: float = 3.0
+  steps: int = 0                  # > 0 overrides epochs
+  learning_rate: float = 1e-3
+  adam: tuple[float, float, float] = (0.9, 0.999, 1e-8)  # b1, b2, eps
+  init: str = "random"            # 'random' (fan-in) | 'lstsq' (the DM solution)
+  lstsq_examples: int = 512       # examples for init='lstsq'
+  ridge: float = 1e-6             # relative ridge of the least-squares solves
+  seed: int = 0
+  cell_lr: tuple[tuple[str, float], ...] = ()  # per-cell learning rates
+  pgd: PGD = PGD()
+
+  def objective(self, name: str) -> objectives_lib.Objective:
+    return {o.name: o for o in self.objectives}[name]
+
+  def lr(self, row: str, col: str) -> float:
+    return dict(self.cell_lr).get(f"{row}->{col}", self.learning_rate)
+
+  def fingerprint_fields(self, objective: str) -> dict[str, Any]:
+    """What identifies the numbers of `objective`'s stitches (apart from models and
+    data): the shared settings and that objective's own."""
+    shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name != "objectives"}
+    shared["pgd"] = dataclasses.asdict(self.pgd)
+    return dict(shared, objective=self.objective(objective).settings())
+
+
+@dataclasses.dataclass(frozen=True)
+class Cells:
+  """Which cells: 'all' | 'diagonal' | 'offset:k' (i -> i +- k) | 'offset:+k' |
+  'offset:-k' | 'a->b,c->d' | a list of 'a->b' or (a, b); over `rows` (points of the
+  front model, None: all) and `cols` (points of the end model, None: all)."""
+  pairs: Any = "all"
+  rows: tuple[str, ...] | None = None
+  cols: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How the work is laid out; none of it changes the numbers beyond float rounding."""
+  eval_batch_size: int = 512
+  grouping: str = "end"           # 'end': one program per (end point, objective) |
+                                  # 'shape': per exact front shape | 'single': per stitch
+  max_stitches_per_wave: int = 64
+  memory_budget_mb: float = 2048  # per device, for one unit's train step
+  max_group_size: int = 0         # > 0 caps the stitches of one unit
+  num_devices: int = 0            # 0 = every device of every process
+  save_params: bool = False       # also write each unit's stitch parameters (.npz)
+  compilation_cache: str = ""     # '' = <workdir>/compilation_cache; 'off' = none
+  parallel_compile: bool = True   # compile a wave's programs in threads before it runs
+  progress: bool = True
+  progress_every_s: float = 10.0
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The flat config of a sweep with every default (see the three dataclasses)."""
+  sci, cells, ex = Science(), Cells(), Execution()
+  return ml_collections.ConfigDict(dict(
+      objectives=("tlm", "slm", "dm", "fula"),
+      pairs=cells.pairs,
+      rows=config_dict.placeholder(tuple), cols=config_dict.placeholder(tuple),
+      batch_size=sci.batch_size, epochs=sci.epochs, steps=sci.steps,
+      learning_rate=sci.learning_rate,
+      adam=dict(b1=sci.adam[0], b2=sci.adam[1], eps=sci.adam[2]),
+      init=sci.init, lstsq_examples=sci.lstsq_examples, ridge=sci.ridge, seed=sci.seed,
+      cell_lr="",             # 'a->b=lr,...' (or a dict)
+      slm=dict(tau=1.0),
+      dm=dict(num_examples=0,     # rows of the closed form from this many examples
+                                  # (0 = one epoch of the training split)
+              refine_epochs=0.0),  # gradient refinement of the closed form
+      fula=dict(C="1",            # scalar, 'c1,c2,..' per point of g, or 'point=c,..'
+                k=config_dict.placeholder(str),  # last latent point (None: g's last)
+                squared=False, normalise="example", eps=1e-8),
+      pgd=dataclasses.asdict(sci.pgd),
+      **dataclasses.asdict(ex)))
+
+
+def _plain(x: Any) -> Any:
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def resolve(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+  """Defaults overlaid with `cfg` (a ConfigDict or dict) as plain values; an unknown
+  key is an error naming the valid ones."""
+  full = _plain(default_config())
+
+  def merge(base, over, path):
+    for k, v in over.items():
+      if k not in base:
+        raise registry.unknown(f"stitch setting {path}", k, base.keys())
+      if isinstance(base[k], dict) and isinstance(v, Mapping) and k != "cell_lr":
+        merge(base[k], v, f"{path}{k}.")
+      elif k == "objectives":
+        base[k] = list(v) if isinstance(v, (list, tuple)) else v
+      else:
+        base[k] = _plain(v)
+
+  merge(full, _plain_top(cfg) if hasattr(cfg, "to_dict") else dict(cfg or {}), "")
+  if isinstance(full["objectives"], str):
+    full["objectives"] = [o for o in full["objectives"].replace(" ", "").split(",") if o]
+  return full
+
+
+def _plain_top(cfg: Any) -> dict[str, Any]:
+  """A ConfigDict's top level as a dict, keeping `Objective` values as they are."""
+  return {k: (cfg[k] if k == "objectives" else _plain(cfg[k])) for k in cfg.keys()}
+
+
+def parse_cell_lr(spec: Any) -> tuple[tuple[str, float], ...]:
+  if not spec:
+    return ()
+  if isinstance(spec, Mapping):
+    return tuple(sorted((str(k), float(v)) for k, v in spec.items()))
+  out = {}
+  for part in str(spec).split(","):
+    cell, _, lr = part.rpartition("=")
+    out[cell.strip()] = float(lr)
+  return tuple(sorted(out.items()))
+
+
+def make_objectives(cfg: Mapping[str, Any]) -> tuple[objectives_lib.Objective, ...]:
+  """The objectives of a resolved config, as values (names are configured from the
+  'slm', 'dm' and 'fula' blocks; `Objective` values are taken as they are)."""
+  objs = tuple(objectives_lib.get(o, cfg) for o in cfg["objectives"])
+  names = [o.name for o in objs]
+  if not objs:
+    raise ConfigError("No stitching objectives: set objectives to some of "
+                      f"{', '.join(objectives_lib.OBJECTIVES)}.")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"Objectives must be distinct, got {names}.")
+  return objs
+
+
+def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
+  """The three parts of a flat sweep config (see the module docstring)."""
+  full = resolve(cfg)
+  registry.lookup("stitch init", full["init"], dict.fromkeys(INITS))
+  registry.lookup("stitch grouping", full["grouping"], dict.fromkeys(GROUPINGS))
+  registry.lookup("attack norm", full["pgd"]["norm"], dict.fromkeys(("linf", "l2")))
+  adam = full["adam"]
+  science = Science(
+      objectives=make_objectives(full), batch_size=int(full["batch_size"]),
+      epochs=float(full["epochs"]), steps=int(full["steps"]),
+      learning_rate=float(full["learning_rate"]),
+      adam=(float(adam["b1"]), float(adam["b2"]), float(adam["eps"])),
+      init=str(full["init"]), lstsq_examples=int(full["lstsq_examples"]),
+      ridge=float(full["ridge"]), seed=int(full["seed"]),
+      cell_lr=parse_cell_lr(full["cell_lr"]), pgd=PGD(**full["pgd"]))
+  rows, cols = full["rows"], full["cols"]
+  cells = Cells(pairs=full["pairs"], rows=tuple(rows) if rows else None,
+                cols=tuple(cols) if cols else None)
+  execution = Execution(**{f.name: full[f.name] for f in dataclasses.fields(Execution)})
+  if science.batch_size < 1 or execution.eval_batch_size < 1:
+    raise ConfigError("batch_size and eval_batch_size must be positive.")
+  return science, cells, execution

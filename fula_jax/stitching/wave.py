@@ -1,0 +1,358 @@
+"""One wave of units: compile, least squares, train, evaluate, attack, write.
+
+Per batch, f and g run once (batch-sharded, every stitch point replicated out) and every
+unit of the wave steps on those shared activations. Least-squares statistics (for DM and
+``init='lstsq'``) come first, over the same batch stream; evaluation runs one donor pass
+per held-out batch again. Every program the wave will call is compiled before it starts,
+in parallel threads, from the exact shapes and shardings of its calls, which fills
+JAX's own cache (and the persistent one): the wave itself then compiles nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fula_jax import sharding
+from fula_jax.stitching import lstsq
+from fula_jax.stitching import measures as measures_lib
+from fula_jax.stitching import plan as plan_lib
+from fula_jax.stitching import pgd as pgd_lib
+from fula_jax.stitching import programs as P
+from fula_jax.stitching.objectives import Where
+
+
+@dataclasses.dataclass
+class UnitRun:
+  """A unit and everything its run holds, on the devices until it is written."""
+  unit: plan_lib.Unit
+  ctx: P.UnitContext
+  state: Any = None                       # P.StitchState
+  max_steps: int = 0
+  failed: dict[int, str] = dataclasses.field(default_factory=dict)  # stitch -> why
+  sums: dict[str, Any] = dataclasses.field(default_factory=dict)    # set -> eval sums
+  pgd: np.ndarray | None = None
+  sum_shapes: dict[str, Any] | None = None  # one stitch's evaluation sums
+
+  @property
+  def sharding(self):
+    return P.stitch_sharding(self.ctx.mesh)
+
+
+def _sds(tree: Any, sharding_: Any = None) -> Any:
+  """Abstract arrays of `tree`'s shapes and dtypes, laid out as `sharding_`."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding_), tree)
+
+
+class Wave:
+  """Runs one wave for a sweep (`runner.Sweep` supplies donors, data and settings)."""
+
+  def __init__(self, sweep: Any, units: Sequence[plan_lib.Unit]):
+    self.sw = sweep
+    self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
+    sci = sweep.science
+    self.needs_init = sci.init == "lstsq" and any(
+        not sci.objective(r.unit.objective).closed_form for r in self.runs)
+    self.needs_dm = any(sci.objective(r.unit.objective).closed_form for r in self.runs)
+    self.init_batches = (-(-sci.lstsq_examples // sweep.batch) if self.needs_init else 0)
+    dm_examples = max([sci.objective(r.unit.objective).num_examples
+                       for r in self.runs
+                       if sci.objective(r.unit.objective).closed_form] + [0])
+    self.dm_batches = ((-(-dm_examples // sweep.batch) if dm_examples
+                        else sweep.steps_per_epoch) if self.needs_dm else 0)
+    for r in self.runs:
+      r.max_steps = sweep.stitch_steps(r.unit.objective) if r.unit.trains else 0
+    self.train_steps = max([r.max_steps for r in self.runs] + [0])
+
+  # -- sizes
+
+  def num_batches(self) -> int:
+    """Batches this wave reads (for the progress bar)."""
+    sw = self.sw
+    n_eval = sum(sw.test_views[name].num_batches for name in sw.test_views)
+    return max(self.init_batches, self.dm_batches) + self.train_steps + n_eval
+
+  def stats_jobs(self) -> dict[tuple, list[UnitRun]]:
+    """Units whose least squares are needed, grouped by identical front sets."""
+    jobs: dict[tuple, list[UnitRun]] = {}
+    sci = self.sw.science
+    for r in self.runs:
+      closed = sci.objective(r.unit.objective).closed_form
+      if closed or (self.needs_init and not closed):
+        key = (r.unit.end, r.unit.padded_fronts, r.unit.width, r.unit.ways)
+        jobs.setdefault(key, []).append(r)
+    return jobs
+
+  # -- compilation
+
+  def warm_up(self) -> None:
+    """Compile every program of the wave, from the shapes and shardings of its calls."""
+    sw = self.sw
+    calls: list[tuple[Callable, tuple, dict]] = []
+    trains = self.train_steps > 0 or self.init_batches or self.dm_batches
+    donors = {}
+    for batch, is_eval in ([(sw.batch, False)] if trains else []) + [(sw.eval_batch, True)]:
+      args = sw.donor_args_abstract(batch)
+      calls.append((P.donor_pass, args, {"ctx": sw.donor_ctx}))
+      donors[is_eval] = jax.eval_shape(
+          lambda *a: P.donor_pass(*a, ctx=sw.donor_ctx), *args)
+    rep = sharding.replicated(sw.mesh)
+    as_rep = lambda t: _sds(t, rep)
+    if self.init_batches or self.dm_batches:
+      out = donors[False]
+      for runs in self.stats_jobs().values():
+        r = runs[0]
+        stats = _sds(P.stats_zeros(r.unit.size, r.unit.width, r.unit.end_shape[-1]),
+                     r.sharding)
+        fronts = tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts)
+        calls.append((P.lstsq_stats, (stats, fronts, as_rep(out["acts_b"][r.unit.end])),
+                      {"ctx": r.ctx}))
+    for r in self.runs:
+      state = _sds(self.initial_host_state(r, zeros=True), r.sharding)
+      if r.max_steps:
+        out = donors[False]
+        calls.append((P.train_step, (
+            state, sw.vars_b, tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
+            as_rep(self.shared(r, out, train=True)), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32)), {"ctx": r.ctx}))
+      out = donors[True]
+      calls.append((P.evaluate, (
+          _sds(self.zero_sums(r), r.sharding), state.params, sw.vars_b,
+          tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
+          as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
+      if sw.science.pgd.enabled:
+        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(r, state.params),
+                      {"ctx": sw.pgd_context(r)}))
+    self._compile(calls)
+
+  def _compile(self, calls: Sequence[tuple[Callable, tuple, dict]]) -> None:
+    sw = self.sw
+
+    def one(call):
+      fn, args, kwargs = call
+      compiled = fn.lower(*args, **kwargs).compile()
+      if sw.profile is not None:
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+        key = (fn.__name__, kwargs["ctx"])
+        sw.profile.setdefault(key, {"flops": float(cost.get("flops", 0.0)), "calls": 0})
+
+    workers = (max(1, min(len(calls), os.cpu_count() or 1))
+               if sw.execution.parallel_compile else 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for f in [pool.submit(one, c) for c in calls]:
+        f.result()
+
+  # -- pieces of the calls
+
+  def shared(self, r: UnitRun, out: Mapping[str, Any], *, train: bool) -> dict:
+    targets = r.ctx.train_targets() if train else r.ctx.eval_targets()
+    return {"label": out["label"], "teacher": out["logits_b"],
+            "targets": {p: out["acts_b"][p] for p in targets}}
+
+  def zero_sums(self, r: UnitRun) -> dict[str, np.ndarray]:
+    """Zeroed evaluation sums of `r`'s stitches (their shapes traced once per unit)."""
+    sw = self.sw
+    if r.sum_shapes is None:
+      r.sum_shapes = P.eval_terms_shapes(
+          r.ctx, sw.vars_b, sw.eval_batch, sw.num_classes,
+          {p: sw.shapes_b[p] for p in r.ctx.eval_targets()})
+    return {k: np.zeros((r.unit.size,) + tuple(v.shape), np.float32)
+            for k, v in r.sum_shapes.items()}
+
+  def initial_host_state(self, r: UnitRun, params: Any = None, zeros: bool = False):
+    sw, u = self.sw, r.unit
+    c_out = u.end_shape[-1]
+    if params is None:
+      params = {"kernel": np.zeros((u.size, u.width, c_out), np.float32),
+                "bias": np.zeros((u.size, c_out), np.float32)}
+    steps = np.zeros((u.size,), np.int32)
+    if not zeros:
+      steps[:len(u.fronts)] = r.max_steps
+    lr = np.array([sw.science.lr(f, u.end) for f in u.padded_fronts], np.float32)
+    return P.init_state(params, steps, lr, P.adam(*sw.science.adam))
+
+  # -- running
+
+  def least_squares(self, progress) -> tuple[dict, dict]:
+    """Closed-form solutions per cell: (for inits, for DM); values (params, error)."""
+    sw = self.sw
+    n_batches = max(self.init_batches, self.dm_batches)
+    if not n_batches:
+      return {}, {}
+    jobs = []
+    for runs in self.stats_jobs().values():
+      r = runs[0]
+      jobs.append([r, sharding.put_tree(
+          P.stats_zeros(r.unit.size, r.unit.width, r.unit.end_shape[-1]), r.sharding)])
+    init_sol, dm_sol = {}, {}
+    for b, out in enumerate(sw.donor_stream(sw.train_stream(n_batches))):
+      for job in jobs:
+        r = job[0]
+        job[1] = sw.call(P.lstsq_stats, job[1],
+                         tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                         out["acts_b"][r.unit.end], ctx=r.ctx)
+      for count, sol in ((self.init_batches, init_sol), (self.dm_batches, dm_sol)):
+        if b + 1 == count:
+          for r, st in jobs:
+            sol.update(self._solve(r.unit, sharding.fetch(st)))
+      progress.advance()
+    return init_sol, dm_sol
+
+  def _solve(self, u: plan_lib.Unit, stats: lstsq.Stats) -> dict:
+    """Host float64 solutions per cell on each front's own features, padded."""
+    ridge = self.sw.science.ridge
+    out = {}
+    for s, (row, shape) in enumerate(zip(u.fronts, u.front_shapes)):
+      c = shape[-1]
+      one = lstsq.Stats(*(np.asarray(x)[s] for x in stats))
+      one = one._replace(mean_x=one.mean_x[:c], cxx=one.cxx[:c, :c], cxt=one.cxt[:c])
+      kernel = np.zeros((u.width, u.end_shape[-1]), np.float32)
+      err = ""
+      try:
+        sol = lstsq.solve(one, ridge)
+        if not all(np.all(np.isfinite(v)) for v in sol.values()):
+          raise ValueError("non-finite least-squares solution")
+        kernel[:c] = sol["kernel"]
+        bias = sol["bias"]
+      except (ValueError, np.linalg.LinAlgError) as e:
+        err = f"least squares failed: {e}"
+        bias = np.zeros((u.end_shape[-1],), np.float32)
+      out[(row, u.end)] = ({"kernel": kernel, "bias": bias}, err)
+    return out
+
+  def init_states(self, init_sol: Mapping, dm_sol: Mapping) -> None:
+    sci = self.sw.science
+    for r in self.runs:
+      u = r.unit
+      obj = sci.objective(u.objective)
+      salts = [plan_lib.cell_salt(f, u.end) for f in u.padded_fronts]
+      params = P.random_init([s[-1] for s in u.padded_shapes], u.end_shape[-1],
+                             u.width, sci.seed, salts)
+      solutions = dm_sol if obj.closed_form else (init_sol if sci.init == "lstsq" else {})
+      for s, row in enumerate(u.padded_fronts):
+        if (row, u.end) in solutions:
+          p, err = solutions[(row, u.end)]
+          params["kernel"][s], params["bias"][s] = p["kernel"], p["bias"]
+          if err and s < len(u.fronts):
+            r.failed[s] = err
+      r.state = sharding.put_tree(self.initial_host_state(r, params), r.sharding)
+
+  def train(self, progress) -> None:
+    sw = self.sw
+    if not self.train_steps:
+      return
+    window = np.int32(sw.steps_per_epoch)
+    for step, out in enumerate(sw.donor_stream(sw.train_stream(self.train_steps))):
+      for r in self.runs:
+        if step < r.max_steps:
+          r.state = sw.call(P.train_step, r.state, sw.vars_b,
+                            tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                            self.shared(r, out, train=True), window, np.int32(step),
+                            ctx=r.ctx)
+      progress.advance()
+
+  def evaluate(self, name: str, progress) -> float:
+    """Every unit's sums on held-out set `name` ('' = the test split); returns the
+    number of examples g itself gets right."""
+    sw = self.sw
+    for r in self.runs:
+      r.sums[name] = sharding.put_tree(self.zero_sums(r), r.sharding)
+    end_correct = 0.0
+    for out in sw.donor_stream(sw.eval_stream(name)):
+      end_correct += sw.end_correct(out)
+      for r in self.runs:
+        r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, sw.vars_b,
+                               tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                               self.shared(r, out, train=False), out["mask"], ctx=r.ctx)
+      progress.advance()
+    return end_correct
+
+  def records(self, r: UnitRun, state: P.StitchState, sums: Mapping[str, Mapping],
+              end_accuracy: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One JSON-able record per stitch of `r`: status, reason, every measure."""
+    sw, u = self.sw, r.unit
+    obj = sw.science.objective(u.objective)
+    where = Where(u.end, sw.points_b)
+    train_loss = np.where(state.loss_weight > 0,
+                          state.loss_sum / np.maximum(state.loss_weight, 1e-30), np.nan)
+
+    def readout(name):
+      return measures_lib.Readout(sums[name], sw.test_views[name].n,
+                                  end_accuracy[name], obj, where, train_loss, r.pgd)
+
+    values = measures_lib.values(readout(""), sw.measures)
+    for name in sw.eval_sets:
+      values[f"accuracy@{name}"] = measures_lib.Accuracy().value(readout(name))
+    out = []
+    for s, row in enumerate(u.fronts):
+      metrics = {k: float(v[s]) for k, v in values.items()}
+      status, reason = "ok", ""
+      if s in r.failed:
+        status, reason = "failed", r.failed[s]
+      elif bool(state.diverged[s]):
+        status = "diverged"
+        reason = (f"non-finite loss or parameters at training step "
+                  f"{int(state.diverged_step[s])} (learning rate {float(state.lr[s]):g})")
+      elif not all(np.isfinite(metrics[m]) for m in measures_lib.REQUIRED_FINITE):
+        status, reason = "diverged", "non-finite value on the test split"
+      if status != "ok":
+        metrics = {k: float("nan") for k in metrics}
+      out.append({"row": row, "col": u.end, "status": status, "reason": reason,
+                  "metrics": {k: _json(v) for k, v in metrics.items()}})
+    return out
+
+  def run(self, progress) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Run the wave and write its units; the records of its stitches."""
+    sw = self.sw
+    t0 = time.perf_counter()
+    with sharding.count_compiles() as warm, sw.timed("compile"):
+      self.warm_up()
+    sw.count.add_warm_up(warm)
+    with sharding.count_compiles() as late:
+      with sw.timed("least_squares"):
+        init_sol, dm_sol = self.least_squares(progress)
+        self.init_states(init_sol, dm_sol)
+      with sw.timed("train"):
+        self.train(progress)
+        jax.block_until_ready([r.state for r in self.runs])
+      with sw.timed("evaluate"):
+        end_correct = {name: self.evaluate(name, progress) for name in sw.test_views}
+        jax.block_until_ready([r.sums for r in self.runs])
+      end_accuracy = {name: c / sw.test_views[name].n for name, c in end_correct.items()}
+      sw.set_end_accuracy(end_accuracy)
+      if sw.science.pgd.enabled:
+        with sw.timed("pgd"):
+          for r in self.runs:
+            r.pgd = sw.pgd(r)
+    sw.count.add_late(late)
+    seconds = (time.perf_counter() - t0) / max(len(self.runs), 1)
+    host = sharding.fetch([(r.state, r.sums) for r in self.runs])
+    records = {}
+    for r, (state, sums) in zip(self.runs, host):
+      recs = self.records(r, state, sums, end_accuracy)
+      n = len(r.unit.fronts)
+      params = {k: np.asarray(v)[:n] for k, v in state.params.items()}
+      for row, rec in zip(r.unit.fronts, recs):
+        records[(r.unit.objective, row, r.unit.end)] = rec
+      for s, row in enumerate(r.unit.fronts):
+        if sw.keep_params:
+          c = r.unit.front_shapes[s][-1]
+          sw.kept_params[(r.unit.objective, row, r.unit.end)] = {
+              "kernel": params["kernel"][s, :c], "bias": params["bias"][s]}
+      sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
+                     seconds=seconds, end_accuracy=end_accuracy[""],
+                     end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
+    return records
+
+
+def _json(v: float) -> float | None:
+  return float(v) if np.isfinite(v) else None
