@@ -257,3 +257,42 @@ def test_pair_lists():
   assert objectives.parse_fula_c("pool=2") == (("pool", 2.0),)
   assert objectives.parse_fula_c({"b": 1, "a": 0.5}) == (("a", 0.5), ("b", 1.0))
   assert objectives.parse_fula_c(2) == 2.0
+
+
+def test_prefix_tokens_pass_through_and_only_grid_tokens_are_resampled():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 1 + 16, 3)).astype(np.float32)   # CLS + a 4x4 grid
+  p = {"kernel": rng.normal(size=(3, 5)).astype(np.float32),
+       "bias": rng.normal(size=(5,)).astype(np.float32),
+       "cls": rng.normal(size=(1, 5)).astype(np.float32)}
+  # tokens (CLS + 4x4) -> tokens (CLS + 2x2): CLS mapped as a token, grid resampled.
+  spec = maps.plan("a", (17, 3), "b", (5, 5), src_prefix=1, dst_prefix=1)
+  grid = jax.image.resize(x[:, 1:].reshape(2, 4, 4, 3), (2, 2, 2, 3), "bilinear")
+  want = _np_affine(np.concatenate([x[:, :1], np.asarray(grid).reshape(2, 4, 3)], 1), p)
+  np.testing.assert_allclose(maps.apply(spec, p, x), want, rtol=1e-4, atol=1e-4)
+  # A map -> CLS + grid: 'pool' makes the CLS token the map's mean; 'learned' uses p.
+  m = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  pooled = np.concatenate([m.mean((1, 2))[:, None], m.reshape(2, 16, 3)], 1)
+  spec = maps.plan("a", (4, 4, 3), "b", (17, 5), dst_prefix=1)
+  np.testing.assert_allclose(maps.apply(spec, p, m), _np_affine(pooled, p), rtol=1e-4,
+                             atol=1e-4)
+  spec = maps.plan("a", (4, 4, 3), "b", (17, 5), dst_prefix=1, c2t="learned")
+  out = np.asarray(maps.apply(spec, p, m))
+  np.testing.assert_allclose(out[:, 0], np.broadcast_to(p["cls"][0], (2, 5)))
+  np.testing.assert_allclose(out[:, 1:], _np_affine(m.reshape(2, 16, 3), p), rtol=1e-4,
+                             atol=1e-4)
+  # CLS + grid -> a map: 'drop' keeps the grid, 'cls' spreads the CLS token over it.
+  spec = maps.plan("a", (17, 3), "b", (4, 4, 5), src_prefix=1)
+  np.testing.assert_allclose(maps.apply(spec, p, x),
+                             _np_affine(x[:, 1:].reshape(2, 4, 4, 3), p), rtol=1e-4,
+                             atol=1e-4)
+  spec = maps.plan("a", (17, 3), "b", (4, 4, 5), src_prefix=1, t2c="cls")
+  np.testing.assert_allclose(
+      maps.apply(spec, p, x),
+      np.broadcast_to(_np_affine(x[:, :1], p)[:, :, None], (2, 4, 4, 5)), rtol=1e-4,
+      atol=1e-4)
+  # 17 tokens without a declared prefix are no square grid.
+  with pytest.raises(maps.UnstitchableError, match="prefix_tokens"):
+    maps.plan("a", (17, 3), "b", (4, 4, 5))
+  with pytest.raises(registry.UnknownNameError, match="pool"):
+    maps.plan("a", (4, 4, 3), "b", (17, 5), dst_prefix=1, c2t="mean")

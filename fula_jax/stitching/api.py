@@ -110,7 +110,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   stitchable = []
   for r, c in pairs:
     try:
-      maps.plan(r, sw.shapes_a[r], c, sw.shapes_b[c])
+      maps.plan(r, sw.shapes_a[r], c, sw.shapes_b[c], src_prefix=sw.prefix_a.get(r, 0),
+                dst_prefix=sw.prefix_b.get(c, 0), c2t=sci.c2t, t2c=sci.t2c)
       stitchable.append((r, c))
     except maps.UnstitchableError as e:
       if explicit:
@@ -126,7 +127,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
       trains={o.name: sw.stitch_steps(o.name) > 0 for o in sci.objectives},
       grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
       bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
-      max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints)
+      max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints,
+      prefix_a=sw.prefix_a, prefix_b=sw.prefix_b)
   waves = [Wave(sw, w) for w in plan_lib.pack_waves(units, ex.max_stitches_per_wave)]
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),

@@ -28,6 +28,7 @@ class PGDContext:
   norm: str
   steps: int
   random_start: bool
+  point_prefix: tuple[int, ...] = ()
 
   @property
   def split(self) -> bool:
@@ -47,7 +48,9 @@ def pgd_correct(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, st
   """
   u = ctx.unit
   deepest = ctx.points[-1]
-  specs = [maps.plan("front", s, "end", u.end_shape) for s in ctx.point_shapes]
+  specs = [maps.plan("front", s, "end", u.end_shape, src_prefix=p, dst_prefix=u.end_prefix,
+                     c2t=u.c2t, t2c=u.t2c)
+           for s, p in zip(ctx.point_shapes, ctx.point_prefix or (0,) * len(ctx.points))]
 
   def local(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, step_size):
     shard = jax.lax.axis_index(BATCH) if u.split else 0
@@ -79,5 +82,7 @@ def pgd_correct(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, st
 
 
 def _stitched_front(acts, *, spec, point, p):
-  return maps.apply(spec, {"kernel": p["kernel"][:spec.in_features], "bias": p["bias"]},
-                    acts[point])
+  own = {"kernel": p["kernel"][:spec.in_features], "bias": p["bias"]}
+  if spec.learned_prefix:
+    own["cls"] = p["cls"][:spec.learned_prefix]
+  return maps.apply(spec, own, acts[point])

@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from fula_jax import registry
-from fula_jax.stitching import maps
 
 def parse_pairs(pairs: Any, rows: Sequence[str], cols: Sequence[str]
                 ) -> tuple[list[tuple[str, str]], bool]:
@@ -94,6 +93,13 @@ class Unit:
   ways: int      # the stitch axis is split `ways` ways; each stitch's batch the rest
   trains: bool
   uid: str
+  front_prefix: tuple[int, ...] = ()  # prefix tokens of each front (empty: none)
+  end_prefix: int = 0
+
+  @property
+  def padded_prefix(self) -> tuple[int, ...]:
+    prefix = self.front_prefix or (0,) * len(self.fronts)
+    return prefix + (prefix[0],) * (self.size - len(self.fronts))
 
   @property
   def cells(self) -> tuple[tuple[str, str], ...]:
@@ -111,11 +117,6 @@ class Unit:
   def grid(self) -> tuple[int, ...]:
     """The end point's spatial or token layout (() for vectors)."""
     return self.end_shape[:-1]
-
-  def specs(self) -> tuple[maps.MapSpec, ...]:
-    """The layout change of each (padded) stitch's front onto the end point."""
-    return tuple(maps.plan(r, s, self.end, self.end_shape)
-                 for r, s in zip(self.padded_fronts, self.padded_shapes))
 
 
 def stitch_ways(num_stitches: int, num_devices: int, batch_sizes: Sequence[int],
@@ -148,13 +149,16 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
          shapes_b: Mapping[str, tuple[int, ...]], trains: Mapping[str, bool],
          grouping: str, num_devices: int, batch_sizes: Sequence[int],
          bytes_per_stitch: Callable[[str, int], int], budget_bytes: float,
-         max_group_size: int, fingerprints: Mapping[str, str]) -> list[Unit]:
+         max_group_size: int, fingerprints: Mapping[str, str],
+         prefix_a: Mapping[str, int] | None = None,
+         prefix_b: Mapping[str, int] | None = None) -> list[Unit]:
   """Units for every (objective, cell) not in `finished`, laid out over the devices.
 
   `objectives` are values with `.name` and `.decomposable`; `trains[name]` says whether
   that objective takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
-  one stitch's train step.
+  one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens.
   """
+  prefix_a, prefix_b = prefix_a or {}, prefix_b or {}
   points_b = list(shapes_b)
   units = []
   for members in group(cells, shapes_a, grouping):
@@ -177,7 +181,9 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
         uid = safe_name(f"{end}-{digest([fronts, width, fingerprints[obj.name]], 12)}")
         units.append(Unit(obj.name, end, tuple(shapes_b[end]), fronts,
                           tuple(tuple(shapes_a[r]) for r in fronts), width, size, ways,
-                          trains[obj.name], uid))
+                          trains[obj.name], uid,
+                          tuple(int(prefix_a.get(r, 0)) for r in fronts),
+                          int(prefix_b.get(end, 0))))
   order = {o.name: k for k, o in enumerate(objectives)}
   units.sort(key=lambda u: (points_b.index(u.end), order[u.objective], u.width))
   return units

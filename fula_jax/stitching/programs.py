@@ -70,12 +70,13 @@ def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
 
 
 def random_init(c_ins: Sequence[int], c_out: int, width: int, seed: int,
-                salts: Sequence[int]) -> dict[str, np.ndarray]:
+                salts: Sequence[int], learned_prefix: int = 0) -> dict[str, np.ndarray]:
   """Stacked fan-in inits (LeCun normal: a normal truncated at two standard deviations,
   rescaled to variance 1 / fan_in; zero bias), rows beyond each front's width zero.
 
   Stitch s draws from ``np.random.default_rng([seed, salts[s]])`` whatever else is
   stacked with it, so an init depends on its cell alone, not on grouping or devices.
+  Learned prefix tokens (`learned_prefix` rows of 'cls') start at zero.
   """
   kernels = np.zeros((len(salts), width, c_out), np.float32)
   for k, (c_in, salt) in enumerate(zip(c_ins, salts)):
@@ -87,7 +88,10 @@ def random_init(c_ins: Sequence[int], c_out: int, width: int, seed: int,
       draw[bad] = rng.standard_normal(int(bad.sum()))
       bad = np.abs(draw) > 2.0
     kernels[k, :c_in] = draw * std
-  return {"kernel": kernels, "bias": np.zeros((len(salts), c_out), np.float32)}
+  out = {"kernel": kernels, "bias": np.zeros((len(salts), c_out), np.float32)}
+  if learned_prefix:  # learned class tokens start at zero
+    out["cls"] = np.zeros((len(salts), learned_prefix, c_out), np.float32)
+  return out
 
 
 def tail(model_b: Any, vars_b: Any, z: jax.Array, j: str, end: str
@@ -124,6 +128,10 @@ class UnitContext:
   objective: Objective
   mesh: Mesh
   adam: tuple[float, float, float] = (0.9, 0.999, 1e-8)
+  front_prefix: tuple[int, ...] = ()  # prefix tokens of each (padded) stitch's front
+  end_prefix: int = 0
+  c2t: str = "pool"
+  t2c: str = "drop"
 
   @property
   def where(self) -> Where:
@@ -135,13 +143,32 @@ class UnitContext:
     return self.mesh.shape[BATCH] > 1
 
   def specs(self) -> tuple[maps.MapSpec, ...]:
-    return tuple(maps.plan("front", s, "end", self.end_shape) for s in self.front_shapes)
+    prefix = self.front_prefix or (0,) * len(self.front_shapes)
+    return tuple(maps.plan("front", s, "end", self.end_shape, src_prefix=p,
+                           dst_prefix=self.end_prefix, c2t=self.c2t, t2c=self.t2c)
+                 for s, p in zip(self.front_shapes, prefix))
+
+  @property
+  def learned_prefix(self) -> int:
+    """Rows of the 'cls' parameter: learned prefix tokens of the widest need."""
+    return max([s.learned_prefix for s in self.specs()] + [0])
 
   def train_targets(self) -> tuple[str, ...]:
     return tuple(self.objective.targets(self.points_b, self.end))
 
   def eval_targets(self) -> tuple[str, ...]:
     return tuple(dict.fromkeys((self.end,) + self.train_targets()))
+
+
+def stitch_params(params: dict[str, jax.Array], index: Any, spec: maps.MapSpec
+                  ) -> dict[str, jax.Array]:
+  """The maps of stitches `index` out of the padded stack: the kernel rows of their
+  front's features, and the learned prefix tokens they use."""
+  out = {"kernel": params["kernel"][index, :spec.in_features],
+         "bias": params["bias"][index]}
+  if spec.learned_prefix:
+    out["cls"] = params["cls"][index, :spec.learned_prefix]
+  return out
 
 
 def stitch_all(ctx: UnitContext, params, fronts: Sequence[jax.Array]) -> jax.Array:
@@ -155,9 +182,7 @@ def stitch_all(ctx: UnitContext, params, fronts: Sequence[jax.Array]) -> jax.Arr
     groups.setdefault(spec, []).append(s)
   outs, order = [], []
   for spec, idx in groups.items():
-    c = spec.in_features
-    p = {"kernel": params["kernel"][np.asarray(idx), :c],
-         "bias": params["bias"][np.asarray(idx)]}
+    p = stitch_params(params, np.asarray(idx), spec)
     x = jnp.stack([fronts[s] for s in idx])
     outs.append(jax.vmap(lambda p, x, spec=spec: maps.apply(spec, p, x))(p, x))
     order += idx
@@ -299,7 +324,10 @@ def lstsq_stats(stats: lstsq.Stats, fronts, target, *, ctx: UnitContext) -> lsts
     for s, (spec, x) in enumerate(zip(ctx.specs(), fronts)):
       xr = maps.relayout(spec, x)
       xr = jnp.pad(xr, [(0, 0)] * (xr.ndim - 1) + [(0, ctx.width - xr.shape[-1])])
-      b = lstsq.batch_stats(lstsq.rows(xr), lstsq.rows(target))
+      t = target
+      if spec.learned_prefix:  # no source rows for tokens the stitch learns
+        xr, t = xr[:, spec.dst_prefix:], t[:, spec.dst_prefix:]
+      b = lstsq.batch_stats(lstsq.rows(xr), lstsq.rows(t))
       if ctx.split:
         b = lstsq.psum_stats(b, BATCH)
       out.append(lstsq.merge(jax.tree_util.tree_map(lambda a: a[s], stats), b))

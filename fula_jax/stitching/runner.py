@@ -104,6 +104,8 @@ class Sweep:
     self.points_a, self.points_b = tuple(model_a.point_names), tuple(model_b.point_names)
     self.train, self.train_b = train, train_b or train
     self.eval_sets = _check_eval_sets(eval_sets)
+    self.prefix_a = dict(getattr(model_a, "prefix_tokens", {}) or {})
+    self.prefix_b = dict(getattr(model_b, "prefix_tokens", {}) or {})
     self.shapes_a = {p: tuple(s.shape) for p, s in
                      point_shapes(model_a, host_a, train.image_shape).items()}
     self.shapes_b = {p: tuple(s.shape) for p, s in
@@ -143,9 +145,10 @@ class Sweep:
 
   def unit_context(self, u: plan_lib.Unit) -> P.UnitContext:
     mesh = sharding.grid_mesh(self.mesh.devices.flat, u.ways, (P.AXIS, P.BATCH))
+    sci = self.science
     return P.UnitContext(self.model_b, self.points_b, u.end, u.end_shape,
-                         u.padded_shapes, u.width, self.science.objective(u.objective),
-                         mesh, self.science.adam)
+                         u.padded_shapes, u.width, sci.objective(u.objective), mesh,
+                         sci.adam, u.padded_prefix, u.end_prefix, sci.c2t, sci.t2c)
 
   def bytes_per_stitch(self, end: str, width: int) -> int:
     """Memory of one stitch in a train step: params + Adam + activations of g's tail
@@ -230,8 +233,9 @@ class Sweep:
     points = tuple(p for p in self.points_a if p in r.unit.fronts)
     pgd = self.science.pgd
     return pgd_lib.PGDContext(r.ctx, self.model_a, points,
-                        tuple(self.shapes_a[p] for p in points), pgd.norm, pgd.steps,
-                        pgd.random_start)
+                              tuple(self.shapes_a[p] for p in points), pgd.norm,
+                              pgd.steps, pgd.random_start,
+                              tuple(self.prefix_a.get(p, 0) for p in points))
 
   def _pgd_static(self, r: UnitRun):
     ctx = self.pgd_context(r)

@@ -23,6 +23,7 @@ from ml_collections import config_dict
 
 from fula_jax import registry
 from fula_jax.errors import ConfigError
+from fula_jax.stitching import maps
 from fula_jax.stitching import objectives as objectives_lib
 
 INITS = ("random", "lstsq")
@@ -57,6 +58,8 @@ class Science:
   seed: int = 0
   cell_lr: tuple[tuple[str, float], ...] = ()  # per-cell learning rates
   pgd: PGD = PGD()
+  c2t: str = "pool"   # prefix (CLS) tokens of a token target from a map: pool | learned
+  t2c: str = "drop"   # a token source's prefix tokens into a map: drop | cls
 
   def objective(self, name: str) -> objectives_lib.Objective:
     return {o.name: o for o in self.objectives}[name]
@@ -120,6 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
                 k=config_dict.placeholder(str),  # last latent point (None: g's last)
                 squared=False, normalise="example", eps=1e-8),
       pgd=dataclasses.asdict(sci.pgd),
+      c2t=sci.c2t,            # CLS tokens of a ViT target stitched from a map: 'pool'
+                              # (mean of the map) | 'learned' (a learned token)
+      t2c=sci.t2c,            # a ViT's CLS token stitched into a map: 'drop' | 'cls'
+                              # (only the CLS token, over the whole grid)
       **dataclasses.asdict(ex)))
 
 
@@ -199,7 +206,9 @@ def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
       adam=(float(adam["b1"]), float(adam["b2"]), float(adam["eps"])),
       init=str(full["init"]), lstsq_examples=int(full["lstsq_examples"]),
       ridge=float(full["ridge"]), seed=int(full["seed"]),
-      cell_lr=parse_cell_lr(full["cell_lr"]), pgd=PGD(**full["pgd"]))
+      cell_lr=parse_cell_lr(full["cell_lr"]), pgd=PGD(**full["pgd"]),
+      c2t=registry.lookup("c2t option", full["c2t"], {k: k for k in maps.C2T}),
+      t2c=registry.lookup("t2c option", full["t2c"], {k: k for k in maps.T2C}))
   rows, cols = full["rows"], full["cols"]
   cells = Cells(pairs=full["pairs"], rows=tuple(rows) if rows else None,
                 cols=tuple(cols) if cols else None)

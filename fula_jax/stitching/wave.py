@@ -172,8 +172,7 @@ class Wave:
     sw, u = self.sw, r.unit
     c_out = u.end_shape[-1]
     if params is None:
-      params = {"kernel": np.zeros((u.size, u.width, c_out), np.float32),
-                "bias": np.zeros((u.size, c_out), np.float32)}
+      params = P.random_init([], c_out, u.width, 0, [0] * u.size, r.ctx.learned_prefix)
     steps = np.zeros((u.size,), np.int32)
     if not zeros:
       steps[:len(u.fronts)] = r.max_steps
@@ -236,7 +235,7 @@ class Wave:
       obj = sci.objective(u.objective)
       salts = [plan_lib.cell_salt(f, u.end) for f in u.padded_fronts]
       params = P.random_init([s[-1] for s in u.padded_shapes], u.end_shape[-1],
-                             u.width, sci.seed, salts)
+                             u.width, sci.seed, salts, r.ctx.learned_prefix)
       solutions = dm_sol if obj.closed_form else (init_sol if sci.init == "lstsq" else {})
       for s, row in enumerate(u.padded_fronts):
         if (row, u.end) in solutions:
@@ -345,9 +344,9 @@ class Wave:
         records[(r.unit.objective, row, r.unit.end)] = rec
       for s, row in enumerate(r.unit.fronts):
         if sw.keep_params:
-          c = r.unit.front_shapes[s][-1]
+          spec = r.ctx.specs()[s]
           sw.kept_params[(r.unit.objective, row, r.unit.end)] = {
-              "kernel": params["kernel"][s, :c], "bias": params["bias"][s]}
+              k: np.asarray(v) for k, v in P.stitch_params(params, s, spec).items()}
       sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
                      seconds=seconds, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
