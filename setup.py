@@ -25,10 +25,14 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
         "pandas>=2.0",
+        "safetensors>=0.4",  # pretrained weights (fula_jax.models.weights)
         "scikit-learn>=1.3",
         "tensorboard>=2.16",  # clu's metric writers
         "tensorflow-cpu>=2.16",  # clu's metric writers and tfds' full readers
         "tensorflow-datasets>=4.9.7",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={
+        "torch": ["torch>=2.1"],  # reading PyTorch checkpoints (.pt, .pth, .ckpt)
+        "test": ["pytest>=8.0", "torch>=2.1", "torchvision>=0.16", "timm>=1.0"],
+    },
 )

@@ -9,8 +9,8 @@ every matrix with a heatmap under <workdir>/results, an overview figure
 colour scale) and <workdir>/report.md, and prints a summary table.
 
 Expected time: runlocal (embedded digits, small CNN and small ResNet-20) a few minutes on
-2 CPU cores; tiny (8x8 digits, a few training steps, a 1-block-per-stage ResNet) well
-under a minute; full (CIFAR-10, the default CNN vs ResNet-20) about an hour on one GPU.
+2 CPU cores; tiny (8x8 digits, two small CNNs, a few training steps) well under a
+minute; full (CIFAR-10, the default CNN vs ResNet-20) about an hour on one GPU.
 
 Args (comma separated): runlocal, tiny, model_a=<name>, model_b=<name>.
 """
@@ -49,12 +49,12 @@ def get_config(arg=None):
     config.stitch.batch_size = 128
     config.stitch.epochs = 2.0
     config.stitch.progress_every_s = 15.0
-  if arg.tiny:
-    small = {"cnn": dict(widths=(8, 16)),
-             "resnet20": dict(width_multiplier=0.5, stage_sizes=(1, 1, 1))}
-    for cfg in (config.model_a, config.model_b):
+  if arg.tiny:  # two small CNNs of different widths (seconds to compile and train)
+    config.model_b = train.get_config("model=cnn,seed=1,runlocal")
+    for cfg, widths in ((config.model_a, (8, 16)), (config.model_b, (12, 24))):
       cfg.data.image_size = None  # the native 8x8 digits
-      cfg.model.kwargs = small.get(cfg.model.name, cfg.model.kwargs)
+      if cfg.model.name == "cnn":
+        cfg.model.kwargs = dict(widths=widths)
       cfg.train.num_epochs, cfg.train.num_steps = 0.0, 40
       cfg.train.batch_size, cfg.train.warmup_epochs = 64, 0.0
       cfg.train.progress_every_s = 1e9

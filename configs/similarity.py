@@ -22,7 +22,7 @@ Args (comma separated): runlocal.
 import ml_collections
 from ml_collections import config_dict
 
-from fula_jax import defaults
+from fula_jax import defaults, donors
 
 
 def get_config(arg=None):
@@ -31,6 +31,10 @@ def get_config(arg=None):
   config.job = "similarity"
   config.model_a_workdir = config_dict.placeholder(str)  # required: a `job=train` workdir
   config.model_b_workdir = config_dict.placeholder(str)  # None = model A with itself
+  # Or either model from an architecture and a weights file (fula_jax/donors.py):
+  # --config.model_a.arch=imagenet_resnet50 --config.model_a.weights=FILE
+  config.model_a = donors.block()
+  config.model_b = donors.block()
   # 'model_a': measure on model A's training data settings (dataset, size, channels);
   # 'config': on config.data below.
   config.data_from = "model_a"

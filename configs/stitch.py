@@ -41,7 +41,7 @@ objectives=<names joined by '+'>, epochs=<float>, runlocal.
 import ml_collections
 from ml_collections import config_dict
 
-from fula_jax import defaults
+from fula_jax import defaults, donors
 from fula_jax import registry
 
 VARIANTS = {"cross_seed": "all", "cross_arch": "all", "self": "diagonal",
@@ -65,6 +65,10 @@ def get_config(arg=None):
   config.job = "stitch"
   config.model_a_workdir = config_dict.placeholder(str)  # required: a `job=train` workdir
   config.model_b_workdir = config_dict.placeholder(str)  # None = model A itself
+  # Or either model from an architecture and a weights file (fula_jax/donors.py):
+  # --config.model_a.arch=imagenet_resnet50 --config.model_a.weights=FILE
+  config.model_a = donors.block()
+  config.model_b = donors.block()
   config.data_from = "model_a"     # 'model_a': A's data settings; 'config': config.data
   config.data = defaults.data_block("digits")
   # Applied on top of the data settings, e.g. {'shortcut': {'eval': 'absent'}}.

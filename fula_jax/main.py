@@ -38,7 +38,7 @@ JOBS = {
     "study_fula": "experiments.study_fula:run",
 }
 # Config fields that hold local paths (or bucket URLs), resolved like --workdir.
-PATH_SUFFIXES = ("workdir", "data_dir")
+PATH_SUFFIXES = ("workdir", "data_dir", "weights")
 VERBOSE_ENV = "FULA_JAX_VERBOSE"
 
 _CONFIG = config_flags.DEFINE_config_file(

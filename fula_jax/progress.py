@@ -18,9 +18,9 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
   """Prints `label: done/total (pct) rate unit/s, elapsed, ETA` at most every `every_s`.
 
-  The rate is measured from the first `update` (so compile time of the first step is
-  excluded when the caller updates after it) and counts only work done in this process,
-  so a resumed run reports an honest rate and ETA.
+  The rate is measured from the first `update` on (so compilation before the first
+  step is not taken for the pace of the work) and counts only work done in this
+  process, so a resumed run reports an honest rate and ETA.
   """
 
   def __init__(self, label: str, total: int, *, unit: str = "it", start: int = 0,
@@ -31,12 +31,15 @@ class Progress:
     self.stream = stream
     self.start_count = self.count = start
     self.t0 = time.perf_counter()
+    self._first: tuple[float, int] | None = None  # (time, count) of the first update
     self._last = -float("inf")
 
   @property
   def rate(self) -> float:
-    dt = time.perf_counter() - self.t0
-    return (self.count - self.start_count) / dt if dt > 0 else 0.0
+    if self._first is None:
+      return 0.0
+    dt = time.perf_counter() - self._first[0]
+    return (self.count - self._first[1]) / dt if dt > 0 else 0.0
 
   def line(self) -> str:
     rate = self.rate
@@ -49,6 +52,8 @@ class Progress:
 
   def update(self, count: int, *, force: bool = False, extra: str = "") -> None:
     self.count = count
+    if self._first is None:
+      self._first = (time.perf_counter(), count)
     now = time.perf_counter()
     if not self.enabled or (not force and now - self._last < self.every_s
                             and count < self.total):

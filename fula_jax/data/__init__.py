@@ -21,6 +21,8 @@ from fula_jax.data.pipeline import spec
 from fula_jax.data.pipeline import split_cues
 from fula_jax.data.pipeline import steps_per_epoch
 from fula_jax.data.pipeline import train_batches
+from fula_jax.data.sources import as_batches
+from fula_jax.data.sources import as_source
 from fula_jax.data.tfds_source import DatasetNotReadyError
 from fula_jax.data.transforms import augment
 from fula_jax.data.transforms import grayscale

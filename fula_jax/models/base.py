@@ -76,8 +76,8 @@ class StagedModel(nn.Module):
   num_classes: int = 10
   # Inputs are images in [0, 1]; the model standardises them itself so that attacks and
   # inversion can work (and clip) in pixel space.
-  input_mean: float = 0.5
-  input_std: float = 0.25
+  input_mean: float | tuple[float, ...] = 0.5  # a scalar, or one per channel
+  input_std: float | tuple[float, ...] = 0.25
 
   def stages(self) -> Sequence[tuple[str, StageFn]]:
     raise NotImplementedError
@@ -116,7 +116,10 @@ class StagedModel(nn.Module):
           f"{end or LOGITS!r}: the end comes before the start. "
           f"Points in order: {', '.join(self.point_names)}.")
     acts: dict[str, jax.Array] = {}
-    h = (x - self.input_mean) / self.input_std if first == 0 else x
+    if first == 0:  # per-channel statistics may be tuples
+      h = (x - jnp.asarray(self.input_mean, x.dtype)) / jnp.asarray(self.input_std, x.dtype)
+    else:
+      h = x
     for name, fn in specs[first:min(last, len(specs) - 1) + 1]:
       h = fn(h, train)
       if capture:

@@ -5,6 +5,7 @@ minibatch/exact CKA over whole layer matrices, permutation nulls, and the job.
   similarity.get("cka_linear_debiased")(x, y)           # one pair, jittable
   similarity.compute("procrustes", x, y)                  # one pair, checked
   mat, info = similarity.matrix("svcca", acts_a, acts_b)  # all pairs, in memory
+  mats = similarity.matrices(model_a, va, model_b, vb, images)   # two models
   acc = similarity.minibatch.init(len(a_layers), len(b_layers))   # streaming
 
 Inverted-image CKA (Jones et al. 2022) lives in :mod:`fula_jax.similarity.inversion`.
@@ -12,6 +13,7 @@ The job module is imported lazily (``fula_jax.similarity.job``).
 """
 
 from fula_jax.similarity import cca
+from fula_jax.similarity.api import matrices
 from fula_jax.similarity import checks
 from fula_jax.similarity import cka
 from fula_jax.similarity import measures
@@ -30,5 +32,5 @@ from fula_jax.similarity.null import NullResult
 from fula_jax.similarity.null import permutation_test
 
 __all__ = ["INVARIANCES", "MEASURES", "Measure", "NullResult", "SimilarityWarning", "cca",
-           "checks", "cka", "compute", "get", "matrix", "measures", "minibatch", "names",
-           "null", "permutation_test", "procrustes"]
+           "checks", "cka", "compute", "get", "matrices", "matrix", "measures",
+           "minibatch", "names", "null", "permutation_test", "procrustes"]

@@ -235,11 +235,6 @@ def similarity_matrices(
 # ----------------------------------------------------------------------------
 
 
-def _load_trained(workdir: str):
-  from fula_jax.train import checkpoint
-  return checkpoint.load_trained(workdir)
-
-
 def _load_split(data_config: ml_collections.ConfigDict, split: str):
   from fula_jax import data
   return data.load(data_config, split)
@@ -256,16 +251,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``.
   """
-  if not config.get("model_a_workdir"):
-    raise errors.ConfigError("config.model_a_workdir is required: the workdir of a trained "
-                     "model (`job=train`).")
-  model_a, vars_a, cfg_a = _load_trained(config.model_a_workdir)
-  model_b = vars_b = None
-  if config.get("model_b_workdir"):
-    model_b, vars_b, _ = _load_trained(config.model_b_workdir)
+  from fula_jax import donors
+  a = donors.load(config, "a")
+  b = donors.load(config, "b", required=False)
+  model_a, vars_a = a.model, a.variables
+  model_b, vars_b = (b.model, b.variables) if b is not None else (None, None)
   source = config.get("data_from", "model_a")
   registry.lookup("data source", source, {"model_a": 0, "config": 0})
-  data_cfg = cfg_a.data if source == "model_a" else config.data
+  data_cfg = a.data if source == "model_a" and a.data is not None else config.data
   split = _load_split(data_cfg, config.split)
   n = len(split.labels)
   if config.get("num_examples"):
@@ -293,8 +286,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       shard_mode=config.get("shard_mode", "global"),
       sigma_frac=float(config.get("rbf_sigma_frac", 1.0)),
       svcca_keep=config.get("svcca_keep", 0.99),
-      model_a_name=str(config.model_a_workdir),
-      model_b_name=str(config.get("model_b_workdir") or config.model_a_workdir),
+      model_a_name=a.name, model_b_name=(b or a).name,
       num_batches=num_batches, progress_every_s=float(config.get("progress_every_s", 10.)))
   summary = {}
   for m in mats:

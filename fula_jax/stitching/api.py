@@ -72,8 +72,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     model_a, vars_a: the front model f (any model following the model protocol) and its
       frozen variables.
     model_b, vars_b: the end model g and its frozen variables.
-    train, test: batch sources (e.g. `fula_jax.data.Split`s, images in [0, 1]);
-      stitches train on `train` and are evaluated on `test`.
+    train, test: batch sources (e.g. `fula_jax.data.Split`s) or ``(images, labels)``
+      arrays, images in [0, 1]; stitches train on `train` and are evaluated on `test`.
     cfg: settings overriding `settings.default_config()` (a dict or ConfigDict).
     workdir: where unit files (``<workdir>/stitch/...``) and the compilation cache go and
       are resumed from; None keeps everything in memory (e.g. in a Colab).
@@ -94,6 +94,10 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     from the persistent cache are ``programs_from_cache``).
   """
   t0 = time.perf_counter()
+  from fula_jax.data import as_source
+  train, test = as_source(train, "train"), as_source(test, "test")
+  train_b = None if train_b is None else as_source(train_b, "train_b")
+  test_b = None if test_b is None else as_source(test_b, "test_b")
   sw = Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
              train_b=train_b, test_b=test_b, name_a=name_a, name_b=name_b, mesh=mesh,
              keep_params=keep_params, profile=profile, eval_sets=eval_sets)

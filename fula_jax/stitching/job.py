@@ -1,8 +1,9 @@
 """The stitching job: whole L_A x L_B stitching matrices between two trained models.
 
-``run(config, workdir)`` (config: ``configs/stitch.py``) loads both models by workdir
-(`fula_jax.train.checkpoint.load_trained`), loads the data (model A's data settings, or
-``config.data``; with ``config.data_overrides`` on top, e.g. the shortcut cue removed at
+``run(config, workdir)`` (config: ``configs/stitch.py``) loads both models
+(`fula_jax.donors`: a trained workdir, or an architecture and a weights file), loads the
+data (model A's data settings, or ``config.data`` -- always for a model from a weights
+file; with ``config.data_overrides`` on top, e.g. the shortcut cue removed at
 evaluation), runs :func:`fula_jax.stitching.run_sweep` with ``config.stitch`` (resuming
 from ``<workdir>/stitch`` when interrupted) and writes every matrix with
 :func:`fula_jax.results.save` as ``stitch_<objective>_<measure>``.
@@ -44,32 +45,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Returns ``{'matrices': {name: {'shape', 'nan_cells'}}, 'end_accuracy', 'stats'}``.
   """
-  from fula_jax import data, results
+  from fula_jax import data, donors, results
   from fula_jax import stitching
-  from fula_jax.train.checkpoint import load_trained
 
-  if not config.get("model_a_workdir"):
-    raise errors.ConfigError("config.model_a_workdir is required: the workdir of a trained "
-                     "model (`job=train`).")
-  name_a = str(config.model_a_workdir)
-  name_b = str(config.get("model_b_workdir") or name_a)
-  model_a, vars_a, cfg_a = load_trained(name_a)
-  if name_b == name_a:
-    model_b, vars_b, cfg_b = model_a, vars_a, cfg_a
-  else:
-    model_b, vars_b, cfg_b = load_trained(name_b)
+  a = donors.load(config, "a")
+  b = donors.load(config, "b", required=False) or a
+  name_a, name_b = a.name, b.name
+  model_a, vars_a, model_b, vars_b = a.model, a.variables, b.model, b.variables
 
   source = config.get("data_from", "model_a")
   registry.lookup("data source", source, {"model_a": 0, "config": 0})
+  if a.data is None:
+    source = "config"  # a model from a weights file: the data is config.data
   overrides = config.get("data_overrides", None)
   overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else overrides
-  dcfg_a = _data_config(cfg_a.data if source == "model_a" else config.data, overrides)
+  dcfg_a = _data_config(a.data if source == "model_a" else config.data, overrides)
   dcfg_b = dcfg_a
-  if source == "model_a" and any(cfg_b.data.get(k) != cfg_a.data.get(k)
-                                 for k in _VIEW_KEYS):
-    dcfg_b = _data_config(cfg_a.data, overrides)
+  if source == "model_a" and b.data is not None and any(
+      b.data.get(k) != a.data.get(k) for k in _VIEW_KEYS):
+    dcfg_b = _data_config(a.data, overrides)
     for k in _VIEW_KEYS:
-      dcfg_b[k] = cfg_b.data.get(k)
+      dcfg_b[k] = b.data.get(k)
 
   n_train, n_test = config.get("num_train", None), config.get("num_test", None)
   train = _subset(data.load(dcfg_a, "train"), n_train)

@@ -1,8 +1,9 @@
 """The resume store: fingerprints, one file per finished unit and objective, atomic writes.
 
-A unit's results go to ``<workdir>/stitch/<objective>/<uid>.json`` (and ``.npz`` with the
-stitch parameters when asked), written atomically by process 0, the parameters first:
-a JSON file marks a finished unit. Each file records its cells and the fingerprint of
+A unit's results go to ``<workdir>/stitch/<objective>/<uid>.json`` (and ``.npz`` with
+the stitch parameters when asked: kernels stacked with `width` rows, cell k's own being
+its first ``in_features[k]``), written atomically by process 0, the parameters first: a
+JSON file marks a finished unit. Each file records its cells and the fingerprint of
 everything that determines their numbers: the science settings, the objective, both
 donors (a digest of their variables) and the data (a digest of the examples). A rerun
 loads every cell whose fingerprint matches and plans only the rest, so an interrupted
@@ -100,11 +101,12 @@ class Store:
     """One unit's records, atomically, by process 0 (the parameters first, if given)."""
     if self.workdir is None or not fio.is_writer():
       return
-    if params is not None:
+    if params is not None:  # kernels padded to the unit's widest front (zero rows)
       fio.write_npz(self.path(unit.objective, unit.uid, ".npz"), **params)
     fio.write_json(self.path(unit.objective, unit.uid), {
         "version": FORMAT_VERSION, "objective": unit.objective, "uid": unit.uid,
         "fingerprint": self.fingerprints[unit.objective], "end": unit.end,
         "fronts": list(unit.fronts), "width": unit.width,
+        "in_features": [int(shape[-1]) for shape in unit.front_shapes],
         "end_accuracy": end_accuracy, "end_accuracy_sets": dict(end_accuracy_sets),
         "seconds": seconds, "cells": list(cells)})
