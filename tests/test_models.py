@@ -35,8 +35,18 @@ SMALL = {
     "vgg16": dict(width_multiplier=1 / 8),
     "vit": dict(patch=8, width=32, depth=2, num_heads=2, mlp_dim=64),
     "vit_tiny": dict(width=32, depth=2, num_heads=2, mlp_dim=64),
+    # The ImageNet layouts (their full sizes are checked against PyTorch in
+    # test_weights.py): a narrow first stage, one block per stage, small ViTs.
+    "imagenet_resnet18": dict(base_width=8, num_classes=10),
+    "imagenet_resnet50": dict(base_width=8, layers=(1, 1, 1, 1), num_classes=10),
+    "imagenet_wide_resnet50_2": dict(base_width=8, layers=(1, 1, 1, 1), num_classes=10),
+    "vit_small_patch16_224": dict(image_size=32, patch=8, width=32, depth=2,
+                                  num_heads=2, num_classes=10),
+    "vit_base_patch16_224": dict(image_size=32, patch=16, width=48, depth=2,
+                                 num_heads=3, num_classes=10),
 }
-BN_MODELS = ("cnn", "resnet18", "resnet20", "vgg11", "vgg16")
+BN_MODELS = ("cnn", "resnet18", "resnet20", "vgg11", "vgg16", "imagenet_resnet18",
+             "imagenet_resnet50", "imagenet_wide_resnet50_2")
 
 
 def _expected_points(name: str) -> dict[str, tuple[int, ...]]:
@@ -64,6 +74,21 @@ def _expected_points(name: str) -> dict[str, tuple[int, ...]]:
     tokens = 16 if name == "vit" else 64
     return {"embed": (B, tokens, 32), "encoder.0": (B, tokens, 32),
             "encoder.1": (B, tokens, 32), "pool": (B, 32)}
+  if name == "imagenet_resnet18":  # 32 -> 16 (7x7 conv, stride 2) -> 8 (max-pool)
+    out = {"stem": (B, 8, 8, 8)}
+    for s, (size, width) in enumerate([(8, 8), (4, 16), (2, 32), (1, 64)]):
+      for b in range(2):
+        out[f"layer{s + 1}.{b}"] = (B, size, size, width)
+    return {**out, "pool": (B, 64)}
+  if name in ("imagenet_resnet50", "imagenet_wide_resnet50_2"):  # bottlenecks: 4x planes
+    out = {"stem": (B, 8, 8, 8)}
+    for s, (size, width) in enumerate([(8, 32), (4, 64), (2, 128), (1, 256)]):
+      out[f"layer{s + 1}.0"] = (B, size, size, width)
+    return {**out, "pool": (B, 256)}
+  if name.startswith("vit_") and name.endswith("patch16_224"):
+    tokens, width = (1 + 16, 32) if "small" in name else (1 + 4, 48)  # CLS + grid
+    return {"embed": (B, tokens, width), "blocks.0": (B, tokens, width),
+            "blocks.1": (B, tokens, width), "pool": (B, width)}
   raise AssertionError(name)
 
 

@@ -157,9 +157,10 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
     labels: np.ndarray
     name: str = "fake"
 
-  trained = {"wa": (model_a, vars_a, ml_collections.ConfigDict({"data": {}})),
-             "wb": (model_b, vars_b, None)}
-  monkeypatch.setattr(job, "_load_trained", lambda w: trained[w])
+  from fula_jax import donors
+  trained = {"a": donors.Donor(model_a, vars_a, "wa", ml_collections.ConfigDict({})),
+             "b": donors.Donor(model_b, vars_b, "wb", None)}
+  monkeypatch.setattr(donors, "load", lambda config, which, required=True: trained[which])
   monkeypatch.setattr(job, "_load_split",
                       lambda cfg, split: FakeSplit(images, np.zeros(40, np.int32)))
 

@@ -28,8 +28,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _bn(name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5, name=name)
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      name=name)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
@@ -39,7 +40,7 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
 
 
 class TorchBlock(nn.Module):
-  """torchvision's BasicBlock or Bottleneck (inference: BatchNorm statistics frozen)."""
+  """torchvision's BasicBlock or Bottleneck."""
   planes: int
   stride: int
   bottleneck: bool
@@ -47,19 +48,18 @@ class TorchBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    del train  # ImageNet donors are frozen: BatchNorm always uses its statistics
     if self.bottleneck:
       width = self.planes * self.width_per_group // 64
       out_planes = self.planes * 4
-      y = nn.relu(_bn("bn1")(_conv(width, 1, 1, "conv1")(x)))
-      y = nn.relu(_bn("bn2")(_conv(width, 3, self.stride, "conv2")(y)))
-      y = _bn("bn3")(_conv(out_planes, 1, 1, "conv3")(y))
+      y = nn.relu(_bn(train, "bn1")(_conv(width, 1, 1, "conv1")(x)))
+      y = nn.relu(_bn(train, "bn2")(_conv(width, 3, self.stride, "conv2")(y)))
+      y = _bn(train, "bn3")(_conv(out_planes, 1, 1, "conv3")(y))
     else:
       out_planes = self.planes
-      y = nn.relu(_bn("bn1")(_conv(self.planes, 3, self.stride, "conv1")(x)))
-      y = _bn("bn2")(_conv(self.planes, 3, 1, "conv2")(y))
+      y = nn.relu(_bn(train, "bn1")(_conv(self.planes, 3, self.stride, "conv1")(x)))
+      y = _bn(train, "bn2")(_conv(self.planes, 3, 1, "conv2")(y))
     if self.stride != 1 or x.shape[-1] != out_planes:
-      x = _bn("downsample_1")(_conv(out_planes, 1, self.stride, "downsample_0")(x))
+      x = _bn(train, "downsample_1")(_conv(out_planes, 1, self.stride, "downsample_0")(x))
     return nn.relu(x + y)
 
 
@@ -69,14 +69,14 @@ class TorchResNet(StagedModel):
   layers: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
   width_per_group: int = 64
+  base_width: int = 64     # planes of the first stage (64 in torchvision)
   num_classes: int = 1000
   input_mean: tuple[float, ...] = IMAGENET_MEAN
   input_std: tuple[float, ...] = IMAGENET_STD
 
   def stages(self):
     def stem(h, train):
-      del train
-      h = nn.relu(_bn("bn1")(_conv(64, 7, 2, "conv1")(h)))
+      h = nn.relu(_bn(train, "bn1")(_conv(self.base_width, 7, 2, "conv1")(h)))
       return nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     specs = [("stem", stem)]
@@ -84,7 +84,7 @@ class TorchResNet(StagedModel):
       for b in range(n):
         point = f"layer{s + 1}.{b}"
 
-        def block(h, train, planes=64 * 2 ** s, stride=(2 if s and not b else 1),
+        def block(h, train, planes=self.base_width * 2 ** s, stride=(2 if s and not b else 1),
                   point=point):
           return TorchBlock(planes, stride, self.bottleneck, self.width_per_group,
                             name=module_name(point))(h, train)
@@ -186,15 +186,16 @@ class TimmViT(StagedModel):
 
 
 def resnet18(**kw) -> TorchResNet:
-  return TorchResNet(layers=(2, 2, 2, 2), **kw)
+  return TorchResNet(**{**dict(layers=(2, 2, 2, 2)), **kw})
 
 
 def resnet50(**kw) -> TorchResNet:
-  return TorchResNet(layers=(3, 4, 6, 3), bottleneck=True, **kw)
+  return TorchResNet(**{**dict(layers=(3, 4, 6, 3), bottleneck=True), **kw})
 
 
 def wide_resnet50_2(**kw) -> TorchResNet:
-  return TorchResNet(layers=(3, 4, 6, 3), bottleneck=True, width_per_group=128, **kw)
+  return TorchResNet(**{**dict(layers=(3, 4, 6, 3), bottleneck=True,
+                               width_per_group=128), **kw})
 
 
 def vit_small_patch16_224(**kw) -> TimmViT:
