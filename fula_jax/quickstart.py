@@ -75,8 +75,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model_a, vars_a, sum_a = train_or_load(cfg_a, workdir / "models" / f"a_{cfg_a.model.name}")
   model_b, vars_b, sum_b = train_or_load(cfg_b, workdir / "models" / f"b_{cfg_b.model.name}")
 
-  train_split = data.load(cfg_a.data, "train")
-  test_split = data.load(cfg_a.data, "test")
+  train_split = data.source(cfg_a.data, "train")
+  test_split = data.source(cfg_a.data, "test")
 
   print("\n== Representational similarity (CKA over the test split)", flush=True)
   sim = similarity_job.similarity_matrices(

@@ -24,16 +24,18 @@ def suggest(name: str, valid: Iterable[str]) -> list[str]:
   return close + [v for v in valid if v not in close]
 
 
-def unknown(kind: str, name: str, valid: Iterable[str]) -> UnknownNameError:
+def unknown(kind: str, name: str, valid: Iterable[str], extra: str = ""
+            ) -> UnknownNameError:
   ordered = suggest(str(name), valid)
   hint = f" Did you mean {ordered[0]!r}?" if ordered else ""
+  extra = f", {extra}" if extra else ""
   return UnknownNameError(
-      f"Unknown {kind} {name!r}.{hint} Valid choices: {', '.join(ordered)}.")
+      f"Unknown {kind} {name!r}.{hint} Valid choices: {', '.join(ordered)}{extra}.")
 
 
-def lookup(kind: str, name: str, table: Mapping[str, V]) -> V:
-  """`table[name]`, or an UnknownNameError naming the valid keys."""
+def lookup(kind: str, name: str, table: Mapping[str, V], extra: str = "") -> V:
+  """`table[name]`, or an UnknownNameError naming the valid keys (and `extra`)."""
   try:
     return table[name]
-  except KeyError:
-    raise unknown(kind, name, table.keys()) from None
+  except (KeyError, TypeError):
+    raise unknown(kind, name, table.keys(), extra) from None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fula_jax import models, sharding, stitching
-from fula_jax.stitching import maps, plan, programs, testing
+from fula_jax.stitching import maps, programs, testing
 
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False)
 

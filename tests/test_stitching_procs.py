@@ -3,6 +3,7 @@ sweep killed with SIGKILL mid-way then resumed. Workers are subprocesses of the 
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ WORKER = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
-    if mode == "dist":
+    if mode in ("dist", "folder"):
       port, pid = sys.argv[4], int(sys.argv[5])
       jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                  initialization_timeout=120)
@@ -38,7 +39,13 @@ WORKER = textwrap.dedent("""
       store.Store.write = slow_write
     if mode == "cache":
       cfg = dict(compilation_cache=sys.argv[7])
-    res = spec.run(workdir=sys.argv[6] if len(sys.argv) > 6 else None, cfg=cfg)
+    folder = sys.argv[7] if mode == "folder" else None
+    reads = []
+    res = spec.run(workdir=sys.argv[6] if len(sys.argv) > 6 else None, cfg=cfg,
+                   folder=folder, reads=reads)
+    if folder:
+      with open(f"{out}.reads{jax.process_index()}", "w") as f:
+        json.dump(sorted(set(reads)), f)
     if jax.process_index() == 0:
       with open(out, "w") as f:
         json.dump({"values": {o: {m: v.tolist() for m, v in d.items()}
@@ -62,8 +69,24 @@ SPEC = textwrap.dedent("""
       vb = jax.jit(lambda k: models.init(b, k, (1, 8, 8, 1)))(jax.random.PRNGKey(1))
       return a, va, b, vb
 
-    def run(workdir=None, cfg=None, **kw):
-      train, test = testing.synthetic_splits(288, 96)
+    def folder_splits(root, reads=None):
+      # A streamed `folder:` dataset; `reads` collects the test records decoded here.
+      from fula_jax import data
+      cfg = dict(name="folder:" + root, image_size=None, channels=1)
+      train, test = data.source(cfg, "train"), data.source(cfg, "test")
+      if reads is not None:
+        read = test.reader.read
+        test.reader.read = lambda i: (reads.append(i), read(i))[1]
+      return train, test
+
+    def run(workdir=None, cfg=None, folder=None, in_memory=False, reads=None, **kw):
+      if folder:
+        train, test = folder_splits(folder, reads)
+        if in_memory:
+          from fula_jax import data
+          train, test = data.materialize(train), data.materialize(test)
+      else:
+        train, test = testing.synthetic_splits(288, 96)
       return stitching.run_sweep(*donors(), train, test, dict(CFG, **(cfg or {})), workdir,
                                **kw)
 """)
@@ -103,13 +126,12 @@ def _assert_close(a, b):
                                  err_msg=f"{obj}/{m}")
 
 
-def test_two_processes_equal_one(scripts, tmp_path):
-  d, spec = scripts
+def _two_processes(d, tmp_path, mode, *extra):
   port = _free_port()
-  out = tmp_path / "dist.json"
+  out = tmp_path / f"{mode}.json"
   procs = [subprocess.Popen(
-      [sys.executable, str(d / "worker.py"), "dist", "2", str(out), str(port), str(pid),
-       str(tmp_path / "wd")], env=_env(), stdout=subprocess.PIPE,
+      [sys.executable, str(d / "worker.py"), mode, "2", str(out), str(port), str(pid),
+       str(tmp_path / f"wd_{mode}"), *extra], env=_env(), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
   logs = []
   try:
@@ -120,11 +142,37 @@ def test_two_processes_equal_one(scripts, tmp_path):
       if p.poll() is None:
         p.kill()
   assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-  got = json.loads(out.read_text())
+  return out, json.loads(out.read_text())
+
+
+def test_two_processes_equal_one(scripts, tmp_path):
+  d, spec = scripts
+  _, got = _two_processes(d, tmp_path, "dist")
   assert got["stats"]["processes"] == 2 and got["stats"]["devices"] == 4
   # Process 0 wrote the unit files; the other wrote nothing of its own.
-  assert list((tmp_path / "wd" / "stitch").glob("*/*.json"))
+  assert list((tmp_path / "wd_dist" / "stitch").glob("*/*.json"))
   ref = spec.run(mesh=sharding.line_mesh("devices", sharding.devices(1)))
+  _assert_close(_values(got["values"]), ref.values)
+
+
+def test_two_processes_stream_disjoint_halves_and_equal_one_in_memory(scripts, tmp_path):
+  """A `folder:` dataset streamed by 2 processes: each decodes only its own rows of the
+  test split, and the matrices equal one process's sweep over the split in memory."""
+  from PIL import Image
+  from fula_jax.stitching import testing
+  d, spec = scripts
+  root = tmp_path / "images"
+  for split, s in zip(("train", "test"), testing.synthetic_splits(288, 96)):
+    for i, (x, y) in enumerate(zip(s.images, s.labels)):
+      (root / split / f"c{y}").mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.uint8(np.round(x[..., 0] * 255))).save(
+          root / split / f"c{y}" / f"{i:04d}.png")
+  out, got = _two_processes(d, tmp_path, "folder", str(root))
+  halves = [set(json.loads(pathlib.Path(f"{out}.reads{p}").read_text())) for p in (0, 1)]
+  assert halves[0] and halves[1] and not halves[0] & halves[1]
+  assert halves[0] | halves[1] == set(range(96))
+  ref = spec.run(folder=str(root), in_memory=True,
+                 mesh=sharding.line_mesh("devices", sharding.devices(1)))
   _assert_close(_values(got["values"]), ref.values)
 
 

@@ -1,28 +1,33 @@
-"""From `config.data` to batches: the dataset registry, `load` (a whole split in memory,
-static transforms applied) and the deterministic, resumable, multi-process batchers."""
+"""From `config.data` to a batch source: the dataset registry, `source` (streamed, or in
+memory for the embedded digits) and `load` (a whole split in memory, for small data)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import types
-from typing import Iterator, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
 from fula_jax import errors, registry
+from fula_jax.data import batching
 from fula_jax.data import digits
+from fula_jax.data import folder
+from fula_jax.data import preprocess
 from fula_jax.data import tfds_source
 from fula_jax.data import transforms
+from fula_jax.data.records import ON_CORRUPT, RecordSource
+from fula_jax.data.split import Split
 
 SPLITS = ("train", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """How to read one dataset. `tfds_name` None means the embedded digits."""
+  """How to read one dataset: tfds (`tfds_name`), a folder of images (`folder`), or,
+  with neither, the embedded digits."""
   num_classes: int
   native_size: int        # side of the (square, centre-cropped) images when image_size is None
   native_channels: int
@@ -31,6 +36,7 @@ class DatasetSpec:
   test_split: str = "test"
   image_key: str = "image"
   label_key: str = "label"
+  folder: str | None = None  # the 'folder:<path>' name
 
 
 DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
@@ -49,57 +55,21 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
 })
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Split:
-  """A whole split in memory, and a batch source.
-
-  A batch source is what jobs read data through, so a streaming dataset can stand in
-  for a split held in memory: ``len(source)``, `name`, `num_classes`, `image_shape`
-  (H, W, C), `train_batches` and `eval_batches` (each process gets its own slice of every
-  global batch), and `fingerprint` (a digest of the examples, for resuming).
-  """
-  images: np.ndarray  # float32 (N, H, W, C) in [0, 1]
-  labels: np.ndarray  # int32 (N,)
-  num_classes: int
-  name: str           # e.g. "digits/train"
-
-  def __len__(self) -> int:
-    return int(self.labels.shape[0])
-
-  @property
-  def image_shape(self) -> tuple[int, ...]:
-    return tuple(int(d) for d in self.images.shape[1:])
-
-  def train_batches(self, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
-    """`train_batches` of this split (seed, start_step, num_steps, process_*)."""
-    return train_batches(self, batch_size, **kwargs)
-
-  def eval_batches(self, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
-    """`eval_batches` of this split (process_*, limit)."""
-    return eval_batches(self, batch_size, **kwargs)
-
-  def fingerprint(self) -> str:
-    """Digest of the images and labels (computed once)."""
-    cached = self.__dict__.get("_fingerprint")
-    if cached is None:
-      h = hashlib.sha256()
-      for a in (self.images, self.labels):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-      cached = h.hexdigest()[:24]
-      object.__setattr__(self, "_fingerprint", cached)
-    return cached
-
-
 def default_config() -> ml_collections.ConfigDict:
-  """Every field `load` reads. The default runs anywhere: digits upsampled to 32x32x3."""
+  """Every field `source` reads. The default runs anywhere: digits upsampled to 32x32x3.
+
+  `name` is a registered dataset or 'folder:<path>' (ImageFolder layout)."""
   return ml_collections.ConfigDict(dict(
       name="digits",
       # tfds data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets
       data_dir=config_dict.placeholder(str),
       download=False,         # True: tfds download_and_prepare when not on disk
       image_size=32,          # None = native size
+      crop="square",          # 'square' | 'imagenet_eval' (resize 256, centre crop 224)
+      in_memory=False,        # True: read a streamed split into host memory once
+      on_corrupt="error",     # unreadable image: 'error' (names it) | 'skip' (counted)
+      num_threads=8,          # decoding threads per process
+      prefetch_batches=2,     # batches decoded ahead
       channels=3,             # None = native; 1 or 3
       grayscale=False,        # luminance, keeping the channel count
       digits_test_fraction=0.2,
@@ -124,7 +94,11 @@ def _resolve(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict
 
 
 def spec(name: str) -> DatasetSpec:
-  return registry.lookup("dataset", name, DATASETS)
+  if folder.is_folder(name):
+    return DatasetSpec(num_classes=len(folder.classes(name)), native_size=0,
+                       native_channels=3, folder=name)
+  return registry.lookup("dataset", name, DATASETS, extra="or 'folder:<path>' for a "
+                         "folder of images (<path>/<split>/<class>/*.png|jpg)")
 
 
 def split_cues(cfg: ml_collections.ConfigDict, labels: np.ndarray, num_classes: int,
@@ -140,24 +114,18 @@ def split_cues(cfg: ml_collections.ConfigDict, labels: np.ndarray, num_classes: 
                                   stream=SPLITS.index(split))
 
 
-def load_with_cues(cfg: ml_collections.ConfigDict, split: str
-                   ) -> tuple[Split, np.ndarray]:
-  """`load`, plus the cue class of every example (int32, -1 where none)."""
-  cfg = _resolve(cfg)
+def _check_split(cfg, split: str) -> DatasetSpec:
   registry.lookup("split", split, {s: s for s in SPLITS})
-  ds = spec(cfg.name)
-  size = cfg.image_size or ds.native_size
   if cfg.channels not in (None, 1, 3):
     raise errors.ConfigError(f"data.channels must be None, 1 or 3, got {cfg.channels}.")
-  if ds.tfds_name is None:
-    images, labels = digits.load_split(split, test_fraction=float(cfg.digits_test_fraction),
-                                       seed=int(cfg.digits_split_seed))
-    images = transforms.resize(images, size)
-  else:
-    tfds_split = ds.train_split if split == "train" else ds.test_split
-    images, labels = tfds_source.read(ds.tfds_name, tfds_split, data_dir=cfg.data_dir,
-                                      download=bool(cfg.download), size=size,
-                                      image_key=ds.image_key, label_key=ds.label_key)
+  return spec(cfg.name)
+
+
+def _digits(cfg, split: str) -> tuple[Split, np.ndarray]:
+  ds = spec(cfg.name)
+  images, labels = digits.load_split(split, test_fraction=float(cfg.digits_test_fraction),
+                                     seed=int(cfg.digits_split_seed))
+  images = transforms.resize(images, cfg.image_size or ds.native_size)
   images = transforms.to_channels(images, cfg.channels)
   if cfg.grayscale:
     images = transforms.grayscale(images)
@@ -167,8 +135,62 @@ def load_with_cues(cfg: ml_collections.ConfigDict, split: str
         images, cues, transforms.palette(ds.num_classes, images.shape[-1]),
         patch_size=int(cfg.shortcut.patch_size), strength=float(cfg.shortcut.strength))
   images = np.ascontiguousarray(images, dtype=np.float32)
-  labels = np.asarray(labels, np.int32)
-  return Split(images, labels, ds.num_classes, f"{cfg.name}/{split}"), cues
+  return Split(images, np.asarray(labels, np.int32), ds.num_classes,
+               f"{cfg.name}/{split}"), cues
+
+
+def _reader(cfg, ds: DatasetSpec, split: str):
+  if ds.folder is not None:
+    return folder.FolderReader(ds.folder, split)
+  return tfds_source.TfdsReader(
+      ds.tfds_name, ds.train_split if split == "train" else ds.test_split,
+      data_dir=cfg.data_dir, download=bool(cfg.download), image_key=ds.image_key,
+      label_key=ds.label_key)
+
+
+def _streamed(cfg, split: str) -> tuple[RecordSource, np.ndarray]:
+  ds = spec(cfg.name)
+  reader = _reader(cfg, ds, split)
+  size = cfg.image_size or ds.native_size or folder.native_size(reader)
+  channels = cfg.channels or ds.native_channels
+  cues = None
+  if cfg.shortcut.enabled:
+    cues = split_cues(cfg, reader.labels, ds.num_classes, split)
+  prep = preprocess.Preprocess(
+      size=int(size), crop=cfg.crop, channels=channels, grayscale=bool(cfg.grayscale),
+      cues=cues, palette=transforms.palette(ds.num_classes, channels) if cues is not None
+      else None, patch_size=int(cfg.shortcut.patch_size),
+      strength=float(cfg.shortcut.strength))
+  registry.lookup("data.on_corrupt", cfg.on_corrupt, ON_CORRUPT)
+  source = RecordSource(reader, prep, ds.num_classes, f"{cfg.name}/{split}",
+                        on_corrupt=cfg.on_corrupt, num_threads=int(cfg.num_threads),
+                        prefetch_batches=int(cfg.prefetch_batches))
+  return source, (cues if cues is not None else np.full((len(source),), -1, np.int32))
+
+
+def source(cfg: ml_collections.ConfigDict, split: str) -> Any:
+  """The batch source of one split ('train' | 'test') with the static transforms of
+  `cfg`: streamed for tfds and folder datasets (unless `data.in_memory`), a `Split` in
+  memory for the embedded digits."""
+  return source_with_cues(cfg, split)[0]
+
+
+def source_with_cues(cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, np.ndarray]:
+  """`source`, plus the cue class of every example (int32, -1 where none)."""
+  cfg = _resolve(cfg)
+  ds = _check_split(cfg, split)
+  if ds.tfds_name is None and ds.folder is None:
+    return _digits(cfg, split)
+  streamed, cues = _streamed(cfg, split)
+  if cfg.in_memory:
+    return batching.materialize(streamed), cues
+  return streamed, cues
+
+
+def load_with_cues(cfg: ml_collections.ConfigDict, split: str) -> tuple[Split, np.ndarray]:
+  """`load`, plus the cue class of every example (int32, -1 where none)."""
+  src, cues = source_with_cues(cfg, split)
+  return batching.materialize(src), cues
 
 
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
@@ -177,90 +199,16 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
 
 
 def image_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of the images `load(cfg, ...)` returns, without loading anything."""
+  """(H, W, C) of the images of `source(cfg, ...)`, without reading the split."""
   cfg = _resolve(cfg)
   ds = spec(cfg.name)
   size = cfg.image_size or ds.native_size
+  if not size:
+    size = folder.native_size(folder.FolderReader(ds.folder, "train"))
   return (size, size, cfg.channels or ds.native_channels)
 
 
 def load(cfg: ml_collections.ConfigDict, split: str) -> Split:
-  """A whole split ('train' | 'test') with the static transforms of `cfg` applied."""
+  """A whole split ('train' | 'test') in host memory, static transforms applied. Only
+  for data that fits; jobs read `source`."""
   return load_with_cues(cfg, split)[0]
-
-
-# ---------------------------------------------------------------------------- batching
-
-
-def _check_batch(batch_size: int, process_index: int, process_count: int) -> int:
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"Bad process_index {process_index} of {process_count}.")
-  if batch_size % process_count:
-    raise ValueError(f"Global batch_size {batch_size} is not divisible by "
-                     f"process_count {process_count}.")
-  return batch_size // process_count
-
-
-def steps_per_epoch(split: Split, batch_size: int) -> int:
-  """Full global batches per epoch (the remainder is dropped)."""
-  return len(split) // batch_size
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def train_batches(split: Split, batch_size: int, *, seed: int, start_step: int = 0,
-                  num_steps: int | None = None, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Shuffled training batches; step s is batch s % steps_per_epoch of epoch
-  s // steps_per_epoch, so a run resumed at `start_step` sees the same batches.
-
-  Each process yields its contiguous 1/process_count slice of the global batch. Endless
-  when `num_steps` is None.
-  """
-  local = _check_batch(batch_size, process_index, process_count)
-  n = len(split)
-  if batch_size > n:
-    raise ValueError(f"batch_size {batch_size} is larger than split {split.name!r} "
-                     f"({n} examples).")
-  if seed < 0 or start_step < 0 or (num_steps is not None and num_steps < 0):
-    raise ValueError("seed, start_step and num_steps must be non-negative.")
-  per_epoch = n // batch_size
-  lo = process_index * local
-  step, epoch, perm = start_step, -1, None
-  while num_steps is None or step < start_step + num_steps:
-    if step // per_epoch != epoch:
-      epoch = step // per_epoch
-      perm = epoch_permutation(n, seed, epoch)
-    b = step % per_epoch
-    idx = perm[b * batch_size + lo:b * batch_size + lo + local]
-    yield {"image": split.images[idx], "label": split.labels[idx]}
-    step += 1
-
-
-def num_eval_batches(split: Split, batch_size: int, limit: int | None = None) -> int:
-  n = len(split) if limit is None else min(len(split), int(limit))
-  return -(-n // batch_size)
-
-
-def eval_batches(split: Split, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1, limit: int | None = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
-  """The split in order (its first `limit` examples when given); the last global batch
-  is zero-padded to `batch_size` and 'mask' (float32) is 1 on real rows. Every process
-  yields the same number of batches."""
-  local = _check_batch(batch_size, process_index, process_count)
-  n = len(split) if limit is None else min(len(split), int(limit))
-  for b in range(num_eval_batches(split, batch_size, limit)):
-    start = b * batch_size + process_index * local
-    rows = np.arange(start, start + local)
-    real = rows < n
-    take = rows[real]
-    image = np.zeros((local,) + split.images.shape[1:], np.float32)
-    label = np.zeros((local,), np.int32)
-    image[:len(take)] = split.images[take]
-    label[:len(take)] = split.labels[take]
-    yield {"image": image, "label": label, "mask": real.astype(np.float32)}

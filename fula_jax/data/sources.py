@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from fula_jax.data.pipeline import Split, num_eval_batches
+from fula_jax.data.batching import num_eval_batches
+from fula_jax.data.split import Split
 from fula_jax.errors import ConfigError
 
 
@@ -57,8 +58,7 @@ def as_batches(data: Any, batch_size: int, *, process_index: int = 0,
       isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape")) or (
       isinstance(data, Mapping) and "image" in data):
     source = as_source(data)
-    n = (num_eval_batches(source, batch_size) if isinstance(source, Split) else
-         -(-len(source) // batch_size))
+    n = num_eval_batches(source, batch_size)
     return source.eval_batches(batch_size, process_index=process_index,
                                process_count=process_count), n
   if isinstance(data, Iterable):

@@ -1,4 +1,5 @@
-"""TFDS datasets read through `tfds.data_source` (array_record; no TensorFlow graph).
+"""TFDS datasets read record by record through `tfds.data_source` (array_record; no
+TensorFlow graph, nothing materialised).
 
 A dataset that is not prepared on disk fails at once with instructions, unless
 `download` is set: a real download without network hangs for minutes before failing.
@@ -11,10 +12,7 @@ import os
 import numpy as np
 
 from fula_jax import io
-from fula_jax.data import transforms
 from fula_jax.errors import UserError
-
-_CHUNK = 1024
 
 
 class DatasetNotReadyError(UserError, RuntimeError):
@@ -50,26 +48,13 @@ def builder(tfds_name: str, *, data_dir: str | None, download: bool):
   return b
 
 
-def _to_float(images: np.ndarray, size: int) -> np.ndarray:
-  """(n, H, W, C) uint8 -> (n, size, size, C) float32 in [0, 1]."""
-  images = images.astype(np.float32) / 255.0
-  if images.shape[1] != images.shape[2]:
-    images = np.stack([transforms.center_crop_square(im) for im in images])
-  return transforms.resize(images, size)
-
-
 def _as_hwc(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   return image[..., None] if image.ndim == 2 else image
 
 
-def read(tfds_name: str, split: str, *, data_dir: str | None, download: bool,
-         size: int, image_key: str = "image", label_key: str = "label"
-         ) -> tuple[np.ndarray, np.ndarray]:
-  """One tfds split as float32 (N, size, size, C) images in [0, 1] and int32 labels.
-
-  Non-square images are centre-cropped to a square before resizing.
-  """
+def data_source(tfds_name: str, split: str, *, data_dir: str | None, download: bool):
+  """The split's `tfds.data_source` (random access to decoded records)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   data_dir = io.resolve(data_dir) if data_dir else None
@@ -82,21 +67,38 @@ def read(tfds_name: str, split: str, *, data_dir: str | None, download: bool,
         "but not as array_record, which tfds.data_source needs. Re-prepare it with "
         f"`tfds build {tfds_name} --file_format=array_record` (or "
         "`tfds convert_format`).") from e
-  n = len(source)
-  if n == 0:
+  if len(source) == 0:
     raise DatasetNotReadyError(f"Split {split!r} of {tfds_name!r} is empty.")
-  labels = np.empty((n,), np.int32)
-  images = None
-  for start in range(0, n, _CHUNK):
-    stop = min(start + _CHUNK, n)
-    records = [source[i] for i in range(start, stop)]
-    raw = [_as_hwc(r[image_key]) for r in records]
-    labels[start:stop] = [int(r[label_key]) for r in records]
-    if all(im.shape == raw[0].shape for im in raw):
-      chunk = _to_float(np.stack(raw), size)
-    else:
-      chunk = np.concatenate([_to_float(im[None], size) for im in raw])
-    if images is None:
-      images = np.empty((n,) + chunk.shape[1:], np.float32)
-    images[start:stop] = chunk
-  return images, labels
+  return source
+
+
+class TfdsReader:
+  """The records of one tfds split, read one at a time."""
+
+  def __init__(self, tfds_name: str, split: str, *, data_dir: str | None, download: bool,
+               image_key: str = "image", label_key: str = "label"):
+    self.source = data_source(tfds_name, split, data_dir=data_dir, download=download)
+    self.tfds_name, self.split = tfds_name, split
+    self.image_key, self.label_key = image_key, label_key
+    self._labels = None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, index: int) -> tuple[np.ndarray, int]:
+    record = self.source[index]
+    return _as_hwc(record[self.image_key]), int(record[self.label_key])
+
+  def describe(self, index: int) -> str:
+    return f"{self.tfds_name}[{self.split}][{index}]"
+
+  def identity(self) -> str:
+    return f"tfds {self.tfds_name} {self.split} {len(self)}"
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Every label (one pass over the records; only the shortcut cue needs them)."""
+    if self._labels is None:
+      self._labels = np.asarray([int(self.source[i][self.label_key])
+                                 for i in range(len(self))], np.int32)
+    return self._labels

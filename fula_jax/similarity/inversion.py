@@ -234,7 +234,12 @@ def make_pairs(labels: np.ndarray | Sequence[int], key: jax.Array, n: int
 
 def activations(rep_fn: RepFn, variables: Any, images: np.ndarray, *,
                 batch_size: int = 512) -> np.ndarray:
-  """`rep_fn` on every image, in padded batches of `batch_size`: (n, d) float32."""
+  """`rep_fn` on every image, in padded batches of `batch_size`: (n, d) float32.
+  `images` may be a batch source, streamed (only the activations are held)."""
+  if hasattr(images, "eval_batches"):
+    outs = [np.asarray(_apply_rep(rep_fn, variables, b["image"]))[b["mask"] > 0]
+            for b in images.eval_batches(batch_size)]
+    return np.concatenate(outs, axis=0)
   images = np.asarray(images, np.float32)
   n = images.shape[0]
   bs = max(1, min(batch_size, n))
@@ -259,7 +264,8 @@ def inverted_cka_matrix(models: Mapping[str, ModelSpec], images: np.ndarray,
 
   Args:
     models: name -> (model, variables); row and column order follow this mapping.
-    images: (N, H, W, C) pool the pairs index into, in [0, 1].
+    images: (N, H, W, C) pool the pairs index into, in [0, 1], or a batch source
+      (only the pairs' images are read).
     labels: (N,) labels of `images`; checked against the pairs (seed and target differ).
     pairs: (seed_idx, target_idx) from `make_pairs`, reused for every reference model.
     cfg: overrides of `default_inversion_config()`.
@@ -274,8 +280,11 @@ def inverted_cka_matrix(models: Mapping[str, ModelSpec], images: np.ndarray,
   labels = np.asarray(labels)
   if np.any(labels[seed_idx] == labels[target_idx]):
     raise ValueError("Every (seed, target) pair must have different labels.")
-  images = np.asarray(images, np.float32)
-  seeds, targets = images[seed_idx], images[target_idx]
+  if hasattr(images, "gather"):
+    seeds, targets = images.gather(seed_idx)[0], images.gather(target_idx)[0]
+  else:
+    images = np.asarray(images, np.float32)
+    seeds, targets = images[seed_idx], images[target_idx]
   reps = {name: model_representation(m, cfg.point) for name, (m, _) in models.items()}
   s = np.full((len(names), len(names)), np.nan, np.float64)
   inversions = {}

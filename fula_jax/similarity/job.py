@@ -14,7 +14,6 @@ With a mesh, the batch axis is sharded over its devices (and hosts).
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -237,7 +236,7 @@ def similarity_matrices(
 
 def _load_split(data_config: ml_collections.ConfigDict, split: str):
   from fula_jax import data
-  return data.load(data_config, split)
+  return data.source(data_config, split)
 
 
 def _eval_batches(split, batch_size: int):
@@ -259,11 +258,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = config.get("data_from", "model_a")
   registry.lookup("data source", source, {"model_a": 0, "config": 0})
   data_cfg = a.data if source == "model_a" and a.data is not None else config.data
-  split = _load_split(data_cfg, config.split)
-  n = len(split.labels)
-  if config.get("num_examples"):
-    n = min(n, int(config.num_examples))
-    split = dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
+  split = _load_split(data_cfg, config.split).take(config.get("num_examples"))
+  n = len(split)
   mesh = None
   if config.get("shard", True) and jax.device_count() > 1:
     if config.batch_size % jax.device_count() == 0:

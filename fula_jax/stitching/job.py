@@ -15,21 +15,14 @@ same order; the stitch always goes from A's activations to B's.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from fula_jax import errors, registry
+from fula_jax import registry
 
 _VIEW_KEYS = ("image_size", "channels", "grayscale")
-
-
-def _subset(split, n: int | None):
-  if not n or n >= len(split.labels):
-    return split
-  return dataclasses.replace(split, images=split.images[:n], labels=split.labels[:n])
 
 
 def _data_config(base: ml_collections.ConfigDict, overrides: Any
@@ -68,12 +61,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       dcfg_b[k] = b.data.get(k)
 
   n_train, n_test = config.get("num_train", None), config.get("num_test", None)
-  train = _subset(data.load(dcfg_a, "train"), n_train)
-  test = _subset(data.load(dcfg_a, "test"), n_test)
+  train = data.source(dcfg_a, "train").take(n_train)
+  test = data.source(dcfg_a, "test").take(n_test)
   train_b = test_b = None
   if dcfg_b is not dcfg_a:
-    train_b = _subset(data.load(dcfg_b, "train"), n_train)
-    test_b = _subset(data.load(dcfg_b, "test"), n_test)
+    train_b = data.source(dcfg_b, "train").take(n_train)
+    test_b = data.source(dcfg_b, "test").take(n_test)
 
   res = stitching.run_sweep(model_a, vars_a, model_b, vars_b, train, test, config.stitch,
                           workdir, train_b=train_b, test_b=test_b, name_a=name_a,

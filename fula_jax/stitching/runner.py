@@ -295,8 +295,8 @@ def _check_eval_sets(eval_sets: Mapping[str, Any] | None) -> dict[str, tuple[Any
 def _check_views(train, train_b, views: Mapping[str, View]) -> None:
   pairs = [(train, train_b)] + [(v.a, v.b) for v in views.values()]
   for a, b in pairs:
-    same = len(a) == len(b) and (not hasattr(a, "labels") or np.array_equal(a.labels,
-                                                                           b.labels))
+    same = len(a) == len(b) and (a is b or not (
+        hasattr(a, "images") and hasattr(b, "images")) or np.array_equal(a.labels, b.labels))
     if not same:
       raise ConfigError("The end model's data must hold the same examples, in the same "
                         "order, as the front model's.")

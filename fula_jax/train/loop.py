@@ -80,24 +80,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = io.path(workdir)
   tcfg = config.train
   model = build_model(config)  # an unknown model name fails before any data is read
-  train_split = data.load(config.data, "train")
-  test_split = data.load(config.data, "test")
+  train_split = data.source(config.data, "train")
+  test_split = data.source(config.data, "test")
   mesh = data_mesh()
 
   if tcfg.batch_size % mesh.size:
     raise errors.ConfigError(f"train.batch_size={tcfg.batch_size} must be a multiple of the "
                      f"number of devices ({mesh.size}): the batch is sharded over them.")
-  steps_per_epoch = len(train_split.labels) // tcfg.batch_size
+  steps_per_epoch = len(train_split) // tcfg.batch_size
   if steps_per_epoch == 0:
     raise errors.ConfigError(f"train.batch_size={tcfg.batch_size} is larger than the training "
-                     f"split ({len(train_split.labels)} examples).")
+                     f"split ({len(train_split)} examples).")
   total_steps = tcfg.num_steps or int(round(tcfg.num_epochs * steps_per_epoch))
   schedule = learning_rate_schedule(tcfg, total_steps, steps_per_epoch)
   tx = make_optimizer(tcfg, schedule)
 
   key = jax.random.PRNGKey(config.seed)
   init_key, step_key = jax.random.split(key)
-  variables = models.init(model, init_key, (1, *train_split.images.shape[1:]))
+  variables = models.init(model, init_key, (1, *train_split.image_shape))
   state = create_state(model, variables, tx)
   state = jax.device_put(state, NamedSharding(mesh, P()))
 

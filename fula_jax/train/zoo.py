@@ -69,7 +69,7 @@ def robust_eval(model: models.StagedModel, variables: Any, split: data.Split,
   """``{'accuracy', 'robust_accuracy'}`` on `split` under the PGD of `attack_cfg`
   (eps 0: both are the clean accuracy), cached in `cache` for the same settings."""
   settings = _normalised({"attack": attack_cfg.to_dict(), "split": split.name,
-                          "n": int(len(split.labels)),
+                          "n": int(len(split)),
                           "key": np.asarray(key).tolist()})
   if cache.exists():
     stored = io.read_json(cache)

@@ -1,0 +1,221 @@
+"""`RecordSource`: a split streamed from random-access records (tfds array_record, files
+of a folder), decoded and preprocessed per example as batches are read.
+
+Host memory holds only the batches in flight, whatever the split's size. Each process
+decodes only its own rows of every global batch, on the schedule of `batching`, so the
+order is deterministic for a seed and a run resumed at a step reads the same batches.
+Decoding runs on grain's thread pool with a bounded prefetch buffer.
+
+An unreadable record fails with its name, or, with ``on_corrupt='skip'``, is counted
+(`skipped`) and left out: masked out of evaluation batches, replaced in training
+batches by the next readable record, so batch shapes never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from fula_jax import registry
+from fula_jax.data import batching
+from fula_jax.data.preprocess import Preprocess
+from fula_jax.errors import UserError
+
+ON_CORRUPT = {"error": "stop at the first unreadable record, naming it",
+              "skip": "leave unreadable records out and count them"}
+_SKIP_TRIES = 64
+_LOG = logging.getLogger(__name__)
+
+
+class CorruptRecordError(UserError, ValueError):
+  """A record (an image file, a tfds example) that cannot be decoded."""
+
+
+class Reader(Protocol):
+  """Random access to one split's raw records."""
+
+  def __len__(self) -> int: ...
+  def read(self, index: int) -> tuple[np.ndarray, int]:
+    """(image as stored: uint8 or float, (H, W[, C])), label) of record `index`."""
+  def describe(self, index: int) -> str:
+    """Where record `index` lives, for error messages (a file path, 'cifar10[train][7]')."""
+  def identity(self) -> str:
+    """What the records are, for fingerprints (paths and sizes, a tfds name and version)."""
+
+
+class _TrainPositions(Sequence):
+  """Lazy (step, row) -> split position for `num_steps` training steps of one process."""
+
+  def __init__(self, n, batch_size, local, lo, seed, start_step, num_steps):
+    self.n, self.batch, self.local, self.lo = n, batch_size, local, lo
+    self.seed, self.start, self.per_epoch = seed, start_step, n // batch_size
+    self.length = local * (num_steps if num_steps is not None else 2**40)
+    self._perm = (-1, None)
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, k):
+    step = self.start + k // self.local
+    epoch, perm = self._perm
+    if epoch != step // self.per_epoch:
+      epoch = step // self.per_epoch
+      perm = batching.epoch_permutation(self.n, self.seed, epoch)
+      self._perm = (epoch, perm)  # one tuple: threads see a consistent pair
+    return int(perm[(step % self.per_epoch) * self.batch + self.lo + k % self.local])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordSource:
+  """A batch source (see `Split`) over `reader`'s records, `indices` of them in order."""
+  reader: Any                       # a `Reader`
+  preprocess: Preprocess
+  num_classes: int
+  name: str
+  indices: np.ndarray | None = None  # which records, in order (None: all)
+  on_corrupt: str = "error"
+  num_threads: int = 8
+  prefetch_batches: int = 2
+
+  def __post_init__(self):
+    registry.lookup("data.on_corrupt", self.on_corrupt, ON_CORRUPT)
+    object.__setattr__(self, "_lock", threading.Lock())
+    object.__setattr__(self, "_skipped", set())
+
+  def __len__(self) -> int:
+    return len(self.reader) if self.indices is None else len(self.indices)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    c = self.preprocess.channels
+    if c is None:
+      c = self.example(0)["image"].shape[-1]
+    return (self.preprocess.size, self.preprocess.size, int(c))
+
+  @property
+  def skipped(self) -> list[str]:
+    """Records left out so far as unreadable (on_corrupt='skip')."""
+    with self._lock:
+      return sorted(self._skipped)
+
+  def take(self, n: int | None) -> "RecordSource":
+    """The first `n` examples (all when n is None, 0 or at least len)."""
+    if not n or n >= len(self):
+      return self
+    first = np.arange(n) if self.indices is None else self.indices[:n]
+    return dataclasses.replace(self, indices=first)
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Every label, in order (a folder knows them; a tfds split is read once for them)."""
+    labels = np.asarray(self.reader.labels, np.int32)
+    return labels if self.indices is None else labels[self.indices]
+
+  def gather(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the examples at `indices` (a few: they are held in memory)."""
+    rows = [self.example(int(i)) for i in np.asarray(indices).reshape(-1)]
+    for i, r in zip(np.asarray(indices).reshape(-1), rows):
+      if not r["mask"]:
+        raise CorruptRecordError(f"Example {i} ({self.reader.describe(self._record(i))}) "
+                                 "is unreadable.")
+    size, c = self.image_shape[0], self.image_shape[-1]
+    if not rows:
+      return np.zeros((0, size, size, c), np.float32), np.zeros((0,), np.int32)
+    return (np.stack([r["image"] for r in rows]),
+            np.asarray([r["label"] for r in rows], np.int32))
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha256(self.reader.identity().encode())
+    h.update(self.preprocess.describe().encode())
+    if self.indices is not None:
+      h.update(np.ascontiguousarray(self.indices, np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+  # ---------------------------------------------------------------- one example
+
+  def _record(self, position: int) -> int:
+    return int(position if self.indices is None else self.indices[position])
+
+  def _read(self, record: int) -> tuple[np.ndarray, int] | None:
+    try:
+      return self.reader.read(record)
+    except Exception as e:  # pylint: disable=broad-except
+      where = self.reader.describe(record)
+      if self.on_corrupt == "error":
+        raise CorruptRecordError(
+            f"Cannot read {where}: {type(e).__name__}: {e}. Remove or replace it, or set "
+            "--config.data.on_corrupt=skip to leave unreadable records out (they are "
+            "counted).") from e
+      with self._lock:
+        new = where not in self._skipped
+        self._skipped.add(where)
+      if new:
+        _LOG.warning("Skipping unreadable record %s (%s: %s).", where, type(e).__name__, e)
+      return None
+
+  def example(self, position: int, *, replace: bool = False) -> dict[str, Any]:
+    """Example `position` of this source, preprocessed; -1 is a padding row. An
+    unreadable one is a masked zero row, or with `replace` the next readable one."""
+    if position >= 0:
+      for k in range(_SKIP_TRIES if replace else 1):
+        record = self._record((position + k) % len(self))
+        raw = self._read(record)
+        if raw is not None:
+          return {"image": self.preprocess(raw[0], record),
+                  "label": np.int32(raw[1]), "mask": np.float32(1.0)}
+      if replace:
+        raise CorruptRecordError(f"{_SKIP_TRIES} records in a row from "
+                                 f"{self.reader.describe(self._record(position))} are "
+                                 "unreadable; is the dataset damaged?")
+    size, c = self.preprocess.size, self.preprocess.channels
+    if c is None:
+      c = self.example(0, replace=True)["image"].shape[-1]
+    return {"image": np.zeros((size, size, c), np.float32), "label": np.int32(0),
+            "mask": np.float32(0.0)}
+
+  # ---------------------------------------------------------------- batches
+
+  def _stream(self, positions: Sequence, local: int, replace: bool
+              ) -> Iterator[dict[str, np.ndarray]]:
+    import grain  # pylint: disable=g-import-not-at-top
+
+    options = grain.ReadOptions(num_threads=self.num_threads,
+                                prefetch_buffer_size=max(1, self.prefetch_batches) * local)
+    ds = (grain.MapDataset.source(positions)
+          .map(lambda p: self.example(int(p), replace=replace))
+          .to_iter_dataset(options)
+          .batch(local))
+    return iter(ds)
+
+  def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
+                    num_steps: int | None = None, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled training batches on the schedule of `batching.train_rows`."""
+    local = batching.check_batch(batch_size, process_index, process_count)
+    next(batching.train_rows(len(self), batch_size, seed=seed, start_step=start_step,
+                             num_steps=1, name=self.name))  # validates the arguments
+    if num_steps == 0:
+      return iter(())
+    positions = _TrainPositions(len(self), batch_size, local, process_index * local, seed,
+                                start_step, num_steps)
+    return ({"image": b["image"], "label": b["label"]}
+            for b in self._stream(positions, local, replace=True))
+
+  def eval_batches(self, batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1, limit: int | None = None
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """The split in order, zero-padded, 'mask' 1 on real, readable rows."""
+    local = batching.check_batch(batch_size, process_index, process_count)
+    positions = []
+    for take, mask in batching.eval_rows(len(self), batch_size, process_index=process_index,
+                                         process_count=process_count, limit=limit):
+      positions.extend(take.tolist())
+      positions.extend([-1] * int(len(mask) - len(take)))
+    if not positions:
+      return iter(())
+    return self._stream(positions, local, replace=False)

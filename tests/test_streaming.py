@@ -1,0 +1,182 @@
+"""Streamed data: `folder:` datasets and tfds splits read record by record, against the
+same data held in memory; errors for damaged or missing data."""
+
+import concurrent.futures
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fula_jax import data, defaults, results
+from fula_jax.data import preprocess
+from fula_jax.errors import ConfigError, UserError
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ("ant", "bee", "cat")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """Digits 0-2 as 8x8 grayscale PNGs (about 540 files) in <split>/<class>/ folders, the
+  test split named 'val'; non-image files are ignored."""
+  root = tmp_path_factory.mktemp("images")
+  for split, out in (("train", "train"), ("test", "val")):
+    s = data.load(ml_collections.ConfigDict(dict(image_size=None, channels=1)), split)
+    for i in np.flatnonzero(s.labels < 3):
+      d = root / out / CLASSES[s.labels[i]]
+      d.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.uint8(np.round(s.images[i, ..., 0] * 255))).save(d / f"{i:04d}.png")
+  (root / "train" / "ant" / "notes.txt").write_text("not an image")
+  return root
+
+
+def _cfg(root, **kw):
+  return ml_collections.ConfigDict(dict(name=f"folder:{root}", image_size=None,
+                                        channels=1, **kw))
+
+
+def _within(seconds, fn, *args):
+  """fn(*args), failing the test if it runs for longer than `seconds` (a hang)."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(fn, *args).result(timeout=seconds)
+
+
+def test_folder_layout_labels_and_batches_equal_the_split_in_memory(folder):
+  src = data.source(_cfg(folder), "train")
+  mem = data.load(_cfg(folder), "train")
+  assert isinstance(src, data.RecordSource) and isinstance(mem, data.Split)
+  assert len(src) == len(mem) > 300 and src.num_classes == 3
+  assert src.image_shape == mem.image_shape == (8, 8, 1)
+  # Classes sorted by name, files in name order: labels come in sorted runs.
+  assert np.all(np.diff(src.labels) >= 0) and set(src.labels) == {0, 1, 2}
+  first = Image.open(sorted((folder / "train" / "ant").glob("*.png"))[0])
+  np.testing.assert_array_equal(mem.images[0, ..., 0], np.asarray(first) / np.float32(255))
+  # Training order: deterministic, resumable at a step, the same as in memory.
+  kw = dict(seed=3, num_steps=12)
+  streamed = list(src.train_batches(64, **kw))
+  for a, b in zip(streamed, mem.train_batches(64, **kw)):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  resumed = list(src.train_batches(64, seed=3, start_step=7, num_steps=5))
+  for a, b in zip(resumed, streamed[7:]):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert data.source(_cfg(folder), "test").name.endswith("/test")
+
+
+def test_each_process_decodes_only_its_half_of_every_batch(folder):
+  src = data.source(_cfg(folder), "test")
+  reads = {0: [], 1: []}
+  whole = list(src.eval_batches(50))
+  for p in (0, 1):
+    log = reads[p]
+    mine = data.source(_cfg(folder), "test")
+    read = mine.reader.read
+    mine.reader.read = lambda i, log=log, read=read: (log.append(i), read(i))[1]
+    part = list(mine.eval_batches(50, process_index=p, process_count=2))
+    assert len(part) == len(whole)
+    for b, w in zip(part, whole):
+      np.testing.assert_array_equal(b["image"], w["image"][p * 25:(p + 1) * 25])
+      np.testing.assert_array_equal(b["mask"], w["mask"][p * 25:(p + 1) * 25])
+  assert not set(reads[0]) & set(reads[1])
+  assert sorted(reads[0] + reads[1]) == list(range(len(src)))  # each decoded once
+
+
+def test_a_folder_dataset_trains_and_gives_the_same_cka_streamed_or_in_memory(folder,
+                                                                              tmp_path):
+  from fula_jax.similarity import job as similarity_job
+  from fula_jax.train import loop
+  cfg = defaults.load_config(_REPO / "configs" / "train.py", "model=cnn,runlocal")
+  cfg.data = ml_collections.ConfigDict({**cfg.data.to_dict(), **_cfg(folder).to_dict()})
+  cfg.model.kwargs = {"widths": (8, 16)}
+  cfg.train.num_steps, cfg.train.batch_size, cfg.eval_batch_size = 60, 64, 64
+  out = loop.run(cfg, str(tmp_path / "model"))
+  assert out["test_accuracy"] > 0.8  # 3 classes: chance is 1/3
+
+  mats = {}
+  for in_memory in (False, True):
+    sim = defaults.load_config(_REPO / "configs" / "similarity.py")
+    sim.model_a_workdir = str(tmp_path / "model")
+    sim.measures = ("cka_linear_debiased", "cka_linear")
+    sim.batch_size = 64
+    sim.data_from = "config"
+    sim.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "in_memory": in_memory})
+    wd = tmp_path / f"sim_{in_memory}"
+    similarity_job.run(sim, str(wd))
+    mats[in_memory] = {m: results.load(wd)[m].matrix for m in sim.measures}
+  for m in mats[True]:
+    np.testing.assert_allclose(mats[False][m], mats[True][m], rtol=1e-6, atol=1e-7)
+    assert np.all(np.isfinite(mats[True][m]))
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
+  root = tmp_path / "damaged"
+  shutil.copytree(folder, root)
+  bad = sorted((root / "val" / "bee").glob("*.png"))[3]
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+  src = data.source(_cfg(root), "test")
+  with pytest.raises(data.CorruptRecordError, match=str(bad)) as e:
+    _within(60, lambda: list(src.eval_batches(32)))
+  assert "on_corrupt=skip" in str(e.value) and isinstance(e.value, UserError)
+
+  skip = data.source(_cfg(root, on_corrupt="skip"), "test")
+  batches = _within(60, lambda: list(skip.eval_batches(32)))
+  assert sum(float(b["mask"].sum()) for b in batches) == len(skip) - 1
+  assert skip.skipped == [str(bad)]
+  train = data.source(_cfg(root, on_corrupt="skip"), "train")
+  (root / "train" / "cat" / sorted(p.name for p in (root / "train" / "cat").glob("*.png"))[0]
+   ).write_bytes(b"garbage")
+  steps = _within(60, lambda: list(train.train_batches(64, seed=0, num_steps=10)))
+  assert all(b["image"].shape == (64, 8, 8, 1) for b in steps) and len(train.skipped) == 1
+  with pytest.raises(UserError, match="data.on_corrupt 'ignore'.*error, skip"):
+    data.source(_cfg(root, on_corrupt="ignore"), "test")
+
+
+def test_missing_folders_and_empty_classes_have_clear_messages(folder, tmp_path):
+  with pytest.raises(ConfigError, match="does not exist"):
+    data.source(_cfg(tmp_path / "nowhere"), "train")
+  root = tmp_path / "partial"
+  shutil.copytree(folder / "train", root / "train")
+  with pytest.raises(ConfigError, match="no test split.*test or val or validation"):
+    data.source(_cfg(root), "test")
+  (root / "train" / "dog").mkdir()
+  with pytest.raises(ConfigError, match="dog holds no images"):
+    data.source(_cfg(root), "train")
+  with pytest.raises(ConfigError, match="needs a path"):
+    data.num_classes(ml_collections.ConfigDict(dict(name="folder:")))
+
+
+def test_imagenet_eval_preset_matches_resize_then_centre_crop():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+  got = preprocess.crop_resize(preprocess.to_float(image), 224, "imagenet_eval")
+  # Independent reference: jax.image.resize (antialiased bilinear) to shorter side 256.
+  big = np.asarray(jax.image.resize(image.astype(np.float32) / 255, (256, 358, 3),
+                                    "linear", antialias=True))
+  np.testing.assert_allclose(got, big[16:240, 67:291], atol=2e-5)
+  square = preprocess.crop_resize(preprocess.to_float(image), 32, "square")
+  ref = np.asarray(jax.image.resize(image[:, 60:360].astype(np.float32) / 255, (32, 32, 3),
+                                    "linear", antialias=True))
+  np.testing.assert_allclose(square, ref, atol=2e-5)
+  with pytest.raises(UserError, match="Valid choices: .*imagenet_eval"):
+    preprocess.crop_resize(image, 32, "imagenet")
+
+
+def test_tfds_splits_are_streamed_and_equal_the_split_in_memory():
+  cfg = ml_collections.ConfigDict(dict(name="imagenette", image_size=24, download=True))
+  with tfds.testing.mock_data(num_examples=10):
+    src = data.source(cfg, "test")
+    mem = data.load(cfg, "test")
+    assert isinstance(src, data.RecordSource) and len(src) == 10
+    batches = list(src.eval_batches(4))
+    raw = tfds.data_source("imagenette/160px", split="validation", download=False)
+    ref = np.stack([preprocess.crop_resize(preprocess.to_float(raw[i]["image"]), 24)
+                    for i in range(10)])
+  np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches])[:10],
+                                mem.images)
+  np.testing.assert_allclose(mem.images, ref, atol=1e-6)
+  assert [float(b["mask"].sum()) for b in batches] == [4, 4, 2]
