@@ -16,7 +16,14 @@ Full (CIFAR-10 test, 10,000 images, two ResNet-18s, minibatch CKA over every sti
 point plus the in-memory measures on 2,000 images): a few minutes on one modern GPU,
 dominated by the forward passes and the per-pair SVDs of the CCA family.
 
-Args (comma separated): runlocal.
+ImageNet scale (the validation set streamed at 224; e.g. a standard and an L2 eps=3
+robust ResNet-50 from the robustness library):
+
+  python -m fula_jax.main --config=configs/similarity.py:imagenet --workdir=/tmp/sim_in \
+      --config.model_a.weights=resnet50_l2_eps0.ckpt \
+      --config.model_b.weights=resnet50_l2_eps3.ckpt --config.data.data_dir=/data/tfds
+
+Args (comma separated): runlocal, imagenet.
 """
 
 import ml_collections
@@ -26,7 +33,7 @@ from fula_jax import defaults, donors
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, runlocal=False)
+  arg = defaults.parse_arg(arg, runlocal=False, imagenet=False)
   config = ml_collections.ConfigDict()
   config.job = "similarity"
   config.model_a_workdir = config_dict.placeholder(str)  # required: a `job=train` workdir
@@ -60,6 +67,15 @@ def get_config(arg=None):
   config.svcca_keep = 0.99         # variance fraction (float) or number of directions
   config.png = True
   config.progress_every_s = 10.0
+  if arg.imagenet:
+    # Jones et al.'s robust ImageNet zoo on the ImageNet validation set, streamed at 224.
+    for block in (config.model_a, config.model_b):
+      block.arch = "imagenet_resnet50"  # weights: --config.model_a.weights=FILE
+    config.data_from = "config"
+    config.data.name = "imagenet2012"
+    config.data.image_size = 224
+    config.data.crop = "imagenet_eval"
+    config.measures = ("cka_linear_debiased", "cka_linear")
   if arg.runlocal:
     config.batch_size = 64
     config.max_examples = 400

@@ -34,8 +34,14 @@ on 2 CPU cores. Full (CIFAR-10, two ResNet-18s, 10 x 10 cells, 4 objectives, 3 e
 per stitch): about an hour on one modern GPU; the stitch axis is spread over every
 device (and host), so 8 devices take roughly an eighth of that.
 
+ImageNet scale (imagenette streamed at 224, two ImageNet ResNet-18s from weights files):
+
+  python -m fula_jax.main --config=configs/stitch.py:imagenette --workdir=/tmp/stitch_in \
+      --config.model_a.weights=r18_a.safetensors --config.model_b.weights=r18_b.pth \
+      --config.data.data_dir=/data/tfds
+
 Args (comma separated): variant=<cross_seed|cross_arch|self|offset>,
-objectives=<names joined by '+'>, epochs=<float>, runlocal.
+objectives=<names joined by '+'>, epochs=<float>, imagenette, runlocal.
 """
 
 import ml_collections
@@ -59,7 +65,7 @@ def stitch_block(pairs: str = "all") -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, variant="cross_seed", objectives="tlm+slm+dm+fula",
-                           epochs=0.0, runlocal=False)
+                           epochs=0.0, runlocal=False, imagenette=False)
   pairs = registry.lookup("stitch config variant", arg.variant, VARIANTS)
   config = ml_collections.ConfigDict()
   config.job = "stitch"
@@ -80,6 +86,19 @@ def get_config(arg=None):
   config.stitch.objectives = tuple(o for o in arg.objectives.split("+") if o)
   if arg.epochs:
     config.stitch.epochs = arg.epochs
+  if arg.imagenette:
+    # Two ImageNet ResNet-18s (e.g. two seeds or a standard and a robust one), streamed
+    # imagenette at 224 with ImageNet labels, so TLM trains against their 1000-way heads.
+    for block in (config.model_a, config.model_b):
+      block.arch = "imagenet_resnet18"  # weights: --config.model_a.weights=FILE
+    config.data_from = "config"
+    config.data.name = "imagenette"
+    config.data.image_size = 224
+    config.data.crop = "imagenet_eval"
+    config.data.imagenet_labels = True
+    config.stitch.batch_size = 128
+    config.stitch.eval_batch_size = 250
+    config.stitch.epochs = arg.epochs or 1.0
   if arg.runlocal:
     config.stitch.batch_size = 128
     config.stitch.eval_batch_size = 360

@@ -139,10 +139,11 @@ def load_splits(config: ml_collections.ConfigDict, testbeds: Sequence[str]
                 ) -> dict[str, Any]:
   """Clean train/test, and with the shortcut testbed the cue train split and one test
   split per evaluation mode."""
-  out = {"train": data.load(config.data, "train"), "test": data.load(config.data, "test")}
+  out = {"train": data.source(config.data, "train"),
+         "test": data.source(config.data, "test")}
   if "shortcut" in testbeds:
-    out["cue_train"] = data.load(cue_data(config), "train")
-    out["cue_tests"] = {m: data.load(cue_data(config, m), "test")
+    out["cue_train"] = data.source(cue_data(config), "train")
+    out["cue_tests"] = {m: data.source(cue_data(config, m), "test")
                         for m in config.shortcut.eval_modes}
   return out
 
@@ -581,7 +582,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       figures[f"cross_seed_{arch}.png"] = cross_figure(arch, res, objectives)
     finding_lines[arch], facts[arch] = findings(arch, testbeds, records, objectives, modes,
                                                 cross.get(arch, {}),
-                                                len(splits["test"].labels))
+                                                len(splits["test"]))
     points = list(zoo["standard"][0].point_names)
     if "robust" in testbeds:
       pairs = TESTBEDS["robust"]

@@ -281,7 +281,7 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
 
 
 def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
-                archs: Sequence[str], eps: Sequence[float], test: data.Split,
+                archs: Sequence[str], eps: Sequence[float], test: Any,
                 key: jax.Array, eval_eps: float):
   """Train or reuse every (arch, eps) model and measure its clean and PGD accuracy.
 
@@ -317,17 +317,17 @@ def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
 
 
 def compare_at(config: ml_collections.ConfigDict, workdir: epath.Path, e: float,
-               zoo_e: Mapping[str, inversion.ModelSpec], test: data.Split,
+               zoo_e: Mapping[str, inversion.ModelSpec], test: Any,
                pairs: tuple[np.ndarray, np.ndarray], model_rows: Sequence[dict],
                eval_eps: float) -> dict[str, Any]:
   """Both CKA matrices of the models trained at `e`, saved with their settings."""
   seed_idx, target_idx = pairs
-  natural_images = test.images[seed_idx] if config.natural == "seeds" else test.images
+  natural_images = test.gather(seed_idx)[0] if config.natural == "seeds" else test
   inv_cfg = config.inversion.to_dict()
   print(f"ε={eps_tag(e)}: inverting {len(seed_idx)} pairs with each of {len(zoo_e)} "
         "reference models", flush=True)
   s_inv, names, invs = inversion.inverted_cka_matrix(
-      zoo_e, test.images, test.labels, pairs, inv_cfg, return_inversions=True)
+      zoo_e, test, test.labels, pairs, inv_cfg, return_inversions=True)
   s_nat, _ = inversion.natural_cka_matrix(zoo_e, natural_images, inv_cfg)
   loss0 = {a: float(np.mean(invs[a].initial_loss)) for a in names}
   loss1 = {a: float(np.mean(invs[a].loss)) for a in names}
@@ -374,12 +374,12 @@ def compare_at(config: ml_collections.ConfigDict, workdir: epath.Path, e: float,
 
 
 def write_figures(workdir: epath.Path, eps: Sequence[float], per_eps: Sequence[dict],
-                  test: data.Split, pairs: tuple[np.ndarray, np.ndarray],
+                  test: Any, pairs: tuple[np.ndarray, np.ndarray],
                   model_rows: Sequence[dict], archs: Sequence[str], eval_eps: float
                   ) -> list[str]:
   """Heatmaps and example inversions per eps, and the curves against eps."""
   figures = {}
-  seeds, targets = (test.images[p[:N_EXAMPLES]] for p in pairs)
+  seeds, targets = (test.gather(p[:N_EXAMPLES])[0] for p in pairs)
   for p in per_eps:
     label = eps_label(p["eps"], eps)
     figures[f"heatmaps_eps{eps_tag(p['eps'])}.png"] = heatmap_figure(
@@ -407,7 +407,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   workdir = io.path(workdir)
   archs, eps = check_grid(config)
-  test = data.load(config.data, "test")
+  test = data.source(config.data, "test")
   key = jax.random.PRNGKey(int(config.seed))
   eval_eps = float(config.attack.eval_eps if config.attack.get("eval_eps") is not None
                    else max(eps))

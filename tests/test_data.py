@@ -389,6 +389,7 @@ def test_default_config_fields():
   assert (sc.enabled, sc.correlation, sc.strength, sc.patch_size, sc.eval, sc.seed) == (
       False, 0.9, 1.0, 4, "present", 0)
   assert set(data.DATASETS) == {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist",
+                                "imagenet2012",
                                 "imagenette"}
 
 

@@ -180,3 +180,45 @@ def test_tfds_splits_are_streamed_and_equal_the_split_in_memory():
                                 mem.images)
   np.testing.assert_allclose(mem.images, ref, atol=1e-6)
   assert [float(b["mask"].sum()) for b in batches] == [4, 4, 2]
+
+
+def _torchvision_weights(path, arch):
+  import torch
+  import torchvision
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  net = getattr(torchvision.models, arch)()
+  save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("config_file,arg,arch,job", [
+    ("similarity.py", "imagenet", "resnet50", "similarity"),
+    ("stitch.py", "imagenette", "resnet18", "stitching"),
+])
+def test_imagenet_scale_configs_run_on_mock_data(tmp_path, config_file, arg, arch, job):
+  """The ImageNet-scale configs as shipped, shrunk only in size (32 px, a few examples
+  and steps), on tfds mock data and randomly initialised torchvision weights."""
+  import importlib
+  cfg = defaults.load_config(_REPO / "configs" / config_file, arg)
+  cfg.model_a.weights = _torchvision_weights(tmp_path / "a.safetensors", arch)
+  cfg.model_b.weights = cfg.model_a.weights
+  cfg.data.image_size, cfg.data.download, cfg.png = 32, True, False
+  if job == "similarity":
+    cfg.num_examples, cfg.batch_size = 6, 6
+  else:
+    cfg.num_train = cfg.num_test = 8
+    cfg.stitch.update(dict(objectives=("dm", "tlm"), rows=("layer1.0", "layer2.0"),
+                           cols=("layer2.0",), steps=2, batch_size=8, eval_batch_size=8,
+                           progress=False))
+  with tfds.testing.mock_data(num_examples=8):
+    importlib.import_module(f"fula_jax.{job}.job").run(cfg, str(tmp_path / "out"))
+    labels = data.source(cfg.data, "test").labels
+  mats = results.load(tmp_path / "out")
+  # (Random weights: relative accuracy divides by an end accuracy that is often 0, and
+  # DM has no training loss.)
+  assert mats and all(np.isfinite(m.matrix).all() for k, m in mats.items()
+                      if not k.endswith(("relative_accuracy", "train_loss")))
+  if job == "stitching":  # imagenette labels became ImageNet-1k ids for the 1000-way heads
+    assert set(labels) <= set(data.DATASETS["imagenette"].imagenet_ids)
+    assert all(m.matrix.shape == (2, 1) for m in mats.values())

@@ -37,6 +37,7 @@ class DatasetSpec:
   image_key: str = "image"
   label_key: str = "label"
   folder: str | None = None  # the 'folder:<path>' name
+  imagenet_ids: tuple[int, ...] | None = None  # label -> ImageNet-1k class, if a subset
 
 
 DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
@@ -51,7 +52,12 @@ DATASETS: Mapping[str, DatasetSpec] = types.MappingProxyType({
                                  tfds_name="fashion_mnist"),
     # Shorter side 160; images are centre-cropped to 160x160 unless image_size is set.
     "imagenette": DatasetSpec(num_classes=10, native_size=160, native_channels=3,
-                              tfds_name="imagenette/160px", test_split="validation"),
+                              tfds_name="imagenette/160px", test_split="validation",
+                              imagenet_ids=(0, 217, 482, 491, 497, 566, 569, 571, 574,
+                                            701)),
+    # Needs the manual download tfds describes; the validation split is the test split.
+    "imagenet2012": DatasetSpec(num_classes=1000, native_size=224, native_channels=3,
+                                tfds_name="imagenet2012", test_split="validation"),
 })
 
 
@@ -67,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
       image_size=32,          # None = native size
       crop="square",          # 'square' | 'imagenet_eval' (resize 256, centre crop 224)
       in_memory=False,        # True: read a streamed split into host memory once
+      imagenet_labels=False,  # True: an ImageNet subset's labels as ImageNet-1k ids,
+                              # for models with a 1000-class head (imagenette)
       on_corrupt="error",     # unreadable image: 'error' (names it) | 'skip' (counted)
       num_threads=8,          # decoding threads per process
       prefetch_batches=2,     # batches decoded ahead
@@ -162,9 +170,17 @@ def _streamed(cfg, split: str) -> tuple[RecordSource, np.ndarray]:
       else None, patch_size=int(cfg.shortcut.patch_size),
       strength=float(cfg.shortcut.strength))
   registry.lookup("data.on_corrupt", cfg.on_corrupt, ON_CORRUPT)
-  source = RecordSource(reader, prep, ds.num_classes, f"{cfg.name}/{split}",
+  num_classes, label_map = ds.num_classes, None
+  if cfg.imagenet_labels:
+    if ds.imagenet_ids is None and ds.num_classes != 1000:
+      raise errors.ConfigError(
+          f"data.imagenet_labels needs an ImageNet subset; {cfg.name!r} is not one "
+          f"(subsets: {[n for n, d in DATASETS.items() if d.imagenet_ids]}).")
+    if ds.imagenet_ids is not None:
+      num_classes, label_map = 1000, np.asarray(ds.imagenet_ids, np.int32)
+  source = RecordSource(reader, prep, num_classes, f"{cfg.name}/{split}",
                         on_corrupt=cfg.on_corrupt, num_threads=int(cfg.num_threads),
-                        prefetch_batches=int(cfg.prefetch_batches))
+                        prefetch_batches=int(cfg.prefetch_batches), label_map=label_map)
   return source, (cues if cues is not None else np.full((len(source),), -1, np.int32))
 
 

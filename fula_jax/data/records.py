@@ -81,6 +81,7 @@ class RecordSource:
   on_corrupt: str = "error"
   num_threads: int = 8
   prefetch_batches: int = 2
+  label_map: np.ndarray | None = None  # stored label -> label reported (e.g. ImageNet id)
 
   def __post_init__(self):
     registry.lookup("data.on_corrupt", self.on_corrupt, ON_CORRUPT)
@@ -114,6 +115,8 @@ class RecordSource:
   def labels(self) -> np.ndarray:
     """Every label, in order (a folder knows them; a tfds split is read once for them)."""
     labels = np.asarray(self.reader.labels, np.int32)
+    if self.label_map is not None:
+      labels = self.label_map[labels]
     return labels if self.indices is None else labels[self.indices]
 
   def gather(self, indices) -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +169,9 @@ class RecordSource:
         record = self._record((position + k) % len(self))
         raw = self._read(record)
         if raw is not None:
+          label = raw[1] if self.label_map is None else self.label_map[raw[1]]
           return {"image": self.preprocess(raw[0], record),
-                  "label": np.int32(raw[1]), "mask": np.float32(1.0)}
+                  "label": np.int32(label), "mask": np.float32(1.0)}
       if replace:
         raise CorruptRecordError(f"{_SKIP_TRIES} records in a row from "
                                  f"{self.reader.describe(self._record(position))} are "

@@ -67,10 +67,12 @@ def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   _, h, w, _ = images.shape
   if (h, w) == (out_h, out_w):
     return images.astype(np.float32, copy=False)
+  n, c = images.shape[0], images.shape[-1]
   wh = resize_weights(h, out_h).astype(np.float32)
   ww = resize_weights(w, out_w).astype(np.float32)
-  x = np.einsum("oh,nhwc->nowc", wh, images.astype(np.float32, copy=False))
-  return np.einsum("pw,nowc->nopc", ww, x).astype(np.float32, copy=False)
+  # Two BLAS matmuls (an einsum here is ~20x slower on per-image calls).
+  x = np.matmul(wh, images.astype(np.float32, copy=False).reshape(n, h, w * c))
+  return np.matmul(ww, x.reshape(n, out_h, w, c))
 
 
 def center_crop_square(image: np.ndarray) -> np.ndarray:
