@@ -15,7 +15,15 @@ per eps writes the asymmetric inverted-image CKA matrix and the plain CKA matrix
 natural images under ``<workdir>/results``, heatmaps and an eps curve under
 ``<workdir>/figures`` and a summary in ``<workdir>/report.md``.
 
-Args (comma separated): runlocal, tiny (a seconds-scale smoke run for tests), seed=<int>.
+Args (comma separated): runlocal, tiny (a seconds-scale smoke run for tests), seed=<int>,
+imagenet (the robust ImageNet zoo from weights files, nothing trained):
+
+  python -m fula_jax.main --config=configs/study_jones.py:imagenet --workdir=/tmp/jones_in \
+      --config.weights='/models/robust/{arch}_l2_eps{eps}.ckpt' \
+      --config.data.data_dir=/data/tfds
+
+where the robustness library's checkpoints are renamed to imagenet_resnet50_l2_eps3.ckpt
+and so on (eps as in config.eps, formatted like 0.25 and 3).
 
 Expected time: runlocal (embedded digits at their native 8x8; a small CNN, an MLP and a
 quarter-width ResNet-20; eps in {0, 0.05, 0.1, 0.2} with PGD-3 training; 160 pairs, 150
@@ -64,7 +72,7 @@ def _train_configs():
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, runlocal=False, tiny=False, seed=0)
+  arg = defaults.parse_arg(arg, runlocal=False, tiny=False, seed=0, imagenet=False)
   train = _train_configs()
   small = arg.runlocal or arg.tiny
 
@@ -87,6 +95,26 @@ def get_config(arg=None):
   config.save_inversions = True
   config.eval_batch_size = 500
 
+  # A pretrained zoo instead of training one: a path pattern with {arch} and {eps}.
+  config.weights = config_dict.placeholder(str)
+  config.eval_examples = config_dict.placeholder(int)  # clean/PGD accuracy on the first n
+  if arg.imagenet:
+    # The robust ImageNet zoo of Salman et al. (2020) that Jones et al. compare: L2
+    # robust ResNet-18/50 and WRN-50-2 checkpoints of the robustness library, on the
+    # ImageNet validation set streamed at 224 (resize 256, centre crop 224).
+    config.architectures = ("imagenet_resnet18", "imagenet_resnet50",
+                            "imagenet_wide_resnet50_2")
+    config.eps = (0.0, 0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0)
+    config.attack.norm = "l2"
+    config.attack.eval_eps = 3.0
+    config.data = defaults.data_block("imagenet2012")
+    config.data.image_size = 224
+    config.data.crop = "imagenet_eval"
+    config.weights = "ROBUST_MODELS/{arch}_l2_eps{eps}.ckpt"  # set to your folder
+    config.eval_examples = 1000
+    config.eval_batch_size = 100
+    config.inversion.batch_size = 50
+    config.inversion.eval_batch_size = 100
   if arg.tiny:
     config.architectures = ("cnn", "mlp")
     config.eps = (0.0, 0.1)

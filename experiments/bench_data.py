@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="where the image folders are written (kept for reruns)")
   p.add_argument("--image_size", type=int, default=32, help="model input side")
   p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--num_threads", type=int, default=8, help="decoding threads")
+  p.add_argument("--num_threads", type=int, default=4, help="decoding threads")
+  p.add_argument("--throughput_only", action="store_true",
+                 help="only the loader vs forward throughput, on the largest size")
   p.add_argument("--skip_in_memory", action="store_true",
                  help="do not load the large dataset into memory for contrast")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -103,10 +105,11 @@ def child(args) -> dict:
   train = data.source(cfg, "train")
   out: dict = {"n": len(train)}
   if args.child == "loader":
-    n = 0
+    out["listing_s"] = time.perf_counter() - t0
+    n, t1 = 0, time.perf_counter()
     for batch in train.eval_batches(args.batch_size):
       n += int(batch["mask"].sum())
-    out["images_per_s"] = n / (time.perf_counter() - t0)
+    out["images_per_s"] = n / (time.perf_counter() - t1)
   elif args.child == "forward":
     ma, va, mb, vb = _models(args.image_size)
     x = np.random.default_rng(0).uniform(
@@ -158,12 +161,12 @@ def main(argv=None) -> None:
   for n in sizes:
     root = work / f"images_{n}"
     write_folder(root, n)
-    for kind in ("similarity", "stitch"):
+    for kind in () if args.throughput_only else ("similarity", "stitch"):
       r = run_child(args, kind, root)
       rows.append((n, kind, "streamed", r))
       print(f"{n:>7} images  {kind:<10} streamed   peak RSS {r['peak_rss_mib']:7.0f} MiB  "
             f"{r['seconds']:6.1f} s", flush=True)
-  if not args.skip_in_memory:
+  if not (args.skip_in_memory or args.throughput_only):
     n = max(sizes)
     r = run_child(args, "similarity", work / f"images_{n}", in_memory=True)
     rows.append((n, "similarity", "in memory", r))
@@ -172,7 +175,7 @@ def main(argv=None) -> None:
           f"{n * args.image_size ** 2 * 3 * 4 / 2**20:.0f} MiB at the model's input size)",
           flush=True)
   lo, hi = min(sizes), max(sizes)
-  for kind in ("similarity", "stitch"):
+  for kind in () if args.throughput_only else ("similarity", "stitch"):
     a, b = (next(r for m, k, how, r in rows if m == s and k == kind and how == "streamed")
             for s in (lo, hi))
     print(f"{kind}: peak RSS grows {b['peak_rss_mib'] - a['peak_rss_mib']:+.0f} MiB from "
@@ -182,7 +185,8 @@ def main(argv=None) -> None:
   slowest = min(forward["cnn_images_per_s"], forward["resnet20_images_per_s"])
   both = 1.0 / (1.0 / forward["cnn_images_per_s"] + 1.0 / forward["resnet20_images_per_s"])
   print(f"loader: {loader['images_per_s']:.0f} images/s ({args.num_threads} threads, "
-        f"PNG 64x64 -> {args.image_size}x{args.image_size}); forward: cnn "
+        f"PNG 64x64 -> {args.image_size}x{args.image_size}; listing the "
+        f"{loader['n']} files took {loader['listing_s']:.1f} s); forward: cnn "
         f"{forward['cnn_images_per_s']:.0f}, resnet20 {forward['resnet20_images_per_s']:.0f}, "
         f"both in turn {both:.0f} images/s")
   print(f"loader / forward of both models: {loader['images_per_s'] / both:.2f}x; "

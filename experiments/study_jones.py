@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import attacks, data, errors, io, registry, reporting, results
+from fula_jax import attacks, data, errors, io, models, registry, reporting, results
 from fula_jax.progress import Progress
 from fula_jax.reporting import fmt, md_table
 from fula_jax.similarity import inversion
@@ -83,14 +83,18 @@ def check_grid(config: ml_collections.ConfigDict) -> tuple[list[str], list[float
     raise errors.ConfigError("config.architectures needs at least two distinct architectures "
                      f"for inter-architecture similarity, got {archs}.")
   for a in archs:
-    if a not in config.models:
+    if config.get("weights"):
+      registry.lookup("model", a, models.MODELS)
+    elif a not in config.models:
       raise registry.unknown("study architecture (no entry in config.models)", a,
                              list(config.models.keys()))
   eps = [float(e) for e in config.eps]
   if not eps or len(set(eps_tag(e) for e in eps)) != len(eps):
     raise errors.ConfigError(f"config.eps must be non-empty and distinct, got {eps}.")
-  if any(not 0.0 <= e <= 1.0 for e in eps):
-    raise errors.ConfigError(f"config.eps are L-inf radii in [0, 1] pixel units, got {eps}.")
+  linf = attacks.check_norm(config.attack.norm) == "linf"
+  if any(e < 0 or (linf and e > 1.0) for e in eps):
+    raise errors.ConfigError(f"config.eps are {config.attack.norm} radii in pixel units "
+                             f"({'[0, 1]' if linf else 'non-negative'}), got {eps}.")
   registry.lookup("natural-image set", config.natural, {n: n for n in NATURAL_IMAGES})
   return archs, sorted(eps)
 
@@ -292,15 +296,21 @@ def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
   bar = Progress("jones models", len(grid), unit="model", every_s=0.0)
   zoo: dict[float, dict[str, inversion.ModelSpec]] = {e: {} for e in eps}
   rows, trained, reused = [], [], []
+  eval_set = test.take(config.get("eval_examples"))
   for i, (arch, e) in enumerate(grid):
     mid = model_id(arch, e)
     mdir = workdir / MODELS_DIR / mid
-    _, was_trained = train_or_reuse(model_config(config, arch, e), mdir)
+    if config.get("weights"):  # a pretrained zoo, e.g. robust ImageNet models
+      mdir = io.path(config.weights.format(arch=arch, eps=eps_tag(e)))
+      model, variables = models.load_weights(arch, mdir)
+      was_trained = False
+    else:
+      _, was_trained = train_or_reuse(model_config(config, arch, e), mdir)
+      model, variables, _ = checkpoint.load_trained(mdir)
     (trained if was_trained else reused).append(mid)
-    model, variables, _ = checkpoint.load_trained(mdir)
     zoo[e][arch] = (model, variables)
     evals = {radius: robust_eval(
-        model, variables, test, attack_for(config, radius, evaluation=True),
+        model, variables, eval_set, attack_for(config, radius, evaluation=True),
         jax.random.fold_in(key, _EVAL_FOLD), int(config.eval_batch_size),
         workdir / EVALS_DIR / f"{mid}_at_eps{eps_tag(radius)}.json")
              for radius in sorted({eval_eps, e}) if radius > 0 or radius == eval_eps}

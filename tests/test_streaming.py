@@ -10,7 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import torch  # test dependency; imported with the module, as importing it while other
+import torchvision  # threads run (grain's decoders) can crash the interpreter
 from PIL import Image
+from safetensors.torch import save_file
 
 from fula_jax import data, defaults, results
 from fula_jax.data import preprocess
@@ -182,26 +185,30 @@ def test_tfds_splits_are_streamed_and_equal_the_split_in_memory():
   assert [float(b["mask"].sum()) for b in batches] == [4, 4, 2]
 
 
-def _torchvision_weights(path, arch):
-  import torch
-  import torchvision
-  from safetensors.torch import save_file
+@pytest.fixture(scope="module")
+def imagenet_weights(tmp_path_factory):
+  """Randomly initialised torchvision ResNet-18 and -50 as safetensors, written once:
+  '<dir>/imagenet_<arch>.safetensors'."""
+  d = tmp_path_factory.mktemp("weights")
   torch.manual_seed(0)
-  net = getattr(torchvision.models, arch)()
-  save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-  return str(path)
+  for arch in ("resnet18", "resnet50"):
+    net = getattr(torchvision.models, arch)()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(d / f"imagenet_{arch}.safetensors"))
+  return d
 
 
 @pytest.mark.parametrize("config_file,arg,arch,job", [
     ("similarity.py", "imagenet", "resnet50", "similarity"),
     ("stitch.py", "imagenette", "resnet18", "stitching"),
 ])
-def test_imagenet_scale_configs_run_on_mock_data(tmp_path, config_file, arg, arch, job):
+def test_imagenet_scale_configs_run_on_mock_data(tmp_path, imagenet_weights, config_file,
+                                                 arg, arch, job):
   """The ImageNet-scale configs as shipped, shrunk only in size (32 px, a few examples
   and steps), on tfds mock data and randomly initialised torchvision weights."""
   import importlib
   cfg = defaults.load_config(_REPO / "configs" / config_file, arg)
-  cfg.model_a.weights = _torchvision_weights(tmp_path / "a.safetensors", arch)
+  cfg.model_a.weights = str(imagenet_weights / f"imagenet_{arch}.safetensors")
   cfg.model_b.weights = cfg.model_a.weights
   cfg.data.image_size, cfg.data.download, cfg.png = 32, True, False
   if job == "similarity":
@@ -222,3 +229,24 @@ def test_imagenet_scale_configs_run_on_mock_data(tmp_path, config_file, arg, arc
   if job == "stitching":  # imagenette labels became ImageNet-1k ids for the 1000-way heads
     assert set(labels) <= set(data.DATASETS["imagenette"].imagenet_ids)
     assert all(m.matrix.shape == (2, 1) for m in mats.values())
+
+
+def test_jones_study_on_a_pretrained_imagenet_zoo_runs_on_mock_data(tmp_path,
+                                                                   imagenet_weights):
+  """configs/study_jones.py:imagenet as shipped, shrunk only in size: the zoo comes from
+  weights files named by its {arch}/{eps} pattern and nothing is trained."""
+  from experiments import study_jones
+  cfg = defaults.load_config(_REPO / "configs" / "study_jones.py", "imagenet")
+  cfg.architectures, cfg.eps = ("imagenet_resnet18", "imagenet_resnet50"), (3.0,)
+  cfg.weights = str(imagenet_weights / "{arch}.safetensors")  # one file for every eps
+  cfg.data.image_size, cfg.data.download = 32, True
+  cfg.n_pairs, cfg.eval_examples, cfg.eval_batch_size = 4, 4, 4
+  cfg.attack.eval_steps = 1
+  cfg.inversion.update(dict(steps=2, batch_size=4, eval_batch_size=4, progress=False))
+  with tfds.testing.mock_data(num_examples=16):
+    out = study_jones.run(cfg, str(tmp_path / "study"))
+  assert out["trained"] == [] and len(out["reused"]) == 2
+  mats = results.load(tmp_path / "study")
+  assert set(mats) == {"jones/eps3/inverted_cka", "jones/eps3/natural_cka"}
+  for m in mats.values():
+    assert m.matrix.shape == (2, 2) and np.isfinite(m.matrix).all()

@@ -9,6 +9,7 @@ lacks is an error, since its label would mean nothing to a trained model.
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import os
 import numpy as np
 
@@ -99,11 +100,18 @@ class FolderReader:
 
   def read(self, index: int) -> tuple[np.ndarray, int]:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    from etils import epath  # pylint: disable=g-import-not-at-top
 
-    with epath.Path(self.paths[index]).open("rb") as f:
-      with Image.open(f) as im:
-        image = np.asarray(im.convert("RGB"))
+    path = self.paths[index]
+    if io.is_remote(path):
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      encoded = epath.Path(path).read_bytes()
+    else:
+      with open(path, "rb") as f:
+        encoded = f.read()
+    # One read, then decoding from memory: PIL reading a file object makes many small
+    # reads and seeks (3-4x slower for small images).
+    with Image.open(_io.BytesIO(encoded)) as im:
+      image = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
     return image, int(self.labels[index])
 
   def describe(self, index: int) -> str:

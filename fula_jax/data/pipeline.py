@@ -76,8 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
       imagenet_labels=False,  # True: an ImageNet subset's labels as ImageNet-1k ids,
                               # for models with a 1000-class head (imagenette)
       on_corrupt="error",     # unreadable image: 'error' (names it) | 'skip' (counted)
-      num_threads=8,          # decoding threads per process
-      prefetch_batches=2,     # batches decoded ahead
+      num_threads=4,          # decoding threads per process (each decodes whole batches)
+      prefetch_batches=4,     # batches decoded ahead (at least num_threads)
       channels=3,             # None = native; 1 or 3
       grayscale=False,        # luminance, keeping the channel count
       digits_test_fraction=0.2,

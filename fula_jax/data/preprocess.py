@@ -27,7 +27,8 @@ IMAGENET_CROP_FRACTION = 0.875
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
-  """(H, W[, C]) uint8 or float image -> float32 (H, W, C) in [0, 1]."""
+  """(..., H, W[, C]) uint8 or float images -> float32 (..., H, W, C) in [0, 1]. A
+  single grey image (H, W) gains its channel axis; batches must have one."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
@@ -37,19 +38,23 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 def crop_resize(image: np.ndarray, size: int, crop: str = "square") -> np.ndarray:
-  """One (H, W, C) float image to (size, size, C) by the `crop` preset."""
+  """One (H, W, C) float image, or a batch (N, H, W, C) of one shape, to
+  (size, size, C) by the `crop` preset."""
   registry.lookup("crop", crop, CROPS)
-  h, w = image.shape[:2]
+  batch = image if image.ndim == 4 else image[None]
+  h, w = batch.shape[1:3]
   if crop == "imagenet_eval":
     short = int(round(size / IMAGENET_CROP_FRACTION))
     scale = short / min(h, w)
     new = (max(size, int(round(h * scale))), max(size, int(round(w * scale))))
-    image = transforms.resize(image[None], new)[0]
+    batch = transforms.resize(batch, new)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return np.ascontiguousarray(image[top:top + size, left:left + size])
-  if h != w:
-    image = transforms.center_crop_square(image)
-  return transforms.resize(image[None], size)[0]
+    out = np.ascontiguousarray(batch[:, top:top + size, left:left + size])
+  else:
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    out = transforms.resize(batch[:, top:top + side, left:left + side], size)
+  return out if image.ndim == 4 else out[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,14 +73,18 @@ class Preprocess:
     registry.lookup("crop", self.crop, CROPS)
 
   def __call__(self, image: np.ndarray, index: int) -> np.ndarray:
-    image = crop_resize(to_float(image), self.size, self.crop)
-    image = transforms.to_channels(image, self.channels)
+    return self.batch(to_float(image)[None], np.asarray([index]))[0]
+
+  def batch(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Float (N, H, W, C) images of one shape, examples `indices` of the split."""
+    images = crop_resize(images, self.size, self.crop)
+    images = transforms.to_channels(images, self.channels)
     if self.grayscale:
-      image = transforms.grayscale(image)
-    if self.cues is not None and self.cues[index] >= 0:
-      image = transforms.stamp_patch(image[None], self.cues[index:index + 1], self.palette,
-                                     patch_size=self.patch_size, strength=self.strength)[0]
-    return np.ascontiguousarray(image, np.float32)
+      images = transforms.grayscale(images)
+    if self.cues is not None:
+      images = transforms.stamp_patch(images, self.cues[indices], self.palette,
+                                      patch_size=self.patch_size, strength=self.strength)
+    return np.ascontiguousarray(images, np.float32)
 
   def describe(self) -> str:
     """Everything that changes the pixels, for fingerprints."""

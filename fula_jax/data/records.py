@@ -1,5 +1,5 @@
 """`RecordSource`: a split streamed from random-access records (tfds array_record, files
-of a folder), decoded and preprocessed per example as batches are read.
+of a folder), decoded and preprocessed batch by batch as they are read.
 
 Host memory holds only the batches in flight, whatever the split's size. Each process
 decodes only its own rows of every global batch, on the schedule of `batching`, so the
@@ -23,7 +23,7 @@ import numpy as np
 
 from fula_jax import registry
 from fula_jax.data import batching
-from fula_jax.data.preprocess import Preprocess
+from fula_jax.data.preprocess import Preprocess, to_float
 from fula_jax.errors import UserError
 
 ON_CORRUPT = {"error": "stop at the first unreadable record, naming it",
@@ -48,26 +48,27 @@ class Reader(Protocol):
     """What the records are, for fingerprints (paths and sizes, a tfds name and version)."""
 
 
-class _TrainPositions(Sequence):
-  """Lazy (step, row) -> split position for `num_steps` training steps of one process."""
+class _TrainSteps(Sequence):
+  """Lazy step -> this process's split positions, for `num_steps` training steps."""
 
   def __init__(self, n, batch_size, local, lo, seed, start_step, num_steps):
     self.n, self.batch, self.local, self.lo = n, batch_size, local, lo
     self.seed, self.start, self.per_epoch = seed, start_step, n // batch_size
-    self.length = local * (num_steps if num_steps is not None else 2**40)
+    self.length = num_steps if num_steps is not None else 2**40
     self._perm = (-1, None)
 
   def __len__(self):
     return self.length
 
   def __getitem__(self, k):
-    step = self.start + k // self.local
+    step = self.start + k
     epoch, perm = self._perm
     if epoch != step // self.per_epoch:
       epoch = step // self.per_epoch
       perm = batching.epoch_permutation(self.n, self.seed, epoch)
       self._perm = (epoch, perm)  # one tuple: threads see a consistent pair
-    return int(perm[(step % self.per_epoch) * self.batch + self.lo + k % self.local])
+    lo = (step % self.per_epoch) * self.batch + self.lo
+    return perm[lo:lo + self.local]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,8 +80,8 @@ class RecordSource:
   name: str
   indices: np.ndarray | None = None  # which records, in order (None: all)
   on_corrupt: str = "error"
-  num_threads: int = 8
-  prefetch_batches: int = 2
+  num_threads: int = 4
+  prefetch_batches: int = 4
   label_map: np.ndarray | None = None  # stored label -> label reported (e.g. ImageNet id)
 
   def __post_init__(self):
@@ -95,7 +96,7 @@ class RecordSource:
   def image_shape(self) -> tuple[int, ...]:
     c = self.preprocess.channels
     if c is None:
-      c = self.example(0)["image"].shape[-1]
+      c = self.example(0, replace=True)["image"].shape[-1]
     return (self.preprocess.size, self.preprocess.size, int(c))
 
   @property
@@ -161,39 +162,64 @@ class RecordSource:
         _LOG.warning("Skipping unreadable record %s (%s: %s).", where, type(e).__name__, e)
       return None
 
+  def _raw(self, position: int, replace: bool) -> tuple[int, np.ndarray, int] | None:
+    """(record, stored image, label) at `position`; None for padding (-1) or an
+    unreadable record, which with `replace` is the next readable one instead."""
+    if position < 0:
+      return None
+    for k in range(_SKIP_TRIES if replace else 1):
+      record = self._record((position + k) % len(self))
+      raw = self._read(record)
+      if raw is not None:
+        label = raw[1] if self.label_map is None else self.label_map[raw[1]]
+        return record, raw[0], int(label)
+    if replace:
+      raise CorruptRecordError(f"{_SKIP_TRIES} records in a row from "
+                               f"{self.reader.describe(self._record(position))} are "
+                               "unreadable; is the dataset damaged?")
+    return None
+
+  def batch(self, positions: Sequence[int], *, replace: bool = False
+            ) -> dict[str, np.ndarray]:
+    """The examples at `positions` (-1: a padding row), preprocessed together (one
+    resize per shape); 'mask' is 0 on padding and on unreadable records, or with
+    `replace` those are the next readable records."""
+    raws = [self._raw(int(p), replace) for p in positions]
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for row, r in enumerate(raws):
+      if r is not None:
+        shapes.setdefault(np.shape(r[1]), []).append(row)
+    image = None
+    for rows in shapes.values():
+      done = self.preprocess.batch(to_float(np.stack([raws[r][1] for r in rows])),
+                                   np.asarray([raws[r][0] for r in rows]))
+      if image is None:
+        image = np.zeros((len(raws),) + done.shape[1:], np.float32)
+      image[rows] = done
+    if image is None:  # only padding or unreadable rows
+      image = np.zeros((len(raws),) + self.image_shape, np.float32)
+    return {"image": image,
+            "label": np.asarray([0 if r is None else r[2] for r in raws], np.int32),
+            "mask": np.asarray([r is not None for r in raws], np.float32)}
+
   def example(self, position: int, *, replace: bool = False) -> dict[str, Any]:
-    """Example `position` of this source, preprocessed; -1 is a padding row. An
-    unreadable one is a masked zero row, or with `replace` the next readable one."""
-    if position >= 0:
-      for k in range(_SKIP_TRIES if replace else 1):
-        record = self._record((position + k) % len(self))
-        raw = self._read(record)
-        if raw is not None:
-          label = raw[1] if self.label_map is None else self.label_map[raw[1]]
-          return {"image": self.preprocess(raw[0], record),
-                  "label": np.int32(label), "mask": np.float32(1.0)}
-      if replace:
-        raise CorruptRecordError(f"{_SKIP_TRIES} records in a row from "
-                                 f"{self.reader.describe(self._record(position))} are "
-                                 "unreadable; is the dataset damaged?")
-    size, c = self.preprocess.size, self.preprocess.channels
-    if c is None:
-      c = self.example(0, replace=True)["image"].shape[-1]
-    return {"image": np.zeros((size, size, c), np.float32), "label": np.int32(0),
-            "mask": np.float32(0.0)}
+    """Example `position` of this source (see `batch`)."""
+    return {k: v[0] for k, v in self.batch([position], replace=replace).items()}
 
   # ---------------------------------------------------------------- batches
 
-  def _stream(self, positions: Sequence, local: int, replace: bool
-              ) -> Iterator[dict[str, np.ndarray]]:
+  def _stream(self, batches: Sequence, replace: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Each element of `batches` (positions, -1 for padding) decoded as one batch on
+    grain's thread pool: whole batches per task, since grain's per-element overhead
+    would cost as much as decoding a small image."""
     import grain  # pylint: disable=g-import-not-at-top
 
-    options = grain.ReadOptions(num_threads=self.num_threads,
-                                prefetch_buffer_size=max(1, self.prefetch_batches) * local)
-    ds = (grain.MapDataset.source(positions)
-          .map(lambda p: self.example(int(p), replace=replace))
-          .to_iter_dataset(options)
-          .batch(local))
+    options = grain.ReadOptions(
+        num_threads=self.num_threads,
+        prefetch_buffer_size=max(1, self.num_threads, self.prefetch_batches))
+    ds = (grain.MapDataset.source(batches)
+          .map(lambda positions: self.batch(positions, replace=replace))
+          .to_iter_dataset(options))
     return iter(ds)
 
   def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
@@ -205,21 +231,17 @@ class RecordSource:
                              num_steps=1, name=self.name))  # validates the arguments
     if num_steps == 0:
       return iter(())
-    positions = _TrainPositions(len(self), batch_size, local, process_index * local, seed,
-                                start_step, num_steps)
+    steps = _TrainSteps(len(self), batch_size, local, process_index * local, seed,
+                        start_step, num_steps)
     return ({"image": b["image"], "label": b["label"]}
-            for b in self._stream(positions, local, replace=True))
+            for b in self._stream(steps, replace=True))
 
   def eval_batches(self, batch_size: int, *, process_index: int = 0,
                    process_count: int = 1, limit: int | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """The split in order, zero-padded, 'mask' 1 on real, readable rows."""
-    local = batching.check_batch(batch_size, process_index, process_count)
-    positions = []
-    for take, mask in batching.eval_rows(len(self), batch_size, process_index=process_index,
-                                         process_count=process_count, limit=limit):
-      positions.extend(take.tolist())
-      positions.extend([-1] * int(len(mask) - len(take)))
-    if not positions:
-      return iter(())
-    return self._stream(positions, local, replace=False)
+    batches = [np.concatenate([take, np.full(len(mask) - len(take), -1, np.int64)])
+               for take, mask in batching.eval_rows(
+                   len(self), batch_size, process_index=process_index,
+                   process_count=process_count, limit=limit)]
+    return self._stream(batches, replace=False) if batches else iter(())

@@ -70,9 +70,10 @@ def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
   n, c = images.shape[0], images.shape[-1]
   wh = resize_weights(h, out_h).astype(np.float32)
   ww = resize_weights(w, out_w).astype(np.float32)
-  # Two BLAS matmuls (an einsum here is ~20x slower on per-image calls).
+  # Two single BLAS matmuls (an einsum here is ~20x slower).
   x = np.matmul(wh, images.astype(np.float32, copy=False).reshape(n, h, w * c))
-  return np.matmul(ww, x.reshape(n, out_h, w, c))
+  x = np.matmul(x.reshape(n, out_h, w, c).transpose(0, 1, 3, 2).reshape(-1, w), ww.T)
+  return np.ascontiguousarray(x.reshape(n, out_h, c, out_w).transpose(0, 1, 3, 2))
 
 
 def center_crop_square(image: np.ndarray) -> np.ndarray:
