@@ -1,6 +1,5 @@
 """Permutation null, the in-memory matrix path, and the job end to end on tiny models."""
 
-import dataclasses
 import functools
 import warnings
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from fula_jax import defaults, models, registry, results
+from fula_jax.data import Split
 from fula_jax.similarity import SimilarityWarning, job, measures, minibatch, null
 
 import test_similarity_measures as refs  # NumPy references from the published formulas
@@ -151,18 +151,12 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
   model_a, vars_a, model_b, vars_b = tiny_models()
   images, _ = image_batches(n=40)
 
-  @dataclasses.dataclass(frozen=True)
-  class FakeSplit:
-    images: np.ndarray
-    labels: np.ndarray
-    name: str = "fake"
-
   from fula_jax import donors
   trained = {"a": donors.Donor(model_a, vars_a, "wa", ml_collections.ConfigDict({})),
              "b": donors.Donor(model_b, vars_b, "wb", None)}
   monkeypatch.setattr(donors, "load", lambda config, which, required=True: trained[which])
   monkeypatch.setattr(job, "_load_split",
-                      lambda cfg, split: FakeSplit(images, np.zeros(40, np.int32)))
+                      lambda cfg, split: Split(images, np.zeros(40, np.int32), 10, "fake"))
 
   def batches(split, batch_size):
     return image_batches(n=len(split.images), batch=batch_size)[1]
