@@ -69,12 +69,7 @@ def get_config(arg=None):
   config.progress_every_s = 10.0
   if arg.imagenet:
     # Jones et al.'s robust ImageNet zoo on the ImageNet validation set, streamed at 224.
-    for block in (config.model_a, config.model_b):
-      block.arch = "imagenet_resnet50"  # weights: --config.model_a.weights=FILE
-    config.data_from = "config"
-    config.data.name = "imagenet2012"
-    config.data.image_size = 224
-    config.data.crop = "imagenet_eval"
+    defaults.imagenet_pair(config, "imagenet_resnet50", "imagenet2012")
     config.measures = ("cka_linear_debiased", "cka_linear")
   if arg.runlocal:
     config.batch_size = 64

@@ -89,13 +89,7 @@ def get_config(arg=None):
   if arg.imagenette:
     # Two ImageNet ResNet-18s (e.g. two seeds or a standard and a robust one), streamed
     # imagenette at 224 with ImageNet labels, so TLM trains against their 1000-way heads.
-    for block in (config.model_a, config.model_b):
-      block.arch = "imagenet_resnet18"  # weights: --config.model_a.weights=FILE
-    config.data_from = "config"
-    config.data.name = "imagenette"
-    config.data.image_size = 224
-    config.data.crop = "imagenet_eval"
-    config.data.imagenet_labels = True
+    defaults.imagenet_pair(config, "imagenet_resnet18", "imagenette", imagenet_labels=True)
     config.stitch.batch_size = 128
     config.stitch.eval_batch_size = 250
     config.stitch.epochs = arg.epochs or 1.0

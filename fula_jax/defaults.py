@@ -89,6 +89,17 @@ def data_block(name: str = "digits", **overrides: Any) -> ml_collections.ConfigD
   return cfg
 
 
+def imagenet_pair(config: ml_collections.ConfigDict, arch: str, dataset: str,
+                  **data_overrides: Any) -> None:
+  """Sets `config` to compare two `arch` models from weights files (the user gives
+  ``model_a.weights`` and ``model_b.weights``) on `dataset`, streamed with the ImageNet
+  evaluation crop (resize 256, centre crop 224)."""
+  for block in (config.model_a, config.model_b):
+    block.arch = arch
+  config.data_from = "config"
+  config.data = data_block(dataset, image_size=224, crop="imagenet_eval", **data_overrides)
+
+
 def study_models(train_configs: types.ModuleType, names: Sequence[str], *,
                  data: ml_collections.ConfigDict, seed: int, scale: str,
                  eval_batch_size: int, tiny_steps: int = 25,

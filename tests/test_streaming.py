@@ -146,6 +146,10 @@ def test_missing_folders_and_empty_classes_have_clear_messages(folder, tmp_path)
   shutil.copytree(folder / "train", root / "train")
   with pytest.raises(ConfigError, match="no test split.*test or val or validation"):
     data.source(_cfg(root), "test")
+  shutil.copytree(folder / "val", root / "val")
+  (root / "val" / "zebra").mkdir()
+  with pytest.raises(ConfigError, match=r"classes the training split lacks: \['zebra'\]"):
+    data.source(_cfg(root), "test")
   (root / "train" / "dog").mkdir()
   with pytest.raises(ConfigError, match="dog holds no images"):
     data.source(_cfg(root), "train")

@@ -46,6 +46,9 @@ class Reader(Protocol):
     """Where record `index` lives, for error messages (a file path, 'cifar10[train][7]')."""
   def identity(self) -> str:
     """What the records are, for fingerprints (paths and sizes, a tfds name and version)."""
+  @property
+  def labels(self) -> np.ndarray:
+    """Every record's label, in order (for the shortcut cue and pair sampling)."""
 
 
 class _TrainSteps(Sequence):
