@@ -17,6 +17,7 @@ setup(
         "clu>=0.0.12",
         "etils[epath]>=1.7",
         "flax>=0.10.4",
+        "grain>=0.2.10",  # streamed datasets (fula_jax.data.records)
         "importlib_resources>=6.0",  # tensorflow-datasets needs it and does not say so.
         "jax>=0.5.0",
         "matplotlib>=3.8",
@@ -25,6 +26,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
         "pandas>=2.0",
+        "pillow>=10.0",  # decoding folder: datasets
         "safetensors>=0.4",  # pretrained weights (fula_jax.models.weights)
         "scikit-learn>=1.3",
         "tensorboard>=2.16",  # clu's metric writers
