@@ -76,16 +76,9 @@ class _Hashable:
   value: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class FlaxModel:
-  """A Linen module behind the model protocol; build it with `from_flax`."""
-  module: Any
-  points: tuple[str, ...]
-  input_shape: tuple[int, ...]
-  call_kwargs: tuple[tuple[str, Any], ...] = ()
-  input_transform: _Hashable | None = None
-  output: _Hashable | None = None
-  prefix: tuple[tuple[str, int], ...] = ()
+class _Points:
+  """Point names, prefix tokens and point indices of an adapted model (`points`,
+  `prefix` and `_kind` come from the adapter)."""
 
   @property
   def point_names(self) -> tuple[str, ...]:
@@ -104,9 +97,23 @@ class FlaxModel:
     if point == LOGITS:
       return len(self.points)
     if point not in self.points:
-      raise registry.unknown(f"stitch point of {type(self.module).__name__}", point,
-                             self.points)
+      raise registry.unknown(f"stitch point of {self._kind()}", point, self.points)
     return self.points.index(point)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxModel(_Points):
+  """A Linen module behind the model protocol; build it with `from_flax`."""
+  module: Any
+  points: tuple[str, ...]
+  input_shape: tuple[int, ...]
+  call_kwargs: tuple[tuple[str, Any], ...] = ()
+  input_transform: _Hashable | None = None
+  output: _Hashable | None = None
+  prefix: tuple[tuple[str, int], ...] = ()
+
+  def _kind(self) -> str:
+    return type(self.module).__name__
 
   def apply(self, variables: Any, x: jax.Array, *, start: str | None = None,
             end: str | None = None, capture: bool = False, train: bool = False):
@@ -217,7 +224,7 @@ def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
 
 
 @dataclasses.dataclass(frozen=True)
-class NNXModel:
+class NNXModel(_Points):
   """A Flax NNX module behind the model protocol; build it with `from_nnx`.
 
   The variables are the module's `nnx.State`; each call rebuilds the module from its
@@ -229,13 +236,8 @@ class NNXModel:
   input_transform: _Hashable | None = None
   prefix: tuple[tuple[str, int], ...] = ()
 
-  @property
-  def point_names(self) -> tuple[str, ...]:
-    return self.points
-
-  @property
-  def prefix_tokens(self) -> dict[str, int]:
-    return dict(self.prefix)
+  def _kind(self) -> str:
+    return "the NNX model"
 
   def apply(self, variables: Any, x: jax.Array, *, start: str | None = None,
             end: str | None = None, capture: bool = False, train: bool = False):
@@ -244,8 +246,7 @@ class NNXModel:
     if train:
       raise ConfigError("An adapted model is a frozen donor: it runs with train=False.")
     index = {p: k for k, p in enumerate(self.points)}
-    check = FlaxModel(None, self.points, self.input_shape)
-    first, last = check._index(start, -1), check._index(end, len(self.points))
+    first, last = self._index(start, -1), self._index(end, len(self.points))
     if last < first or start == LOGITS:
       raise ValueError(f"Cannot run from {start or INPUT!r} to {end or LOGITS!r}: the "
                        f"end comes before the start. Points: {', '.join(self.points)}.")
