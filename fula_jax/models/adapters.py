@@ -76,6 +76,19 @@ class _Hashable:
   value: Any
 
 
+def _at_point(path: str, k: int, compute: Callable[[], Any], first: int, last: int,
+              given: Any, acts: dict | None) -> Any:
+  """What point `k` of a run from point `first` to point `last` outputs: the given
+  activation at the start, else its own output (captured into `acts` when given);
+  at the end the run stops."""
+  out = given if k == first else compute()
+  if acts is not None and first < k <= last:
+    acts[path] = out
+  if k == last:
+    raise _Stop(out)
+  return out
+
+
 class _Points:
   """Point names, prefix tokens and point indices of an adapted model (`points`,
   `prefix` and `_kind` come from the adapter)."""
@@ -138,13 +151,8 @@ class FlaxModel(_Points):
       if path not in order or path in seen:
         return next_fun(*args, **kwargs)
       seen.add(path)
-      k = order[path]
-      out = given if k == first else next_fun(*args, **kwargs)
-      if capture and first < k <= last:
-        acts[path] = out
-      if k == last:
-        raise _Stop(out)
-      return out
+      return _at_point(path, order[path], lambda: next_fun(*args, **kwargs), first,
+                       last, given, acts if capture else None)
 
     if first >= 0:
       inputs = jnp.zeros((x.shape[0],) + self.input_shape, jnp.float32)
@@ -263,12 +271,8 @@ class NNXModel(_Points):
         if state["done"]:
           return fn(*args, **kwargs)
         state["done"] = True
-        out = given if k == first else fn(*args, **kwargs)
-        if capture and first < k <= last:
-          acts[path] = out
-        if k == last:
-          raise _Stop(out)
-        return out
+        return _at_point(path, k, lambda: fn(*args, **kwargs), first, last, given,
+                         acts if capture else None)
       return call
 
     for path in self.points:
