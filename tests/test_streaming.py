@@ -2,8 +2,14 @@
 same data held in memory; errors for damaged or missing data."""
 
 import concurrent.futures
+import json
+import os
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import jax
 import ml_collections
@@ -36,6 +42,33 @@ def folder(tmp_path_factory):
       Image.fromarray(np.uint8(np.round(s.images[i, ..., 0] * 255))).save(d / f"{i:04d}.png")
   (root / "train" / "ant" / "notes.txt").write_text("not an image")
   return root
+
+
+MEASURES = ("cka_linear_debiased", "cka_linear", "procrustes")
+
+# A process of a multi-process similarity job: `python -m fula_jax.main` with a record of
+# the test images its folder reader decodes.
+SIMILARITY_WORKER = textwrap.dedent("""
+    import atexit, json, os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from absl import app
+    from fula_jax import main
+    from fula_jax.data import folder
+    out, reads, read = sys.argv.pop(1), [], folder.FolderReader.read
+    def logged(self, index):
+      if "/val/" in self.paths[index]:
+        reads.append(int(index))
+      return read(self, index)
+    folder.FolderReader.read = logged
+    atexit.register(lambda: open(out, "w").write(json.dumps(sorted(set(reads)))))
+    app.run(main.main, flags_parser=main.parse_flags)
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def _cfg(root, **kw):
@@ -104,7 +137,7 @@ def test_a_folder_dataset_trains_and_gives_the_same_cka_streamed_or_in_memory(fo
   for in_memory in (False, True):
     sim = defaults.load_config(_REPO / "configs" / "similarity.py")
     sim.model_a_workdir = str(tmp_path / "model")
-    sim.measures = ("cka_linear_debiased", "cka_linear")
+    sim.measures = MEASURES
     sim.batch_size = 64
     sim.data_from = "config"
     sim.data = ml_collections.ConfigDict({**cfg.data.to_dict(), "in_memory": in_memory})
@@ -114,6 +147,36 @@ def test_a_folder_dataset_trains_and_gives_the_same_cka_streamed_or_in_memory(fo
   for m in mats[True]:
     np.testing.assert_allclose(mats[False][m], mats[True][m], rtol=1e-6, atol=1e-7)
     assert np.all(np.isfinite(mats[True][m]))
+
+  # The same job from the command line in 2 jax.distributed processes, streaming: each
+  # decodes only its own half of every batch, and the matrices equal the in-memory ones.
+  port = _free_port()
+  wd = tmp_path / "sim_2proc"
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", SIMILARITY_WORKER, str(tmp_path / f"reads{p}.json"),
+       f"--config={_REPO / 'configs' / 'similarity.py'}", f"--workdir={wd}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={p}", f"--config.model_a_workdir={tmp_path / 'model'}",
+       "--config.batch_size=64", f"--config.measures={MEASURES!r}"],
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
+  logs = []
+  try:
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+  # Beyond record 0, which opening a folder split decodes for its image shape.
+  reads = [set(json.loads((tmp_path / f"reads{p}.json").read_text())) for p in (0, 1)]
+  assert reads[0] and reads[1] and not (reads[0] & reads[1]) - {0}
+  assert reads[0] | reads[1] == set(range(len(data.source(_cfg(folder), "test"))))
+  got = results.load(wd)
+  for m in MEASURES:
+    assert got[m].meta["batch_size"] == 64 and got[m].meta["num_devices"] == 2
+    np.testing.assert_allclose(got[m].matrix, mats[True][m], rtol=1e-5, atol=1e-6,
+                               err_msg=m)
 
 
 def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -71,6 +72,35 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
     raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
 
 
+def _read_variables(ckpt_dir: epath.Path) -> tuple[int, dict]:
+  """(step, {'params', 'batch_stats'}) of the newest checkpoint, as host arrays.
+
+  Read as NumPy, so a model trained on one topology loads on any other (another device
+  count, several processes); the optimiser state is never read.
+  """
+  mngr = ocp.CheckpointManager(
+      ckpt_dir, item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(create=False,
+                                           enable_async_checkpointing=False))
+  step = mngr.latest_step()
+  if step is None:
+    raise CheckpointError(f"No checkpoints in {ckpt_dir}: the folder holds no step.")
+  try:
+    stored = mngr.item_metadata(step)
+    stored = getattr(stored, "tree", stored)
+    item = {k: stored[k] for k in ("params", "batch_stats") if stored.get(k)}
+    as_numpy = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    tree = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=as_numpy, partial_restore=True))
+  except Exception as e:  # orbax raises many types for damaged files.
+    raise CheckpointError(
+        f"Checkpoint at step {step} in {ckpt_dir} could not be read "
+        f"({type(e).__name__}: {e}). Delete that step's folder to fall back to an "
+        f"earlier checkpoint, or start a fresh workdir.") from e
+  return step, {k: tree[k] for k in item}
+
+
 def load_trained(workdir: str | epath.Path):
   """(model, variables, config) of the newest checkpoint of a `job=train` workdir.
 
@@ -85,15 +115,7 @@ def load_trained(workdir: str | epath.Path):
   ckpt_dir = io.path(workdir) / CHECKPOINT_DIR
   if not ckpt_dir.exists():
     raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      create=False, enable_async_checkpointing=False))
-  restored = restore_latest(mngr)
-  if restored is None:
-    raise CheckpointError(f"No checkpoints in {ckpt_dir}: the folder holds no step.")
-  step, tree = restored
-  variables = {"params": tree["params"]}
-  if tree.get("batch_stats"):
-    variables["batch_stats"] = tree["batch_stats"]
+  step, variables = _read_variables(ckpt_dir)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   expected = jax.eval_shape(
       lambda: models.init(model, jax.random.PRNGKey(0), build.input_shape(config)))
