@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--image_size", type=int, default=32, help="model input side")
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--num_threads", type=int, default=4, help="decoding threads")
+  p.add_argument("--num_workers", default="0,2",
+                 help="loader decoding processes to measure, comma separated (0: threads "
+                      "of the main process only)")
   p.add_argument("--throughput_only", action="store_true",
                  help="only the loader vs forward throughput, on the largest size")
   p.add_argument("--skip_in_memory", action="store_true",
@@ -100,7 +103,8 @@ def child(args) -> dict:
   import jax
   from fula_jax import data, models, similarity, stitching
   cfg = dict(name=f"folder:{args.root}", image_size=args.image_size, channels=3,
-             num_threads=args.num_threads, in_memory=args.in_memory)
+             num_threads=args.num_threads, num_workers=int(args.num_workers),
+             in_memory=args.in_memory)
   t0 = time.perf_counter()
   train = data.source(cfg, "train")
   out: dict = {"n": len(train)}
@@ -140,10 +144,12 @@ def child(args) -> dict:
   return out
 
 
-def run_child(args, kind: str, root: pathlib.Path, in_memory: bool = False) -> dict:
+def run_child(args, kind: str, root: pathlib.Path, in_memory: bool = False,
+              num_workers: int = 0) -> dict:
   cmd = [sys.executable, __file__, f"--child={kind}", f"--root={root}",
          f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
-         f"--num_threads={args.num_threads}"] + (["--in_memory"] if in_memory else [])
+         f"--num_threads={args.num_threads}", f"--num_workers={num_workers}"
+         ] + (["--in_memory"] if in_memory else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise SystemExit(f"{kind} on {root} failed:\n{proc.stderr[-3000:]}")
@@ -180,18 +186,20 @@ def main(argv=None) -> None:
             for s in (lo, hi))
     print(f"{kind}: peak RSS grows {b['peak_rss_mib'] - a['peak_rss_mib']:+.0f} MiB from "
           f"{lo} to {hi} images (target: under 300 MB)")
-  loader = run_child(args, "loader", work / f"images_{hi}")
   forward = run_child(args, "forward", work / f"images_{hi}")
   slowest = min(forward["cnn_images_per_s"], forward["resnet20_images_per_s"])
   both = 1.0 / (1.0 / forward["cnn_images_per_s"] + 1.0 / forward["resnet20_images_per_s"])
-  print(f"loader: {loader['images_per_s']:.0f} images/s ({args.num_threads} threads, "
-        f"PNG 64x64 -> {args.image_size}x{args.image_size}; listing the "
-        f"{loader['n']} files took {loader['listing_s']:.1f} s); forward: cnn "
-        f"{forward['cnn_images_per_s']:.0f}, resnet20 {forward['resnet20_images_per_s']:.0f}, "
-        f"both in turn {both:.0f} images/s")
-  print(f"loader / forward of both models: {loader['images_per_s'] / both:.2f}x; "
-        f"/ the slower model alone: {loader['images_per_s'] / slowest:.2f}x (target: 2x)")
-
+  print(f"forward: cnn {forward['cnn_images_per_s']:.0f}, resnet20 "
+        f"{forward['resnet20_images_per_s']:.0f}, both in turn {both:.0f} images/s")
+  for workers in (int(w) for w in args.num_workers.split(",")):
+    loader = run_child(args, "loader", work / f"images_{hi}", num_workers=workers)
+    how = (f"{workers} worker processes x {args.num_threads} threads" if workers else
+           f"{args.num_threads} threads")
+    print(f"loader ({how}): {loader['images_per_s']:.0f} images/s over {loader['n']} "
+          f"PNGs 64x64 -> {args.image_size}x{args.image_size} (listing the files took "
+          f"{loader['listing_s']:.1f} s); / forward of both models: "
+          f"{loader['images_per_s'] / both:.2f}x; / the slower model alone: "
+          f"{loader['images_per_s'] / slowest:.2f}x (target: 2x)", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -193,6 +193,16 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
   batches = _within(60, lambda: list(skip.eval_batches(32)))
   assert sum(float(b["mask"].sum()) for b in batches) == len(skip) - 1
   assert skip.skipped == [str(bad)]
+  # Decoded by worker processes: the same batches, the skip reported back.
+  workers = data.source(_cfg(root, on_corrupt="skip", num_workers=2), "test")
+  for a, b in zip(_within(120, lambda: list(workers.eval_batches(32))), batches,
+                  strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["mask"], b["mask"])
+  assert workers.skipped == [str(bad)]
+  with pytest.raises(data.CorruptRecordError, match=str(bad)):
+    _within(120, lambda: list(data.source(_cfg(root, num_workers=2), "test")
+                              .eval_batches(32)))
   train = data.source(_cfg(root, on_corrupt="skip"), "train")
   (root / "train" / "cat" / sorted(p.name for p in (root / "train" / "cat").glob("*.png"))[0]
    ).write_bytes(b"garbage")

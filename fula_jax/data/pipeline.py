@@ -78,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
       on_corrupt="error",     # unreadable image: 'error' (names it) | 'skip' (counted)
       num_threads=4,          # decoding threads per process (each decodes whole batches)
       prefetch_batches=4,     # batches decoded ahead (at least num_threads)
+      num_workers=0,          # decoding processes (grain workers); 0: threads only
       channels=3,             # None = native; 1 or 3
       grayscale=False,        # luminance, keeping the channel count
       digits_test_fraction=0.2,
@@ -180,7 +181,8 @@ def _streamed(cfg, split: str) -> tuple[RecordSource, np.ndarray]:
       num_classes, label_map = 1000, np.asarray(ds.imagenet_ids, np.int32)
   source = RecordSource(reader, prep, num_classes, f"{cfg.name}/{split}",
                         on_corrupt=cfg.on_corrupt, num_threads=int(cfg.num_threads),
-                        prefetch_batches=int(cfg.prefetch_batches), label_map=label_map)
+                        prefetch_batches=int(cfg.prefetch_batches),
+                        num_workers=int(cfg.get("num_workers", 0)), label_map=label_map)
   return source, (cues if cues is not None else np.full((len(source),), -1, np.int32))
 
 

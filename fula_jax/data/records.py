@@ -74,6 +74,18 @@ class _TrainSteps(Sequence):
     return perm[lo:lo + self.local]
 
 
+class _Decode:
+  """Positions -> (decoded batch, records skipped so far): a picklable task, so worker
+  processes can run it and report what they skipped back to the parent."""
+
+  def __init__(self, source: "RecordSource", replace: bool):
+    self.source, self.replace = source, replace
+
+  def __call__(self, positions):
+    out = self.source.batch(positions, replace=self.replace)
+    return out, self.source.skipped
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RecordSource:
   """A batch source (see `Split`) over `reader`'s records, `indices` of them in order."""
@@ -85,12 +97,22 @@ class RecordSource:
   on_corrupt: str = "error"
   num_threads: int = 4
   prefetch_batches: int = 4
+  num_workers: int = 0               # decoding processes (0: threads of this process)
   label_map: np.ndarray | None = None  # stored label -> label reported (e.g. ImageNet id)
 
   def __post_init__(self):
     registry.lookup("data.on_corrupt", self.on_corrupt, ON_CORRUPT)
     object.__setattr__(self, "_lock", threading.Lock())
     object.__setattr__(self, "_skipped", set())
+
+  def __getstate__(self):
+    """Picklable for loader worker processes: the fields, without the lock."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def __setstate__(self, state):
+    for k, v in state.items():
+      object.__setattr__(self, k, v)
+    self.__post_init__()
 
   def __len__(self) -> int:
     return len(self.reader) if self.indices is None else len(self.indices)
@@ -214,16 +236,28 @@ class RecordSource:
   def _stream(self, batches: Sequence, replace: bool) -> Iterator[dict[str, np.ndarray]]:
     """Each element of `batches` (positions, -1 for padding) decoded as one batch on
     grain's thread pool: whole batches per task, since grain's per-element overhead
-    would cost as much as decoding a small image."""
+    would cost as much as decoding a small image. With `num_workers`, grain's worker
+    processes decode in turn (each with its own threads), which escapes the GIL that
+    image decoders partly hold, at a start-up cost of a process import each."""
     import grain  # pylint: disable=g-import-not-at-top
 
     options = grain.ReadOptions(
         num_threads=self.num_threads,
         prefetch_buffer_size=max(1, self.num_threads, self.prefetch_batches))
-    ds = (grain.MapDataset.source(batches)
-          .map(lambda positions: self.batch(positions, replace=replace))
+    ds = (grain.MapDataset.source(batches).map(_Decode(self, replace))
           .to_iter_dataset(options))
-    return iter(ds)
+    if self.num_workers > 0:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (a notebook)
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers,
+          per_worker_buffer_size=max(1, self.prefetch_batches // self.num_workers)))
+    for out, skipped in ds:
+      if skipped:
+        with self._lock:
+          self._skipped.update(skipped)
+      yield out
 
   def train_batches(self, batch_size: int, *, seed: int, start_step: int = 0,
                     num_steps: int | None = None, process_index: int = 0,
