@@ -10,7 +10,12 @@ Each :class:`Measure` is split into ``prepare`` (per activation, done once per l
   a subset of :data:`INVARIANCES` ('translation' = adding a constant vector to every
   example, 'permutation' = reordering features, 'isotropic_scaling' = multiplying by a
   positive scalar);
-* ``needs_min_n``: fewer examples give NaN with a warning.
+* ``needs_min_n``: fewer examples give NaN with a warning;
+* ``ideal``: the value of identical representations (1 for a similarity, 0 for a
+  distance unless declared), the top of the scale `calibration` maps to 1.
+
+Global and spectral measures live in cka, procrustes, cca and shape; local-neighbourhood
+ones in neighbours; rsa and predictivity have modules of their own.
 
 Linear CKA has exact streaming estimators in :mod:`fula_jax.similarity.minibatch`
 (``streaming=True``); the others need the examples in memory.
@@ -31,7 +36,11 @@ from fula_jax import registry
 from fula_jax.similarity import cca as cca_lib
 from fula_jax.similarity import checks
 from fula_jax.similarity import cka
+from fula_jax.similarity import neighbours
+from fula_jax.similarity import predictivity
 from fula_jax.similarity import procrustes as procrustes_lib
+from fula_jax.similarity import rsa as rsa_lib
+from fula_jax.similarity import shape
 
 INVARIANCES = ("orthogonal", "isotropic_scaling", "translation", "invertible_linear",
                "permutation")
@@ -53,10 +62,13 @@ class Measure:
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   streaming: bool = False
   resolve: Callable[[int, Sequence[int], Sequence[int], dict], dict] | None = None
+  ideal: float | None = None
 
   def __post_init__(self):
     assert self.kind in ("similarity", "distance"), self.kind
     assert self.invariances <= set(INVARIANCES), self.invariances
+    if self.ideal is None:
+      object.__setattr__(self, "ideal", 1.0 if self.kind == "similarity" else 0.0)
 
   def options(self, n: int | None = None, dims_x: Sequence[int] = (),
               dims_y: Sequence[int] = (), **overrides: Any) -> dict[str, Any]:
@@ -185,6 +197,70 @@ MEASURES: dict[str, Measure] = {
         _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b),
         resolve=_resolve_width),
 }
+
+
+def _cka_angular() -> Measure:
+  prepare, combine = _cka_state(False, "linear")
+  return Measure(
+      "cka_angular", "distance", True, _CKA_INV, 2,
+      "arccos of linear CKA (biased HSIC): the angle between the centred Grams, a "
+      "metric (Williams et al. 2021).", prepare,
+      lambda a, b, o: jnp.arccos(jnp.clip(combine(a, b, o), -1.0, 1.0)),
+      defaults={"method": "auto"}, resolve=_resolve_linear)
+
+
+def _resolve_rsa(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
+                 opts: dict) -> dict:
+  registry.lookup("rsa rdm", opts["rdm"], rsa_lib.RDMS)
+  registry.lookup("rsa compare", opts["compare"], rsa_lib.COMPARES)
+  return opts
+
+
+_KNN_INV = frozenset({"orthogonal", "isotropic_scaling", "permutation"})
+
+
+def _knn(name: str, combine, description: str, symmetric: bool = True,
+         prepare=neighbours.prepare) -> Measure:
+  return Measure(name, "similarity", symmetric, _KNN_INV, 4,
+                 f"{description} k nearest neighbours by cosine similarity.", prepare,
+                 combine, defaults={"k": 10})
+
+
+MEASURES.update({
+    "cka_angular": _cka_angular(),
+    "mutual_knn": _knn("mutual_knn", neighbours.mutual_knn,
+                       "Mutual kNN alignment (Huh et al. 2024): shared fraction of the"),
+    "cknna": _knn("cknna", neighbours.cknna,
+                  "CKNNA (Huh et al. 2024): CKA restricted to pairs among both sides'",
+                  prepare=neighbours.cknna_prepare),
+    "cycle_knn": _knn("cycle_knn", neighbours.cycle_knn,
+                      "Cycle kNN (Huh et al. 2024): an example is found again among the "
+                      "X-neighbours of its Y-neighbours;", symmetric=False),
+    "jaccard_knn": _knn("jaccard_knn", neighbours.jaccard_knn,
+                        "Jaccard similarity (ReSi) of the two sides'"),
+    "rank_similarity": _knn("rank_similarity", neighbours.rank_similarity,
+                            "Rank similarity (ReSi; Wang et al. 2020) of the common"),
+    "second_order_cosine": _knn(
+        "second_order_cosine", neighbours.second_order_cosine,
+        "Second-order cosine similarity (ReSi; Hamilton et al. 2016) over the union of "
+        "the"),
+    "rsa": Measure(
+        "rsa", "similarity", True, frozenset({"isotropic_scaling", "permutation"}), 3,
+        "RSA: correlation of the representational dissimilarity matrices (options rdm: "
+        "correlation | euclidean, compare: spearman | pearson | kendall).",
+        rsa_lib.prepare, rsa_lib.combine,
+        defaults={"rdm": "correlation", "compare": "spearman"}, resolve=_resolve_rsa),
+    "linear_predictivity": Measure(
+        "linear_predictivity", "similarity", False, _ROT, 4,
+        "Cross-validated ridge R^2 of Y from X (folds contiguous; ridge relative to X's "
+        "scale).", predictivity.prepare, predictivity.combine,
+        defaults={"folds": 5, "ridge": 1.0}, resolve=_resolve_width),
+    "shape_metric": Measure(
+        "shape_metric", "distance", True, _ROT, 2,
+        "Angular generalised shape metric (Williams et al. 2021), partial whitening "
+        "alpha in [0, 1] (1: angular Procrustes; 0: CCA); a metric.",
+        shape.prepare, shape.combine, defaults={"alpha": 1.0}, resolve=_resolve_width),
+})
 
 
 def get(name: str) -> Measure:
