@@ -65,6 +65,11 @@ def get_config(arg=None):
   config.shard_mode = "global"     # 'global': same numbers as one device; 'local'
   config.rbf_sigma_frac = 1.0      # RBF bandwidth = this x median pairwise distance
   config.svcca_keep = 0.99         # variance fraction (float) or number of directions
+  # Uncertainty, on the first max_examples examples (PRNG seed below):
+  config.calibrate = 0             # permutations per cell: <measure>_calibrated matrices
+  config.bootstrap = 0             # resamples per cell: a percentile interval per cell
+  config.interval_level = 0.9
+  config.seed = 0
   config.png = True
   config.progress_every_s = 10.0
   if arg.imagenet:

@@ -2,11 +2,12 @@
 
 ``save(workdir, name, m)`` writes, under ``<workdir>/results/``:
 
-* ``<name>.npz``  -- ``matrix`` (float64), ``rows`` and ``cols`` (unicode arrays); no
-  object arrays, so ``np.load(..., allow_pickle=False)`` reads it;
+* ``<name>.npz``  -- ``matrix`` (float64), ``rows`` and ``cols`` (unicode arrays), and
+  ``low``/``high`` when the matrix carries a confidence interval per cell; no object
+  arrays, so ``np.load(..., allow_pickle=False)`` reads it;
 * ``<name>.json`` -- every field of the :class:`Matrix` (names, measure, models, meta);
 * ``<name>.csv``  -- the tidy table, one row per cell:
-  ``model_a, layer_a, model_b, layer_b, measure, value``;
+  ``model_a, layer_a, model_b, layer_b, measure, value`` (and ``low, high``);
 * ``<name>.png``  -- an annotated heatmap (optional).
 
 Every file is written atomically through :mod:`fula_jax.io` and only by process 0; the
@@ -63,9 +64,20 @@ class Matrix:
   model_a: str
   model_b: str
   meta: dict = dataclasses.field(default_factory=dict)
+  low: np.ndarray | None = None    # per-cell confidence interval (e.g. bootstrap), with
+  high: np.ndarray | None = None   # its level in meta['interval']
 
   def __post_init__(self):
     self.matrix = np.asarray(self.matrix, dtype=np.float64)
+    if (self.low is None) != (self.high is None):
+      raise ValueError(f"Matrix {self.measure!r}: give both ends of the interval or "
+                       "neither.")
+    if self.low is not None:
+      self.low = np.asarray(self.low, np.float64)
+      self.high = np.asarray(self.high, np.float64)
+      if self.low.shape != self.matrix.shape or self.high.shape != self.matrix.shape:
+        raise ValueError(f"Matrix {self.measure!r}: interval shapes {self.low.shape}, "
+                         f"{self.high.shape} differ from the values' {self.matrix.shape}.")
     self.rows = [str(r) for r in self.rows]
     self.cols = [str(c) for c in self.cols]
     self.model_a, self.model_b = str(self.model_a), str(self.model_b)
@@ -78,21 +90,25 @@ class Matrix:
   def to_dataframe(self) -> pd.DataFrame:
     """Tidy table: one row per cell, row-major."""
     nr, nc = self.matrix.shape
-    return pd.DataFrame({
+    table = {
         "model_a": [self.model_a] * (nr * nc),
         "layer_a": np.repeat(np.asarray(self.rows, dtype=object), nc),
         "model_b": [self.model_b] * (nr * nc),
         "layer_b": np.tile(np.asarray(self.cols, dtype=object), nr),
         "measure": [self.measure] * (nr * nc),
         "value": self.matrix.reshape(-1),
-    }, columns=list(COLUMNS))
+    }
+    if self.low is not None:
+      table.update(low=self.low.reshape(-1), high=self.high.reshape(-1))
+    return pd.DataFrame(table, columns=list(table))
 
   def plot(self, ax=None, annotate: bool | None = None, *, cmap: str = "viridis",
            vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f",
            title: str | None = None, colorbar: bool = True):
     """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey.
 
-    `annotate` None writes the values when there are at most 400 cells. `title` None
+    `annotate` None writes the values when there are at most 400 cells (with their
+    interval underneath when the matrix has one, up to 100 cells). `title` None
     names the measure and both models. Returns the axes (the image is
     ``ax.images[0]``, e.g. for a colour bar shared by several panels).
     """
@@ -117,12 +133,16 @@ class Matrix:
     if annotate is None:
       annotate = nr * nc <= 400
     if annotate:
+      ci = self.low is not None and nr * nc <= 100
       for i in range(nr):
         for j in range(nc):
           v = self.matrix[i, j]
           if np.isfinite(v):
             shade = (v - lo) / (hi - lo)
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+            text = format(v, fmt)
+            if ci:
+              text += f"\n[{format(self.low[i, j], fmt)}, {format(self.high[i, j], fmt)}]"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6 if ci else 7,
                     color="black" if shade > 0.6 else "white")
           else:
             ax.text(j, i, "NaN", ha="center", va="center", fontsize=7, color="0.3")
@@ -208,9 +228,10 @@ def save(workdir: str | os.PathLike, name: str, m: Matrix, *, png: bool = True) 
     return
   d = _results_dir(workdir)
   stem = file_stem(name)
+  interval = {} if m.low is None else {"low": m.low, "high": m.high}
   io.write_npz(d / f"{stem}.npz", matrix=m.matrix,
                rows=np.asarray(m.rows, dtype=np.str_).reshape(len(m.rows)),
-               cols=np.asarray(m.cols, dtype=np.str_).reshape(len(m.cols)))
+               cols=np.asarray(m.cols, dtype=np.str_).reshape(len(m.cols)), **interval)
   csv = m.to_dataframe().to_csv(index=False, na_rep="NaN")
   io.write_text(d / f"{stem}.csv", csv)
   if png:
@@ -268,7 +289,8 @@ def _load_one(npz_path: epath.Path) -> tuple[str, Matrix]:
   try:
     m = Matrix(matrix=arrays["matrix"], rows=rows, cols=cols,
                measure=meta.get("measure", ""), model_a=meta.get("model_a", ""),
-               model_b=meta.get("model_b", ""), meta=meta.get("meta", {}))
+               model_b=meta.get("model_b", ""), meta=meta.get("meta", {}),
+               low=arrays.get("low"), high=arrays.get("high"))
   except ValueError as e:
     raise ResultsError(f"{npz_path}: {e}") from e
   return str(meta.get("name", npz_path.stem)), m

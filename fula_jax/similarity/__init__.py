@@ -1,5 +1,7 @@
-"""Representational similarity: the CKA family, Procrustes, the CCA family, streaming
-minibatch/exact CKA over whole layer matrices, permutation nulls, and the job.
+"""Representational similarity: the CKA family, Procrustes, the CCA family, shape
+metrics, local-neighbourhood measures (kNN family), RSA, linear predictivity, output
+measures, streaming minibatch/exact CKA over whole layer matrices, permutation nulls,
+calibrated scores, bootstrap intervals, and the job.
 
   from fula_jax import similarity
   similarity.get("cka_linear_debiased")(x, y)           # one pair, jittable
@@ -7,19 +9,33 @@ minibatch/exact CKA over whole layer matrices, permutation nulls, and the job.
   mat, info = similarity.matrix("svcca", acts_a, acts_b)  # all pairs, in memory
   mats = similarity.matrices(model_a, va, model_b, vb, images)   # two models
   acc = similarity.minibatch.init(len(a_layers), len(b_layers))   # streaming
+  similarity.calibrate("mutual_knn", x, y, 200, key=0)    # value against its null
+  similarity.bootstrap("cka_linear_debiased", x, y, 1000)  # percentile interval
+  similarity.outputs.compute("error_consistency", logits_a, logits_b, labels)
 
 Inverted-image CKA (Jones et al. 2022) lives in :mod:`fula_jax.similarity.inversion`.
 The job module is imported lazily (``fula_jax.similarity.job``).
 """
 
+from fula_jax.similarity import intervals
+from fula_jax.similarity import calibration
 from fula_jax.similarity import cca
 from fula_jax.similarity.api import matrices
 from fula_jax.similarity import checks
 from fula_jax.similarity import cka
 from fula_jax.similarity import measures
 from fula_jax.similarity import minibatch
+from fula_jax.similarity import neighbours
 from fula_jax.similarity import null
+from fula_jax.similarity import outputs
+from fula_jax.similarity import predictivity
 from fula_jax.similarity import procrustes
+from fula_jax.similarity import rsa
+from fula_jax.similarity import shape
+from fula_jax.similarity.intervals import Interval
+from fula_jax.similarity.intervals import bootstrap
+from fula_jax.similarity.calibration import Calibrated
+from fula_jax.similarity.calibration import calibrate
 from fula_jax.similarity.checks import SimilarityWarning
 from fula_jax.similarity.measures import INVARIANCES
 from fula_jax.similarity.measures import MEASURES
@@ -31,6 +47,8 @@ from fula_jax.similarity.measures import names
 from fula_jax.similarity.null import NullResult
 from fula_jax.similarity.null import permutation_test
 
-__all__ = ["INVARIANCES", "MEASURES", "Measure", "NullResult", "SimilarityWarning", "cca",
-           "checks", "cka", "compute", "get", "matrices", "matrix", "measures",
-           "minibatch", "names", "null", "permutation_test", "procrustes"]
+__all__ = ["INVARIANCES", "MEASURES", "Calibrated", "Interval", "Measure", "NullResult",
+           "SimilarityWarning", "bootstrap", "calibrate", "calibration",
+           "cca", "checks", "cka", "compute", "get", "intervals", "matrices", "matrix", "measures",
+           "minibatch", "names", "neighbours", "null", "outputs", "permutation_test",
+           "predictivity", "procrustes", "rsa", "shape"]

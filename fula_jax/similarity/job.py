@@ -95,7 +95,8 @@ def similarity_matrices(
     sigma_frac: float = 1.0, svcca_keep: float | int = 0.99,
     model_a_name: str = "model_a", model_b_name: str | None = None,
     num_batches: int | None = None, progress: bool = True,
-    progress_every_s: float = 10.0, exact_max_bytes: int = 4 << 30
+    progress_every_s: float = 10.0, exact_max_bytes: int = 4 << 30,
+    calibrate: int = 0, bootstrap: int = 0, interval_level: float = 0.9, seed: int = 0
     ) -> list[results.Matrix]:
   """Every requested measure as an ``L_A x L_B`` :class:`results.Matrix`.
 
@@ -114,6 +115,11 @@ def similarity_matrices(
     shard_mode: 'global' (the sharded result equals one device's) or 'local' (each
       device's shard is its own minibatch); see :mod:`minibatch`.
     exact_max_bytes: refuse the exact estimator when its statistics would need more.
+    calibrate: permutations per cell for a null-calibrated matrix of each measure,
+      ``<measure>_calibrated`` (0: none); see :mod:`calibration`.
+    bootstrap: resamples per cell for a percentile interval at `interval_level` on
+      each matrix (0: none); see :mod:`bootstrap`.
+    Both use the first `max_examples` examples and PRNG key `seed`.
   """
   if batches is None:
     raise ValueError("similarity_matrices needs `batches`: an iterable of dicts with "
@@ -141,6 +147,7 @@ def similarity_matrices(
   acc = None
   if streaming and estimator == "minibatch":
     acc = minibatch.init(len(rows), None if within else len(cols), estimators=ests)
+  keep_examples = bool(collected) or calibrate > 0 or bootstrap > 0
   kept_a: dict[str, list[np.ndarray]] = {r: [] for r in rows}
   kept_b: dict[str, list[np.ndarray]] = {c: [] for c in cols}
   kept = 0
@@ -170,7 +177,7 @@ def similarity_matrices(
                           exact_max_bytes)
         acc = minibatch.init_exact(acts_a, acts_b, m)
       acc = update(acc, acts_a, acts_b, m)
-    if collected and kept < max_examples:
+    if keep_examples and kept < max_examples:
       real = _to_host(m) > 0
       take = min(int(real.sum()), max_examples - kept)
       idx = np.flatnonzero(real)[:take]
@@ -181,7 +188,7 @@ def similarity_matrices(
           kept_b[c].append(_to_host(b)[idx])
       kept += take
     count += 1
-    bar.update(count, extra=f"{kept} examples kept" if collected else "")
+    bar.update(count, extra=f"{kept} examples kept" if keep_examples else "")
     if not streaming and kept >= max_examples:
       break  # nothing streams: the remaining batches would change no number
   if count == 0:
@@ -226,7 +233,45 @@ def similarity_matrices(
       out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
                                 meta))
   order = {name: i for i, name in enumerate(measures)}
-  return sorted(out, key=lambda mtx: order[mtx.measure])
+  out = sorted(out, key=lambda mtx: order[mtx.measure])
+  if calibrate > 0 or bootstrap > 0:
+    acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
+    acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
+    out = _with_uncertainty(out, acts_a, acts_b, calibrate, bootstrap, interval_level,
+                            seed, sigma_frac, svcca_keep, max_examples)
+  return out
+
+
+def _with_uncertainty(mats, acts_a, acts_b, calibrate, bootstrap, level, seed,
+                      sigma_frac, svcca_keep, max_examples) -> list[results.Matrix]:
+  """Bootstrap intervals on every matrix, and a calibrated matrix after each."""
+  from fula_jax.similarity import intervals
+  from fula_jax.similarity import calibration
+  key = jax.random.PRNGKey(seed)
+  n = len(next(iter(acts_a.values())))
+  out = []
+  for mtx in mats:
+    opts = _measure_options(mtx.measure, sigma_frac, svcca_keep)
+    if bootstrap > 0:
+      mtx.low, mtx.high = intervals.bootstrap_matrix(
+          mtx.measure, acts_a, acts_b, bootstrap, level=level, key=key, **opts)
+      mtx.meta["interval"] = dict(kind="percentile bootstrap over examples",
+                                  level=level, resamples=bootstrap, n=n,
+                                  max_examples=max_examples)
+    out.append(mtx)
+    if calibrate > 0:
+      cal = calibration.calibrated_matrix(mtx.measure, acts_a, acts_b, calibrate,
+                                          key=key, **opts)
+      meta = {k: v for k, v in mtx.meta.items() if k != "interval"}
+      meta.update(calibrated_from=mtx.measure, permutations=calibrate, n=n,
+                  z=cal["z"], p_value=cal["p_value"], null_mean=cal["null_mean"],
+                  null_sd=cal["null_sd"], kind="similarity",
+                  description="(raw - null mean) / (ideal - null mean): 0 at chance, "
+                              "1 for identical representations")
+      out.append(results.Matrix(cal["score"], mtx.rows, mtx.cols,
+                                f"{mtx.measure}_calibrated", mtx.model_a, mtx.model_b,
+                                meta))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -283,7 +328,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sigma_frac=float(config.get("rbf_sigma_frac", 1.0)),
       svcca_keep=config.get("svcca_keep", 0.99),
       model_a_name=a.name, model_b_name=(b or a).name,
-      num_batches=num_batches, progress_every_s=float(config.get("progress_every_s", 10.)))
+      num_batches=num_batches, progress_every_s=float(config.get("progress_every_s", 10.)),
+      calibrate=int(config.get("calibrate", 0)), bootstrap=int(config.get("bootstrap", 0)),
+      interval_level=float(config.get("interval_level", 0.9)),
+      seed=int(config.get("seed", 0)))
   summary = {}
   for m in mats:
     m.meta.update(split=config.split, data=getattr(split, "name", ""))
