@@ -8,7 +8,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from fula_jax import models, results, similarity
-from fula_jax.similarity import job, outputs
+from fula_jax.similarity import outputs
 
 
 def _pair(seed, n=80, d=5, related=False):
