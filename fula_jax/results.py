@@ -148,8 +148,12 @@ class Matrix:
             ax.text(j, i, "NaN", ha="center", va="center", fontsize=7, color="0.3")
     ax.set_xticks(range(nc), self.cols, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(nr), self.rows, fontsize=8)
-    ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
-    ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
+    if self.meta.get("axes") == "models":
+      ax.set_xlabel("model")
+      ax.set_ylabel("model")
+    else:
+      ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
+      ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
     ax.set_title(self.title() if title is None else title, fontsize=9)
     if colorbar:
       ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -157,6 +161,10 @@ class Matrix:
 
   def title(self) -> str:
     """The measure, then which model gives the rows (A) and the columns (B)."""
+    if self.meta.get("axes") == "models":
+      point = self.meta.get("points") or {}
+      at = set(point.values()) if isinstance(point, dict) else set()
+      return f"{self.measure}\nmodel x model" + (f" at {at.pop()}" if len(at) == 1 else "")
     a, b = _short(self.model_a), _short(self.model_b)
     models = f"A = B = {a}" if a == b else f"A = {a}, B = {b}"
     return f"{self.measure}\n{models}"

@@ -494,3 +494,24 @@ def test_cca_warns_when_layers_are_wider_than_data():
   y = rng.normal(size=(20, 5)).astype(np.float32)
   with pytest.warns(SimilarityWarning, match="trivially 1"):
     measures.compute("cca", x, y, layer_x="wide")
+
+
+@pytest.mark.parametrize("name", ["mutual_knn", "rsa", "linear_predictivity", "procrustes",
+                                  "svcca"])
+def test_matrix_vmapped_over_pairs_equals_one_pair_at_a_time(name):
+  """All pairs of a matrix in one program, in memory-planned chunks, give each cell's
+  own value (svcca's states differ in shape by layer: the one-pair path)."""
+  rng = np.random.default_rng(30)
+  acts_a = {f"a{d}": rng.normal(size=(50, d)).astype(np.float32) for d in (3, 8, 20)}
+  acts_b = {f"b{d}": (acts_a["a8"][:, :min(d, 8)] @ rng.normal(size=(min(d, 8), d))
+                      + rng.normal(size=(50, d))).astype(np.float32) for d in (4, 12)}
+  for b in (acts_b, None):
+    cols = acts_b if b is not None else acts_a
+    one_by_one = np.array([[float(measures.matrix(name, {r: x}, {c: y})[0][0, 0])
+                            for c, y in cols.items()] for r, x in acts_a.items()])
+    for max_bytes in (1, 1 << 30):  # one pair per step / every pair in one step
+      got, _ = measures.matrix(name, acts_a, b, max_bytes=max_bytes)
+      np.testing.assert_allclose(got, one_by_one, rtol=2e-5, atol=2e-6)
+  big = measures.pair_chunk(np.zeros((50, 50), np.float32), np.zeros((50, 50), np.float32),
+                            1 << 20)
+  assert big == (1 << 20) // (8 * 2 * 50 * 50 * 4)

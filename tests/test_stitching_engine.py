@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fula_jax import models, sharding, stitching
+from fula_jax.similarity import outputs
 from fula_jax.stitching import maps, programs, testing
 
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False)
@@ -56,6 +57,9 @@ def test_self_stitching_dm_recovers_identity(digits):
   np.testing.assert_allclose(np.diag(dm["dm_error"]), 0.0, atol=1e-6)
   np.testing.assert_allclose(np.diag(dm["accuracy"]), res.end_accuracy, atol=1.5 / 200)
   np.testing.assert_allclose(np.diag(dm["relative_accuracy"]), 1.0, atol=0.02)
+  np.testing.assert_allclose(np.diag(dm["disagreement"]), 0.0, atol=1.01 / 200)
+  np.testing.assert_allclose(np.diag(dm["jsd"]), 0.0, atol=1e-4)
+  np.testing.assert_allclose(np.diag(dm["error_consistency"]), 1.0, atol=0.03)
 
 
 def test_self_stitching_every_objective_reaches_own_accuracy(digits, mlp):
@@ -110,6 +114,17 @@ def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b):
   _assert_same(together, split)
   for res in (together, alone, split):
     assert res.stats["programs_compiled_late"] == 0  # all compiled ahead, in parallel
+  # Output measures of each stitched model against the end model, from its own logits.
+  test = digits[1]
+  acts = models.capture(mlp[0], mlp[1], test.images)[1]
+  teacher = models.forward(mlp_b[0], mlp_b[1], test.images)
+  for i, row in enumerate(mlp[0].point_names):
+    p = together.params[("tlm", row, "fc2")]
+    z = np.asarray(acts[row]) @ p["kernel"] + p["bias"]
+    logits = models.forward(mlp_b[0], mlp_b[1], z, start="fc2")
+    for name in ("disagreement", "jsd", "error_consistency"):
+      assert together.values["tlm"][name][i, 0] == pytest.approx(
+          outputs.compute(name, logits, teacher, test.labels), rel=1e-4, abs=1e-6), name
 
 
 def test_sharded_over_8_devices_equals_one_device(digits, mlp, mlp_b):

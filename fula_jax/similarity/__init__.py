@@ -12,14 +12,17 @@ calibrated scores, bootstrap intervals, and the job.
   similarity.calibrate("mutual_knn", x, y, 200, key=0)    # value against its null
   similarity.bootstrap("cka_linear_debiased", x, y, 1000)  # percentile interval
   similarity.outputs.compute("error_consistency", logits_a, logits_b, labels)
+  similarity.model_matrix({"a": (m_a, v_a), "b": (m_b, v_b)}, images)  # model x model
 
 Inverted-image CKA (Jones et al. 2022) lives in :mod:`fula_jax.similarity.inversion`.
 The job module is imported lazily (``fula_jax.similarity.job``).
 """
 
 from fula_jax.similarity import intervals
+from fula_jax.similarity import across_models
 from fula_jax.similarity import calibration
 from fula_jax.similarity import cca
+from fula_jax.similarity.across_models import model_matrix
 from fula_jax.similarity.api import matrices
 from fula_jax.similarity import checks
 from fula_jax.similarity import cka
@@ -47,7 +50,7 @@ from fula_jax.similarity.measures import names
 from fula_jax.similarity.null import NullResult
 from fula_jax.similarity.null import permutation_test
 
-__all__ = ["INVARIANCES", "MEASURES", "Calibrated", "Interval", "Measure", "NullResult",
+__all__ = ["INVARIANCES", "MEASURES", "across_models", "model_matrix", "Calibrated", "Interval", "Measure", "NullResult",
            "SimilarityWarning", "bootstrap", "calibrate", "calibration",
            "cca", "checks", "cka", "compute", "get", "intervals", "matrices", "matrix", "measures",
            "minibatch", "names", "neighbours", "null", "outputs", "permutation_test",

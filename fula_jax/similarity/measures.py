@@ -286,9 +286,73 @@ def _prepare_jit(name: str, opts: tuple, x: jax.Array):
   return MEASURES[name].prepare(cka.flatten(x), dict(opts))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _pairs_jit(name: str, opts: tuple, chunk: int, states_a, states_b, rows, cols):
+  """combine(states_a[rows[p]], states_b[cols[p]]) for every pair p, `chunk` pairs
+  vmapped at a time (one compiled program for the whole matrix)."""
+  m, o = MEASURES[name], dict(opts)
+
+  def one(ij):
+    take = lambda tree, k: jax.tree_util.tree_map(lambda leaf: leaf[k], tree)
+    return m.combine(take(states_a, ij[0]), take(states_b, ij[1]), o)
+
+  return jax.lax.map(one, (rows, cols), batch_size=chunk)
+
+
+def _stack(states: list) -> Any | None:
+  """The states as one pytree with a leading layer axis, or None if their shapes
+  differ (then pairs are combined one at a time)."""
+  shapes = {jax.tree_util.tree_structure(s) for s in states}
+  leaves = [tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(s)) for s in states]
+  if len(shapes) != 1 or len(set(leaves)) != 1:
+    return None
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def pair_chunk(state_a: Any, state_b: Any, max_bytes: int, working_copies: int = 8
+               ) -> int:
+  """How many layer pairs to vmap at once: the memory plan. A pair's working set is
+  taken as `working_copies` times its two states (the largest intermediates of the
+  registered combines, e.g. CKNNA's masked n x n Grams, are a few state-sized arrays)."""
+  size = lambda tree: sum(int(np.prod(jnp.shape(x))) * 4
+                          for x in jax.tree_util.tree_leaves(tree))
+  per_pair = working_copies * (size(state_a) + size(state_b))
+  return max(1, int(max_bytes // max(per_pair, 1)))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _combine_jit(name: str, opts: tuple, sx, sy):
   return MEASURES[name].combine(sx, sy, dict(opts))
+
+
+def _all_pairs(name: str, frozen: tuple, sa: dict, sb: dict, rows, cols, within: bool,
+               symmetric: bool, max_bytes: int) -> np.ndarray:
+  """Every measurable cell: layer states stacked and the pairs vmapped in planned
+  chunks when every layer's state has one shape, else one jitted call per pair."""
+  out = np.full((len(rows), len(cols)), np.nan)
+  pairs = [(i, j) for i, r in enumerate(rows) for j, c in enumerate(cols)
+           if sa[r] is not None and sb[c] is not None
+           and not (within and symmetric and j < i)]
+  if not pairs:
+    return out
+  ra = [r for r in rows if sa[r] is not None]
+  cb = [c for c in cols if sb[c] is not None]
+  stack_a, stack_b = _stack([sa[r] for r in ra]), _stack([sb[c] for c in cb])
+  if stack_a is not None and stack_b is not None:
+    pos_a = {r: k for k, r in enumerate(ra)}
+    pos_b = {c: k for k, c in enumerate(cb)}
+    ii = np.asarray([pos_a[rows[i]] for i, _ in pairs], np.int32)
+    jj = np.asarray([pos_b[cols[j]] for _, j in pairs], np.int32)
+    chunk = min(len(pairs), pair_chunk(sa[ra[0]], sb[cb[0]], max_bytes))
+    values = np.asarray(_pairs_jit(name, frozen, chunk, stack_a, stack_b, ii, jj))
+  else:
+    values = [float(_combine_jit(name, frozen, sa[rows[i]], sb[cols[j]]))
+              for i, j in pairs]
+  for (i, j), v in zip(pairs, values):
+    out[i, j] = v
+    if within and symmetric:
+      out[j, i] = v
+  return out
 
 
 def _degenerate_cca(m: Measure, n: int, dims_x: Sequence[int], dims_y: Sequence[int],
@@ -306,13 +370,15 @@ def _degenerate_cca(m: Measure, n: int, dims_x: Sequence[int], dims_y: Sequence[
 
 def matrix(name: str, acts_a: Mapping[str, jax.Array],
            acts_b: Mapping[str, jax.Array] | None = None, *, label_a: str = "model A",
-           label_b: str = "model B", **overrides: Any
+           label_b: str = "model B", max_bytes: int = 1 << 30, **overrides: Any
            ) -> tuple[np.ndarray, dict[str, Any]]:
   """The ``len(acts_a) x len(acts_b)`` matrix of measure `name` on in-memory activations.
 
   `acts_*` map layer name -> ``(n, ...)`` activation on the same n examples, in the same
   order; `acts_b` None compares A with itself. Problem layers (NaN/Inf, constant, n too
   small) give NaN rows/columns and a :class:`checks.SimilarityWarning` naming them.
+  Each layer is prepared once (jitted); the pairs are then combined by one jitted
+  program, vmapped over as many pairs at a time as `max_bytes` allows (`pair_chunk`).
   Returns ``(matrix, info)`` with info holding the resolved options, n and NaN reasons.
   """
   m = get(name)
@@ -340,15 +406,7 @@ def matrix(name: str, acts_a: Mapping[str, jax.Array],
 
   sa = states(acts_a, prob_a)
   sb = sa if within else states(acts_b, prob_b)
-  out = np.full((len(rows), len(cols)), np.nan)
-  for i, r in enumerate(rows):
-    for j, c in enumerate(cols):
-      if sa[r] is None or sb[c] is None:
-        continue
-      if within and m.symmetric and j < i:
-        out[i, j] = out[j, i]
-        continue
-      out[i, j] = float(_combine_jit(name, frozen, sa[r], sb[c]))
+  out = _all_pairs(name, frozen, sa, sb, rows, cols, within, m.symmetric, max_bytes)
   out, reasons = checks.apply(out, rows, cols, measure=name, problems_a=prob_a,
                               problems_b=prob_b, label_a=label_a, label_b=label_b)
   return out, {"options": opts, "n": n, "nan_reasons": reasons}

@@ -38,22 +38,32 @@ def disagreement(logits_a: jax.Array, logits_b: jax.Array, labels=None) -> jax.A
   return jnp.mean(jnp.argmax(logits_a, -1) != jnp.argmax(logits_b, -1))
 
 
-def jsd(logits_a: jax.Array, logits_b: jax.Array, labels=None) -> jax.Array:
-  lp, lq = jax.nn.log_softmax(logits_a, -1), jax.nn.log_softmax(logits_b, -1)
+def jsd_per_example(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+  """(n,) Jensen-Shannon divergence of each example's two softmax outputs, in bits."""
+  lp = jax.nn.log_softmax(logits_a.astype(jnp.float32), -1)
+  lq = jax.nn.log_softmax(logits_b.astype(jnp.float32), -1)
   p, q = jnp.exp(lp), jnp.exp(lq)
   lm = jnp.log(0.5 * (p + q))
   kl = lambda a, la: jnp.sum(jnp.where(a > 0, a * (la - lm), 0.0), axis=-1)
-  return jnp.mean(0.5 * (kl(p, lp) + kl(q, lq))) / jnp.log(2.0)
+  return 0.5 * (kl(p, lp) + kl(q, lq)) / jnp.log(2.0)
+
+
+def jsd(logits_a: jax.Array, logits_b: jax.Array, labels=None) -> jax.Array:
+  return jnp.mean(jsd_per_example(logits_a, logits_b))
+
+
+def kappa(observed, acc_a, acc_b):
+  """Error consistency from the fraction of equal correct/wrong outcomes and the two
+  accuracies (NaN when both models are always right or always wrong)."""
+  expected = acc_a * acc_b + (1.0 - acc_a) * (1.0 - acc_b)
+  return (observed - expected) / (1.0 - expected)
 
 
 def error_consistency(logits_a: jax.Array, logits_b: jax.Array,
                       labels: jax.Array) -> jax.Array:
   ra = jnp.argmax(logits_a, -1) == labels
   rb = jnp.argmax(logits_b, -1) == labels
-  observed = jnp.mean(ra == rb)
-  pa, pb = jnp.mean(ra), jnp.mean(rb)
-  expected = pa * pb + (1.0 - pa) * (1.0 - pb)
-  return (observed - expected) / (1.0 - expected)
+  return kappa(jnp.mean(ra == rb), jnp.mean(ra), jnp.mean(rb))
 
 
 OUTPUT_MEASURES: dict[str, OutputMeasure] = {

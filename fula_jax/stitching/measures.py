@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fula_jax.models.base import LOGITS
+from fula_jax.similarity import outputs
 from fula_jax.stitching.objectives import Objective, Where
 
 
@@ -126,8 +127,55 @@ class PGDAccuracy(Measure):
     return np.asarray(r.pgd_accuracy, np.float64)
 
 
+def _predicted(logits: jax.Array) -> jax.Array:
+  return jnp.argmax(logits, -1)
+
+
+class Disagreement(Measure):
+  """Fraction of held-out examples where the stitched model's top-1 class differs from
+  the end model's."""
+  name = "disagreement"
+
+  def terms(self, b):
+    differ = _predicted(b.outs[LOGITS]) != _predicted(b.shared["teacher"])
+    return {"count": jnp.sum(b.mask * differ)}
+
+  def value(self, r):
+    return np.asarray(r.sums["disagreement/count"]) / r.n
+
+
+class JSD(Measure):
+  """Mean Jensen-Shannon divergence (bits) of the stitched and end models' softmax."""
+  name = "jsd"
+
+  def terms(self, b):
+    return {"sum": jnp.sum(b.mask * outputs.jsd_per_example(b.outs[LOGITS],
+                                                            b.shared["teacher"]))}
+
+  def value(self, r):
+    return np.asarray(r.sums["jsd/sum"]) / r.n
+
+
+class ErrorConsistency(Measure):
+  """Error consistency (Geirhos et al. 2020) of the stitched model with the end model."""
+  name = "error_consistency"
+
+  def terms(self, b):
+    label = b.shared["label"]
+    same = ((_predicted(b.outs[LOGITS]) == label)
+            == (_predicted(b.shared["teacher"]) == label))
+    return {"same": jnp.sum(b.mask * same)}
+
+  def value(self, r):
+    acc = np.asarray(r.sums["accuracy/correct"]) / r.n
+    observed = np.asarray(r.sums["error_consistency/same"]) / r.n
+    with np.errstate(divide="ignore", invalid="ignore"):
+      return np.asarray(outputs.kappa(observed, acc, r.end_accuracy), np.float64)
+
+
 MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLoss(),
-                                 DMError(), PGDAccuracy())
+                                 DMError(), PGDAccuracy(), Disagreement(), JSD(),
+                                 ErrorConsistency())
 NAMES = tuple(m.name for m in MEASURES)
 # Measures whose non-finite value marks a stitch as diverged.
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")

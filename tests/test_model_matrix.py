@@ -1,0 +1,75 @@
+"""Model x model matrices: each cell equals the measure of the two models' own
+activations at their points; the job reads a zoo of workdirs and writes heatmaps."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from fula_jax import defaults, errors, models, results, similarity
+from fula_jax.similarity import across_models
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _mlp(seed, widths=(16, 8)):
+  m = models.get_model("mlp", widths=widths)
+  return m, jax.jit(lambda k: models.init(m, k, (1, 8, 8, 1)))(jax.random.PRNGKey(seed))
+
+
+def test_each_cell_is_the_measure_of_the_two_models_activations():
+  zoo = {"s0": _mlp(0), "s0_again": _mlp(0), "s1": _mlp(1), "wide": _mlp(2, (16, 12))}
+  images = np.random.default_rng(0).uniform(size=(100, 8, 8, 1)).astype(np.float32)
+  names = ("cka_linear_debiased", "mutual_knn", "rsa", "procrustes")
+  mats = similarity.model_matrix(zoo, images, names, batch_size=32, max_examples=90,
+                                 progress=False)
+  acts = across_models.activations(zoo, dict.fromkeys(zoo, "fc2"), images, batch_size=32,
+                                   max_examples=90, progress=False)
+  for k, (m, v) in zoo.items():  # the first 90 examples, at the point, batch by batch
+    np.testing.assert_allclose(acts[k], models.capture(m, v, images[:90])[1]["fc2"],
+                               rtol=1e-5, atol=1e-6)
+  for name in names:
+    mat = mats[name]
+    assert mat.rows == mat.cols == list(zoo) and mat.meta["points"]["wide"] == "fc2"
+    assert mat.meta["n"] == 90
+    np.testing.assert_allclose(mat.matrix, mat.matrix.T, atol=1e-6)
+    ideal = similarity.get(name).ideal
+    assert mat.matrix[0, 1] == pytest.approx(ideal, abs=1e-4)  # the same weights
+    for i, a in enumerate(zoo):
+      for j, b in enumerate(zoo):
+        assert mat.matrix[i, j] == pytest.approx(
+            similarity.compute(name, acts[a], acts[b]), rel=1e-4, abs=1e-5), (name, a, b)
+
+
+def test_points_and_errors():
+  zoo = {"a": _mlp(0), "b": _mlp(1)}
+  images = np.random.default_rng(1).uniform(size=(40, 8, 8, 1)).astype(np.float32)
+  got = similarity.model_matrix(zoo, images, ("cka_linear",), point="logits",
+                                batch_size=40, progress=False)["cka_linear"]
+  assert got.meta["points"] == {"a": "logits", "b": "logits"}
+  with pytest.raises(errors.UserError, match="Model 'b'.*fc9"):
+    similarity.model_matrix(zoo, images, point={"a": "fc1", "b": "fc9"}, progress=False)
+  with pytest.raises(ValueError, match="at least 2 models"):
+    similarity.model_matrix({"a": _mlp(0)}, images, progress=False)
+
+
+def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir):
+  dirs = [model_workdir(tmp_path / f"cnn_s{s}", "cnn", {"widths": (8, 16)}, seed=s)
+          for s in (0, 1)]
+  dirs.append(model_workdir(tmp_path / "mlp", "mlp", {"widths": (32, 16)}))
+  config = defaults.load_config(_REPO / "configs" / "model_matrix.py", "runlocal")
+  config.models = tuple(dirs)
+  config.measures = ("cka_linear_debiased", "mutual_knn")
+  config.max_examples = 120
+  out = across_models.run(config, str(tmp_path / "zoo"))
+  assert set(out) == set(config.measures)
+  mats = results.load(tmp_path / "zoo")
+  m = mats["models_mutual_knn"]
+  assert m.rows == ["cnn_s0", "cnn_s1", "mlp"] and m.meta["n"] == 120
+  assert m.meta["points"] == {"cnn_s0": "pool", "cnn_s1": "pool", "mlp": "fc2"}
+  assert np.all(np.isfinite(m.matrix)) and np.allclose(np.diag(m.matrix), 1.0)
+  assert (tmp_path / "zoo" / "results" / "models_mutual_knn.png").stat().st_size > 1000
+  config.models = (dirs[0],)
+  with pytest.raises(errors.ConfigError, match="at least 2 models"):
+    across_models.run(config, str(tmp_path / "zoo2"))
