@@ -27,3 +27,22 @@ def test_your_own_model_example_runs(tmp_path, monkeypatch, capsys):
   assert np.isfinite(fula[:, :2]).all() and np.isnan(fula[:, 2]).all()  # map -> vector
   assert fits["stitch_dm/accuracy"].matrix[1, 1] > 0.5  # conv_b -> conv2 stitches well
   assert "conv_a" not in capsys.readouterr().err
+
+
+def test_similarity_measures_example_runs():
+  """The example with small x, y, images and two MLPs defined first."""
+  import jax
+
+  from fula_jax import models
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 6)).astype(np.float32)
+  m_a = m_b = models.get_model("mlp", widths=(8, 8))
+  v_a, v_b = (models.init(m_a, jax.random.PRNGKey(s), (1, 8, 8, 1)) for s in (0, 1))
+  scope = {"x": x, "y": x + rng.normal(size=x.shape).astype(np.float32),
+           "images": rng.uniform(size=(40, 8, 8, 1)).astype(np.float32),
+           "m_a": m_a, "v_a": v_a, "m_b": m_b, "v_b": v_b}
+  code = _block("### Similarity measures")
+  last = code.strip().splitlines()[-1]
+  exec(compile(code.replace(last, "out = " + last), "README.md", "exec"), scope)
+  assert scope["out"]["cknna"].matrix.shape == (2, 2)
+  assert np.isclose(scope["out"]["cknna"].matrix[0, 0], 1.0)
