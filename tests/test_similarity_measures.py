@@ -221,6 +221,10 @@ def ref_shape_metric(x, y, alpha=1.0):
   return np.arccos(np.clip(cos, -1, 1))
 
 
+# The first generation's measures keep the tolerance they were written with.
+FIRST = ("cka_linear", "cka_linear_debiased", "cka_rbf", "cka_rbf_debiased", "procrustes",
+         "cca", "svcca", "pwcca")
+
 REFS = {
     "cka_angular": lambda x, y: np.arccos(ref_cka(lin(x), lin(y), False)),
     "mutual_knn": ref_mutual_knn,
@@ -283,7 +287,8 @@ def test_measure_matches_numpy_reference(name):
   for x, y in cases:
     got = float(m(x, y))
     want = REFS[name](x, y)
-    assert got == pytest.approx(want, rel=2e-5, abs=2e-6), (name, got, want)
+    assert got == pytest.approx(want, rel=2e-5 if name in FIRST else 1e-5, abs=2e-6), (
+        name, got, want)
 
 
 OPTION_CASES = [
@@ -304,9 +309,9 @@ OPTION_CASES = [
 def test_options_match_numpy_reference(name, opts):
   m = measures.get(name)
   for x, y in (data(20, n=90, noise=2.0), data(21, n=90, dx=40, dy=5)):
-    got = float(m.fn(x, y, **opts))
+    got = float(m(x, y, **opts))
     want = REFS[name](x, y, **opts)
-    assert got == pytest.approx(want, rel=2e-5, abs=2e-6), (name, opts, got, want)
+    assert got == pytest.approx(want, rel=1e-5, abs=2e-6), (name, opts, got, want)
 
 
 def test_kendall_tau_b_with_ties_matches_scipy():
@@ -325,7 +330,7 @@ def test_asymmetric_measures_are_asymmetric():
     m = measures.get(name)
     opts = {"k": 3} if name == "cycle_knn" else {}
     assert not m.symmetric
-    assert abs(float(m.fn(x, y, **opts)) - float(m.fn(y, x, **opts))) > 1e-3, name
+    assert abs(float(m(x, y, **opts)) - float(m(y, x, **opts))) > 1e-3, name
 
 
 def test_rank_based_measures_score_a_monotone_relationship_high():
@@ -337,8 +342,8 @@ def test_rank_based_measures_score_a_monotone_relationship_high():
   z = rng.normal(size=(150, 3)).astype(np.float32)
   rsa = measures.get("rsa")
   for compare, high in (("spearman", 0.95), ("kendall", 0.85)):
-    assert float(rsa.fn(x, y, compare=compare)) > high, compare
-    assert abs(float(rsa.fn(x, z, compare=compare))) < 0.1, compare
+    assert float(rsa(x, y, compare=compare)) > high, compare
+    assert abs(float(rsa(x, z, compare=compare))) < 0.1, compare
   chance = 10 / 149
   for name, high in (("mutual_knn", 0.75), ("jaccard_knn", 0.6), ("rank_similarity", 0.5)):
     assert float(measures.get(name)(x, y)) > high, name
@@ -357,7 +362,7 @@ def test_linear_cka_gram_and_feature_forms_agree(debiased):
 def test_rbf_bandwidth_fraction():
   x, y = data(3)
   for frac in (0.5, 2.0):
-    got = float(measures.get("cka_rbf").fn(x, y, sigma_frac=frac))
+    got = float(measures.get("cka_rbf")(x, y, sigma_frac=frac))
     assert got == pytest.approx(ref_cka(rbf(x, frac), rbf(y, frac), False), rel=1e-5)
   assert abs(float(cka.cka_rbf(x, y, sigma_frac=0.5))
              - float(cka.cka_rbf(x, y, sigma_frac=2.0))) > 1e-3
@@ -414,7 +419,7 @@ def test_self_similarity(name):
   m = measures.get(name)
   x, _ = data(8)
   opts = {"ridge": 1e-6} if name == "linear_predictivity" else {}
-  got = float(m.fn(x, x, **opts))
+  got = float(m(x, x, **opts))
   if name == "cycle_knn":
     assert 0.9 < got < 1.0 and got == pytest.approx(REFS[name](x, x), rel=1e-6)
     return
@@ -515,3 +520,36 @@ def test_matrix_vmapped_over_pairs_equals_one_pair_at_a_time(name):
   big = measures.pair_chunk(np.zeros((50, 50), np.float32), np.zeros((50, 50), np.float32),
                             1 << 20)
   assert big == (1 << 20) // (8 * 2 * 50 * 50 * 4)
+
+
+def test_neighbours_and_predictivity_agree_with_scikit_learn():
+  """The reference libraries' own building blocks: ReSi finds neighbours with
+  scikit-learn's NearestNeighbors (cosine, k + 1 then drops the point itself); ridge
+  regression on contiguous KFold splits."""
+  from sklearn.linear_model import Ridge
+  from sklearn.model_selection import KFold
+  from sklearn.neighbors import NearestNeighbors
+  from fula_jax.similarity import neighbours
+  x, y = data(31, n=90, noise=1.0)
+  nn = NearestNeighbors(n_neighbors=11, metric="cosine").fit(x.astype(np.float64))
+  want = nn.kneighbors(x.astype(np.float64), return_distance=False)[:, 1:]
+  got = np.asarray(neighbours.prepare(x, {"k": 10}).idx)
+  assert np.mean([set(a) == set(b) for a, b in zip(got, want)]) == 1.0
+  sse = sst = 0.0
+  for tr, te in KFold(5).split(x):
+    xc = x[tr] - x[tr].mean(0)
+    lam = 0.3 * np.sum(xc.astype(np.float64) ** 2) / len(tr)
+    pred = Ridge(alpha=lam).fit(x[tr], y[tr]).predict(x[te])
+    sse += np.sum((y[te] - pred) ** 2)
+    sst += np.sum((y[te] - y[tr].mean(0)) ** 2)
+  got = float(measures.get("linear_predictivity")(x, y, folds=5, ridge=0.3))
+  assert got == pytest.approx(1.0 - sse / sst, rel=1e-4)
+
+
+def test_pure_function_equals_the_jitted_call():
+  """`Measure.fn` (what nulls, intervals and user code trace) and `Measure.__call__`
+  (jitted per layer and per pair) are the same function."""
+  x, y = data(32, n=40)
+  for name in ("cka_linear_debiased", "mutual_knn", "shape_metric", "rsa"):
+    m = measures.get(name)
+    assert float(m.fn(x, y)) == pytest.approx(float(m(x, y)), rel=1e-5, abs=1e-6), name

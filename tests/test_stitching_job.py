@@ -35,7 +35,7 @@ def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir):
   assert "cannot be stitched" in m.meta["reasons"]["conv1->fc1"]
   assert set(mats) == {f"stitch_{o}/{k}" for o in ("dm", "fula")
                        for k in ("accuracy", "relative_accuracy", "loss", "train_loss",
-                                 "dm_error")}
+                                 "dm_error", "disagreement", "jsd", "error_consistency")}
   again = job.run(config, str(tmp_path / "sweep"))
   assert again["stats"]["stitches_computed"] == 0
   np.testing.assert_array_equal(results.load(tmp_path / "sweep")[
