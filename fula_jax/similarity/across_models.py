@@ -138,6 +138,10 @@ def load_zoo(config: ml_collections.ConfigDict) -> tuple[dict, Any]:
   return zoo, data_cfg
 
 
+def _plain(options: Any) -> dict:
+  return options.to_dict() if hasattr(options, "to_dict") else dict(options or {})
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Load the zoo and data as `config` says; write one model x model matrix per
   measure under `workdir`/results. Returns {measure: the matrix as nested lists}."""
@@ -148,7 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mats = model_matrix(zoo, split, tuple(config.measures), point=config.point,
                       batch_size=int(config.batch_size),
                       max_examples=int(config.max_examples),
-                      progress=jax.process_index() == 0, **dict(config.options))
+                      progress=jax.process_index() == 0, **_plain(config.options))
   for name, m in mats.items():
     m.meta.update(split=config.split, data=getattr(split, "name", ""))
     results.save(workdir, f"models_{name}", m, png=bool(config.png))

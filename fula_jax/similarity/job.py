@@ -118,7 +118,7 @@ def similarity_matrices(
     calibrate: permutations per cell for a null-calibrated matrix of each measure,
       ``<measure>_calibrated`` (0: none); see :mod:`calibration`.
     bootstrap: resamples per cell for a percentile interval at `interval_level` on
-      each matrix (0: none); see :mod:`bootstrap`.
+      each matrix (0: none); see :mod:`intervals`.
     Both use the first `max_examples` examples and PRNG key `seed`.
   """
   if batches is None:
@@ -237,20 +237,24 @@ def similarity_matrices(
   if calibrate > 0 or bootstrap > 0:
     acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
     acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
+    bar = progress_lib.Progress("uncertainty", len(out), unit="matrix",
+                                every_s=progress_every_s,
+                                enabled=progress and jax.process_index() == 0)
     out = _with_uncertainty(out, acts_a, acts_b, calibrate, bootstrap, interval_level,
-                            seed, sigma_frac, svcca_keep, max_examples)
+                            seed, sigma_frac, svcca_keep, max_examples, bar)
   return out
 
 
 def _with_uncertainty(mats, acts_a, acts_b, calibrate, bootstrap, level, seed,
-                      sigma_frac, svcca_keep, max_examples) -> list[results.Matrix]:
-  """Bootstrap intervals on every matrix, and a calibrated matrix after each."""
-  from fula_jax.similarity import intervals
+                      sigma_frac, svcca_keep, max_examples, bar) -> list[results.Matrix]:
+  """Bootstrap intervals on every matrix, and a calibrated matrix after each (both on
+  the kept examples, with the in-memory estimator of each measure)."""
   from fula_jax.similarity import calibration
+  from fula_jax.similarity import intervals
   key = jax.random.PRNGKey(seed)
   n = len(next(iter(acts_a.values())))
   out = []
-  for mtx in mats:
+  for done, mtx in enumerate(mats):
     opts = _measure_options(mtx.measure, sigma_frac, svcca_keep)
     if bootstrap > 0:
       mtx.low, mtx.high = intervals.bootstrap_matrix(
@@ -264,13 +268,14 @@ def _with_uncertainty(mats, acts_a, acts_b, calibrate, bootstrap, level, seed,
                                           key=key, **opts)
       meta = {k: v for k, v in mtx.meta.items() if k != "interval"}
       meta.update(calibrated_from=mtx.measure, permutations=calibrate, n=n,
-                  z=cal["z"], p_value=cal["p_value"], null_mean=cal["null_mean"],
+                  estimator="in_memory", raw=cal["raw"], z=cal["z"], p_value=cal["p_value"], null_mean=cal["null_mean"],
                   null_sd=cal["null_sd"], kind="similarity",
                   description="(raw - null mean) / (ideal - null mean): 0 at chance, "
                               "1 for identical representations")
       out.append(results.Matrix(cal["score"], mtx.rows, mtx.cols,
                                 f"{mtx.measure}_calibrated", mtx.model_a, mtx.model_b,
                                 meta))
+    bar.update(done + 1, extra=mtx.measure, force=done + 1 == len(mats))
   return out
 
 
