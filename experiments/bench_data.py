@@ -8,7 +8,9 @@ each size and in a fresh process each, so every peak RSS is its own:
   quickstart's two models over every stitch point) on the whole training split;
 * a small stitching sweep (DM and 20 TLM steps, 2 x 2 cells) on the same split;
 * the loader alone: images per second decoded, resized to the models' 32x32 input and
-  batched, next to the images per second of the two models' forward passes.
+  batched, next to the images per second of the two models' forward passes; once with
+  decoding threads in this process and once per `--num_workers` count of grain worker
+  processes (`data.num_workers`), which escape the GIL at a start-up cost.
 
 The large size is also read into memory (`data.in_memory=True`) once, for contrast.
 It prints each run's peak RSS and time, the RSS growth from the small to the large
