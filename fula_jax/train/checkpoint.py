@@ -41,6 +41,13 @@ def state_to_tree(state: Any) -> dict:
           "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
+def _unreadable(step: int, directory: Any, e: Exception) -> CheckpointError:
+  return CheckpointError(
+      f"Checkpoint at step {step} in {directory} could not be read "
+      f"({type(e).__name__}: {e}). Delete that step's folder to fall back to an "
+      f"earlier checkpoint, or start a fresh workdir.")
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any = None
                    ) -> tuple[int, Any] | None:
   """(step, tree) of the newest checkpoint, or None when there is none.
@@ -53,10 +60,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_tree: Any = None
   try:
     tree = mngr.restore(step, args=ocp.args.StandardRestore(abstract_tree))
   except Exception as e:  # orbax raises many types for damaged files.
-    raise CheckpointError(
-        f"Checkpoint at step {step} in {mngr.directory} could not be read "
-        f"({type(e).__name__}: {e}). Delete that step's folder to fall back to an "
-        f"earlier checkpoint, or start a fresh workdir.") from e
+    raise _unreadable(step, mngr.directory, e) from e
   return step, tree
 
 
@@ -94,10 +98,7 @@ def _read_variables(ckpt_dir: epath.Path) -> tuple[int, dict]:
     tree = mngr.restore(step, args=ocp.args.PyTreeRestore(
         item=item, restore_args=as_numpy, partial_restore=True))
   except Exception as e:  # orbax raises many types for damaged files.
-    raise CheckpointError(
-        f"Checkpoint at step {step} in {ckpt_dir} could not be read "
-        f"({type(e).__name__}: {e}). Delete that step's folder to fall back to an "
-        f"earlier checkpoint, or start a fresh workdir.") from e
+    raise _unreadable(step, ckpt_dir, e) from e
   return step, {k: tree[k] for k in item}
 
 
