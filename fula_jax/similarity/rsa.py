@@ -112,16 +112,15 @@ def kendall_tau_b(x: jax.Array, y: jax.Array) -> jax.Array:
   order = jnp.lexsort((y, x))                  # by x, ties by y: tied x never invert
   pairs = m * (m - 1) / 2.0
   tx, ty = _tied_pairs(x), _tied_pairs(y)
-  joint = _tied_pairs_joint(x, y)
-  discordant = _inversions(y[order])
+  xs, ys = x[order], y[order]
+  joint = _tied_pairs_joint(xs, ys)
+  discordant = _inversions(ys)
   concordant_minus = pairs - tx - ty + joint - 2.0 * discordant
   return concordant_minus / jnp.sqrt((pairs - tx) * (pairs - ty))
 
 
-def _tied_pairs_joint(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Pairs tied in both x and y."""
-  order = jnp.lexsort((y, x))
-  xs, ys = x[order], y[order]
+def _tied_pairs_joint(xs: jax.Array, ys: jax.Array) -> jax.Array:
+  """Pairs tied in both x and y, from the pairs sorted by x then y."""
   same = (xs[1:] == xs[:-1]) & (ys[1:] == ys[:-1])
   # Run lengths of consecutive equal (x, y): pairs = sum over runs of t(t-1)/2.
   start = jnp.concatenate([jnp.ones((1,), bool), ~same])
