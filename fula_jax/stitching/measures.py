@@ -76,7 +76,7 @@ class RelativeAccuracy(Measure):
   name = "relative_accuracy"
 
   def value(self, r):
-    acc = np.asarray(r.sums["accuracy/correct"]) / r.n
+    acc = Accuracy().value(r)
     return acc / r.end_accuracy if r.end_accuracy else np.full_like(acc, np.nan)
 
 
@@ -167,7 +167,7 @@ class ErrorConsistency(Measure):
     return {"same": jnp.sum(b.mask * same)}
 
   def value(self, r):
-    acc = np.asarray(r.sums["accuracy/correct"]) / r.n
+    acc = Accuracy().value(r)
     observed = np.asarray(r.sums["error_consistency/same"]) / r.n
     with np.errstate(divide="ignore", invalid="ignore"):
       return np.asarray(outputs.kappa(observed, acc, r.end_accuracy), np.float64)
