@@ -140,3 +140,19 @@ def _acts(model, va, vb, images, row, col):
   _, a = models.capture(model, va, images)
   _, b = models.capture(model, vb, images)
   return np.asarray(a[row]), np.asarray(b[col])
+
+
+def test_matrices_within_one_model_mirror_symmetric_measures_only():
+  rng = np.random.default_rng(6)
+  acts = {f"l{k}": rng.normal(size=(60, 4)).astype(np.float32) + k for k in range(3)}
+  acts["l1"] = acts["l0"] + 0.5 * acts["l1"]
+  cal = similarity.calibration.calibrated_matrix("cka_linear", acts, None, 16)
+  np.testing.assert_array_equal(cal["score"], cal["score"].T)
+  assert cal["score"][1, 0] == pytest.approx(
+      similarity.calibrate("cka_linear", acts["l0"], acts["l1"], 16).score)
+  low, high = similarity.intervals.bootstrap_matrix("cycle_knn", acts, None, 8, k=3)
+  np.testing.assert_allclose(low[0, 1], similarity.bootstrap(
+      "cycle_knn", acts["l0"], acts["l1"], 8, k=3).low)
+  np.testing.assert_allclose(low[1, 0], similarity.bootstrap(
+      "cycle_knn", acts["l1"], acts["l0"], 8, k=3).low)
+  assert np.all(low <= high)

@@ -66,13 +66,9 @@ def calibrated_matrix(name: str, acts_a: Mapping[str, Any],
                       **options: Any) -> dict[str, np.ndarray]:
   """{'score', 'z', 'p_value', 'null_mean', 'null_sd', 'raw'}: each an
   ``len(acts_a) x len(acts_b)`` array (NaN where a layer cannot be measured). Every
-  cell uses the same permutations (one key), so cells are comparable."""
-  acts_b = acts_a if acts_b is None else acts_b
-  fields = ("score", "z", "p_value", "null_mean", "null_sd", "raw")
-  out = {f: np.full((len(acts_a), len(acts_b)), np.nan) for f in fields}
-  for i, xa in enumerate(acts_a.values()):
-    for j, yb in enumerate(acts_b.values()):
-      c = calibrate(name, xa, yb, num_permutations, key=key, **options)
-      for f in fields:
-        out[f][i, j] = getattr(c, f)
-  return out
+  cell uses the same permutations (one key), so cells are comparable; within one model
+  a symmetric measure's lower triangle mirrors the upper one."""
+  cells = measures_lib.map_cells(name, acts_a, acts_b, lambda x, y: calibrate(
+      name, x, y, num_permutations, key=key, **options))
+  return {f: np.asarray([[getattr(c, f) for c in row] for row in cells], np.float64)
+          for f in ("score", "z", "p_value", "null_mean", "null_sd", "raw")}

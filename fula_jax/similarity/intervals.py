@@ -81,12 +81,9 @@ def bootstrap_matrix(name: str, acts_a: Mapping[str, Any],
                      *, level: float = 0.9, key: jax.Array | int = 0,
                      **options: Any) -> tuple[np.ndarray, np.ndarray]:
   """(low, high): ``len(acts_a) x len(acts_b)`` interval ends. Every cell uses the same
-  resamples (one key), so the intervals of two cells are jointly drawn."""
-  acts_b = acts_a if acts_b is None else acts_b
-  low = np.full((len(acts_a), len(acts_b)), np.nan)
-  high = np.full_like(low, np.nan)
-  for i, xa in enumerate(acts_a.values()):
-    for j, yb in enumerate(acts_b.values()):
-      iv = bootstrap(name, xa, yb, num_resamples, level=level, key=key, **options)
-      low[i, j], high[i, j] = iv.low, iv.high
-  return low, high
+  resamples (one key), so the intervals of two cells are jointly drawn; within one
+  model a symmetric measure's lower triangle mirrors the upper one."""
+  cells = measures_lib.map_cells(name, acts_a, acts_b, lambda x, y: bootstrap(
+      name, x, y, num_resamples, level=level, key=key, **options))
+  return (np.asarray([[c.low for c in row] for row in cells], np.float64),
+          np.asarray([[c.high for c in row] for row in cells], np.float64))

@@ -375,6 +375,22 @@ def _degenerate_cca(m: Measure, n: int, dims_x: Sequence[int], dims_y: Sequence[
         checks.SimilarityWarning, stacklevel=3)
 
 
+def map_cells(name: str, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None,
+              fn: Callable[[Any, Any], Any]) -> list[list[Any]]:
+  """fn(x, y) for every cell of the ``len(acts_a) x len(acts_b)`` grid, as rows of a
+  nested list. `acts_b` None is A with itself; then a symmetric measure's lower
+  triangle mirrors the upper one instead of being computed again."""
+  within = acts_b is None
+  xs = list(acts_a.values())
+  ys = xs if within else list(acts_b.values())
+  mirror = within and get(name).symmetric
+  out: list[list[Any]] = [[None] * len(ys) for _ in xs]
+  for i, x in enumerate(xs):
+    for j, y in enumerate(ys):
+      out[i][j] = out[j][i] if mirror and j < i else fn(x, y)
+  return out
+
+
 def matrix(name: str, acts_a: Mapping[str, jax.Array],
            acts_b: Mapping[str, jax.Array] | None = None, *, label_a: str = "model A",
            label_b: str = "model B", max_bytes: int = 1 << 30, **overrides: Any
