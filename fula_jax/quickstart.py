@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import data, errors, io, results
+from fula_jax import analysis, data, errors, io, results
 from fula_jax.train import checkpoint, loop
 
 
@@ -182,20 +182,13 @@ def write_report(workdir, summary: dict[str, Any], saved: dict[str, results.Matr
   io.write_text(workdir / REPORT_FILE, "\n".join(lines))
 
 
-def _diag_mean(m: results.Matrix) -> float:
-  """Mean over matching relative depths: row i against col round(i * (L_B-1)/(L_A-1))."""
-  la, lb = m.matrix.shape
-  idx = np.round(np.linspace(0, lb - 1, la)).astype(int)
-  return float(np.nanmean(m.matrix[np.arange(la), idx]))
-
-
 def _summary(saved, sum_a, sum_b, name_a, name_b) -> dict[str, Any]:
   rows = []
   for key, m in sorted(saved.items()):
     if key.startswith("stitch_") and not key.endswith(("/accuracy", "/relative_accuracy")):
       continue
     rows.append({"matrix": key, "mean": float(np.nanmean(m.matrix)),
-                 "depth_matched_mean": _diag_mean(m),
+                 "depth_matched_mean": analysis.depth_matched_mean(m),
                  "nan_cells": int(np.isnan(m.matrix).sum()),
                  "shape": list(m.matrix.shape)})
   return {"model_a": {"name": name_a, "test_accuracy": sum_a["test_accuracy"]},

@@ -27,9 +27,12 @@ from jax.sharding import Mesh
 from fula_jax import registry
 from fula_jax.progress import Progress
 from fula_jax.stitching import maps, plan as plan_lib, settings
+from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import store as store_lib
 from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
+
+NOT_REQUESTED = "not among the requested cells (stitch.pairs, rows, cols)"
 
 
 @dataclasses.dataclass
@@ -52,12 +55,25 @@ class SweepResult:
     for obj, measures in self.values.items():
       for measure, m in measures.items():
         name = f"stitch_{obj}/{measure}"
-        meta = dict(self.meta, objective=obj, reasons=self.reasons.get(obj, {}),
-                    end_accuracy=self.end_accuracy)
+        meta = dict(self.meta, objective=obj, end_accuracy=self.end_accuracy,
+                    reasons=self._reasons(obj, measure, m))
         out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
                                    cols=list(self.cols), measure=name, model_a=model_a,
                                    model_b=model_b, meta=meta)
     return out
+
+
+  def _reasons(self, obj: str, measure: str, m: np.ndarray) -> dict[str, str]:
+    """Why each NaN cell of one matrix is NaN: the cell's own reason, else the
+    measure's (e.g. no training loss for a closed-form map)."""
+    cell = self.reasons.get(obj, {})
+    why = dict(cell)
+    undefined = measures_lib.UNDEFINED.get(measure) or "not defined for this cell"
+    for a, b in np.argwhere(np.isnan(np.asarray(m, np.float64))):
+      key = plan_lib.cell_key(self.rows[a], self.cols[b])
+      if key not in why:
+        why[key] = f"{measure}: {undefined}"
+    return why
 
 
 def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
@@ -162,6 +178,7 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     for a, r in enumerate(rows):
       for b, c in enumerate(cols):
         if (r, c) not in requested:
+          why[plan_lib.cell_key(r, c)] = NOT_REQUESTED
           continue
         if (r, c) in unstitchable:
           why[plan_lib.cell_key(r, c)] = unstitchable[(r, c)]

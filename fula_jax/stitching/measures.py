@@ -46,8 +46,10 @@ class Readout:
 
 
 class Measure:
-  """Base: no device terms; `value` must be defined."""
+  """Base: no device terms; `value` must be defined. `undefined` says when the value is
+  NaN on a stitch that ran fine (stored as that cell's reason)."""
   name = "measure"
+  undefined = ""
 
   def terms(self, b: Batch) -> dict[str, jax.Array]:
     return {}
@@ -74,6 +76,7 @@ class Accuracy(Measure):
 class RelativeAccuracy(Measure):
   """Stitched accuracy divided by the end model's own (1 = nothing lost)."""
   name = "relative_accuracy"
+  undefined = "the end model's own accuracy is 0"
 
   def value(self, r):
     acc = Accuracy().value(r)
@@ -96,6 +99,7 @@ class Loss(Measure):
 class TrainLoss(Measure):
   """Mean training loss over the last epoch of training (NaN when not trained)."""
   name = "train_loss"
+  undefined = "not trained: the map was fitted in closed form (DM) with no training epochs"
 
   def value(self, r):
     return np.asarray(r.train_loss, np.float64)
@@ -120,6 +124,7 @@ class DMError(Measure):
 class PGDAccuracy(Measure):
   """Accuracy of the stitched model under the sweep's PGD attack."""
   name = "pgd_accuracy"
+  undefined = "no PGD attack was run on this cell"
 
   def value(self, r):
     if r.pgd_accuracy is None:
@@ -159,6 +164,8 @@ class JSD(Measure):
 class ErrorConsistency(Measure):
   """Error consistency (Geirhos et al. 2020) of the stitched model with the end model."""
   name = "error_consistency"
+  undefined = ("kappa is undefined: the agreement expected by chance is 1 (both models "
+               "always right or both always wrong)")
 
   def terms(self, b):
     label = b.shared["label"]
@@ -177,6 +184,7 @@ MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLo
                                  DMError(), PGDAccuracy(), Disagreement(), JSD(),
                                  ErrorConsistency())
 NAMES = tuple(m.name for m in MEASURES)
+UNDEFINED = {m.name: m.undefined for m in MEASURES}
 # Measures whose non-finite value marks a stitch as diverged.
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")
 
