@@ -35,6 +35,7 @@ setup(
     ],
     extras_require={
         "torch": ["torch>=2.1"],  # reading PyTorch checkpoints (.pt, .pth, .ckpt)
-        "test": ["pytest>=8.0", "pytest-xdist>=3.0", "torch>=2.1", "torchvision>=0.16", "timm>=1.0"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.0", "torch>=2.1", "torchvision>=0.16", "timm>=1.0",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
 )

@@ -1,6 +1,6 @@
-"""Test set-up: 8 fake CPU devices (so sharding is exercised), quiet TensorFlow, and the
+"""Test set-up: 8 fake CPU devices (so sharding is exercised), quiet TensorFlow, the
 repository root on sys.path so tests import `experiments.*` and `configs.*` as the
-study jobs do."""
+study jobs do, and shared fixtures (a model workdir factory, a notebook runner)."""
 
 import os
 import pathlib
@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-fula-jax-tfds")  # never download
 
 _REPO = str(pathlib.Path(__file__).resolve().parents[1])
+NOTEBOOKS = pathlib.Path(_REPO) / "notebooks"
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
@@ -47,3 +48,37 @@ def model_workdir():
     return str(path)
 
   return make
+
+
+@pytest.fixture(scope="session")
+def run_notebook():
+  """Factory: execute ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel whose
+  working directory is `cwd`, as a user would, after appending `params` to its cell
+  tagged 'parameters' (papermill's convention; only names that cell assigns). Any cell
+  error fails the test with that cell's traceback. Returns the executed notebook.
+
+  The kernel sees one CPU device, as on a Colab CPU runtime."""
+
+  def run(name, cwd, *, timeout=600, **params):
+    import ast
+
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    declared = {t.id for node in ast.parse(cell.source).body
+                if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)}
+    unknown = sorted(set(params) - declared)
+    if unknown:
+      raise KeyError(f"{name}.ipynb has no parameter {unknown}; it has {sorted(declared)}.")
+    if params:
+      cell.source += "\n# set by the test\n" + "\n".join(
+          f"{k} = {v!r}" for k, v in params.items())
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=env)
+    return nb
+
+  return run

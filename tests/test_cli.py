@@ -4,6 +4,7 @@ working directory, and user errors that end in one line and exit status 2."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fula_jax import io, main, results
+from fula_jax import analysis, io, main, results
 from fula_jax.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +45,23 @@ def test_resolve_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatc
     io.resolve("")
 
 
-def test_quickstart_from_another_directory_with_a_relative_workdir(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
   """The README's first command, but :tiny, from a directory that is not the
-  repository, with a relative config path and a relative workdir holding a space."""
-  cwd = tmp_path / "somewhere else"
+  repository, with a relative config path and a relative workdir holding a space.
+  Returns (cwd, workdir)."""
+  cwd = tmp_path_factory.mktemp("cli") / "somewhere else"
   cwd.mkdir()
   config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
   proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
                  "--workdir=runs/quick start"], cwd)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, (out + err)[-4000:]
+  return cwd, cwd / "runs" / "quick start"
 
+
+def test_quickstart_from_another_directory_with_a_relative_workdir(quickstart, monkeypatch):
+  cwd, _ = quickstart
   monkeypatch.chdir(cwd)  # everything below reads through relative paths
   mats = results.load("runs/quick start")
   assert {"cka_linear_debiased", "stitch_tlm/accuracy", "stitch_slm/accuracy",
@@ -79,6 +86,56 @@ def test_quickstart_from_another_directory_with_a_relative_workdir(tmp_path, mon
   for m in mats.values():
     title = m.title()
     assert title.count("seed 0") == 1 and title.count("seed 1") == 1, title
+
+
+def test_every_nan_cell_of_the_quickstart_has_its_reason(quickstart):
+  mats = results.load(quickstart[1])
+  nans = analysis.all_nan_cells(mats)
+  assert len(nans) and (nans["reason"] != analysis.NO_REASON).all(), (
+      nans[nans["reason"] == analysis.NO_REASON])
+  # The stitching matrices mark the pooled-vector / map cells, every objective alike.
+  unstitchable = nans[nans["reason"].str.contains("Cannot stitch")]
+  assert set(unstitchable["layer_a"] + "->" + unstitchable["layer_b"]) == {
+      "conv1->pool", "conv2->pool", "pool->conv1", "pool->conv2"}
+  dm_loss = analysis.nan_cells(mats["stitch_dm/train_loss"])
+  assert dm_loss["reason"].str.contains("closed form").sum() == 5  # the stitchable cells
+
+
+def test_explore_results_notebook_on_two_quickstart_runs(quickstart, tmp_path, run_notebook):
+  """notebooks/explore_results.ipynb on the quickstart's workdir diffed against a second
+  run in which model B is retrained with another seed (model A and the compiled
+  programs are reused, so the second run is short)."""
+  cwd, first = quickstart
+  second = cwd / "runs" / "other seed"
+  shutil.copytree(first / "models" / "a_cnn", second / "models" / "a_cnn")
+  config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
+  proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
+                 "--workdir=runs/other seed", "--config.model_b.seed=2",
+                 f"--config.stitch.compilation_cache={first / 'stitch' / 'compilation_cache'}"],
+                cwd)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, (out + err)[-4000:]
+  nb = run_notebook("explore_results", cwd, WORKDIR="runs/quick start",
+                    OTHER_WORKDIR="runs/other seed", LABELS=("seed 1", "seed 2"))
+  text = _outputs_text(nb)
+  assert f"{len(results.load(first))} matrices in runs/quick start" in text
+  for shown in ("Spearman(cka_linear_debiased, accuracy)", "closed form",  # NaN reasons
+                "max_abs_difference", "mean_this"):
+    assert shown in text, shown
+  assert _figures(nb) >= 6  # overview, depth lines, scatter, three difference maps
+
+
+def _outputs_text(nb) -> str:
+  parts = []
+  for cell in nb.cells:
+    for o in cell.get("outputs", []):
+      parts.append(o.get("text", ""))
+      parts.append(o.get("data", {}).get("text/plain", ""))
+  return "\n".join(parts)
+
+
+def _figures(nb) -> int:
+  return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +232,21 @@ def test_verbose_shows_user_error_tracebacks_and_bugs_keep_theirs(tmp_path):
   _, err, rc = out["bug"]
   assert rc == 1 and "Traceback" in err and "ZeroDivisionError" in err
   assert ERROR_PREFIX not in err
+
+
+def test_readme_results_in_colab_example_runs(quickstart, tmp_path, monkeypatch):
+  """The README's "Results in Colab" block, on the quickstart's workdir (as
+  workdirs/quickstart) and itself as the other run."""
+  import re
+  readme = (REPO / "README.md").read_text()
+  section = readme[readme.index("## Results in Colab"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  (tmp_path / "workdirs").mkdir()
+  for name in ("quickstart", "other"):
+    (tmp_path / "workdirs" / name).symlink_to(quickstart[1], target_is_directory=True)
+  monkeypatch.chdir(tmp_path)
+  scope: dict = {}
+  exec(compile(code, "README.md", "exec"), scope)
+  assert scope["m"].measure == "cka_linear_debiased"
+  table = scope["analysis"].diff(scope["mats"], results.load("workdirs/other"))
+  assert (table["max_abs_difference"].dropna() == 0).all()

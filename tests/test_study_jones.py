@@ -3,7 +3,8 @@
 One run trains a 2-architecture x 2-eps zoo into a temporary workdir; the checks
 recompute what the study stored from the saved models, pairs and inverted images with
 NumPy (linear CKA from its published formula, the inversion loss), parse report.md
-against the loaded matrices, and rerun the study to see that no model is retrained.
+against the loaded matrices, and rerun the study (from notebooks/reproduce_jones.ipynb,
+as a Colab user would) to see that no model is retrained.
 """
 
 from __future__ import annotations
@@ -175,24 +176,6 @@ def test_report_numbers_match_loaded_matrices(tiny_run):
   assert out["trend"]["inverted_cka"]["rises"] == rises
 
 
-def test_rerun_reuses_models_and_reproduces_matrices(tiny_run):
-  config, workdir, _ = tiny_run
-  summaries = sorted((workdir / "models").glob("*/summary.json"))
-  assert len(summaries) == len(config.architectures) * len(config.eps)
-  before = {p: p.stat().st_mtime_ns for p in summaries}
-  ckpts_before = sorted(str(p) for p in (workdir / "models").glob("*/checkpoints/*"))
-  first = results.load(workdir)
-  out = study.run(config, str(workdir))
-  assert out["trained"] == []
-  assert len(out["reused"]) == len(summaries)
-  assert {p: p.stat().st_mtime_ns for p in summaries} == before
-  assert sorted(str(p) for p in (workdir / "models").glob("*/checkpoints/*")) == ckpts_before
-  second = results.load(workdir)
-  assert sorted(first) == sorted(second)
-  for name in first:
-    np.testing.assert_allclose(second[name].matrix, first[name].matrix, atol=1e-6)
-
-
 def test_refuses_mismatched_model_and_bad_grid(tiny_run):
   config, workdir, _ = tiny_run
   with pytest.raises(ValueError, match="adversarial.eps"):
@@ -206,3 +189,44 @@ def test_refuses_mismatched_model_and_bad_grid(tiny_run):
   bad.eps = (0.0, 0.0)
   with pytest.raises(ValueError, match="distinct"):
     study.run(bad, str(workdir / "bad"))
+
+
+def test_reproduce_jones_notebook_draws_this_run_beside_the_paper(tiny_run, run_notebook):
+  """notebooks/reproduce_jones.ipynb on the finished study: its table of off-diagonal
+  means is the one recomputed here, and the figures are drawn."""
+  config, workdir, _ = tiny_run
+  nb = run_notebook("reproduce_jones", workdir.parent, WORKDIR=str(workdir),
+                    RUN_IF_MISSING=False)
+  mats = results.load(workdir)
+  table = next(o["data"]["text/plain"] for c in nb.cells for o in c.get("outputs", [])
+               if "inverted_cka" in o.get("data", {}).get("text/plain", ""))
+  for e in config.eps:
+    for measure in ("inverted_cka", "natural_cka"):
+      m = mats[study.result_name(e, measure)].matrix
+      assert f"{study.offdiag_mean(m):.6f}" in table, (e, measure, table)
+  figures = sum("image/png" in o.get("data", {}) for c in nb.cells
+                for o in c.get("outputs", []))
+  assert figures == 2  # the curve against eps, the matrices at both ends
+
+
+def test_reproduce_jones_notebook_reruns_the_study_reusing_its_models(tiny_run, tmp_path,
+                                                                      run_notebook):
+  """With no results in WORKDIR the notebook runs the study itself. Given the finished
+  models it must reuse every one (nothing retrained, no new checkpoint) and write the
+  same matrices as the first run."""
+  import shutil
+  config, workdir, _ = tiny_run
+  models_dir = tmp_path / "jones" / "models"
+  shutil.copytree(workdir / "models", models_dir)
+  summaries = sorted(models_dir.glob("*/summary.json"))
+  assert len(summaries) == len(config.architectures) * len(config.eps)
+  before = {p: p.stat().st_mtime_ns for p in summaries}
+  ckpts_before = sorted(str(p) for p in models_dir.glob("*/checkpoints/*"))
+
+  run_notebook("reproduce_jones", tmp_path, WORKDIR="jones", RUN_IF_MISSING=True)
+  assert {p: p.stat().st_mtime_ns for p in summaries} == before
+  assert sorted(str(p) for p in models_dir.glob("*/checkpoints/*")) == ckpts_before
+  first, second = results.load(workdir), results.load(tmp_path / "jones")
+  assert sorted(first) == sorted(second)
+  for name in first:
+    np.testing.assert_allclose(second[name].matrix, first[name].matrix, atol=1e-6)
