@@ -49,19 +49,23 @@ def test_resolve_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatc
 def quickstart(tmp_path_factory):
   """The README's first command, but :tiny, from a directory that is not the
   repository, with a relative config path and a relative workdir holding a space.
-  Returns (cwd, workdir)."""
-  cwd = tmp_path_factory.mktemp("cli") / "somewhere else"
+  Returns (cwd, workdir, env): env holds the JAX compilation cache it filled, for a
+  second run to reuse."""
+  root = tmp_path_factory.mktemp("cli")
+  cwd = root / "somewhere else"
   cwd.mkdir()
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
   proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
-                 "--workdir=runs/quick start"], cwd)
+                 "--workdir=runs/quick start"], cwd, **cache)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, (out + err)[-4000:]
-  return cwd, cwd / "runs" / "quick start"
+  return cwd, cwd / "runs" / "quick start", cache
 
 
 def test_quickstart_from_another_directory_with_a_relative_workdir(quickstart, monkeypatch):
-  cwd, _ = quickstart
+  cwd = quickstart[0]
   monkeypatch.chdir(cwd)  # everything below reads through relative paths
   mats = results.load("runs/quick start")
   assert {"cka_linear_debiased", "stitch_tlm/accuracy", "stitch_slm/accuracy",
@@ -105,14 +109,12 @@ def test_explore_results_notebook_on_two_quickstart_runs(quickstart, tmp_path, r
   """notebooks/explore_results.ipynb on the quickstart's workdir diffed against a second
   run in which model B is retrained with another seed (model A and the compiled
   programs are reused, so the second run is short)."""
-  cwd, first = quickstart
+  cwd, first, cache = quickstart
   second = cwd / "runs" / "other seed"
   shutil.copytree(first / "models" / "a_cnn", second / "models" / "a_cnn")
   config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
   proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
-                 "--workdir=runs/other seed", "--config.model_b.seed=2",
-                 f"--config.stitch.compilation_cache={first / 'stitch' / 'compilation_cache'}"],
-                cwd)
+                 "--workdir=runs/other seed", "--config.model_b.seed=2"], cwd, **cache)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, (out + err)[-4000:]
   nb = run_notebook("explore_results", cwd, WORKDIR="runs/quick start",

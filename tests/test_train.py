@@ -19,8 +19,19 @@ from fula_jax.train import checkpoint, loop
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _main(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _env(cache: Path | None = None) -> dict[str, str]:
+  """One device; with `cache`, JAX's persistent compilation cache shared by the runs of
+  one test (they compile the same programs; results do not depend on it)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return env
+
+
+def _main(*args: str, timeout: float = 240, cache: Path | None = None
+          ) -> subprocess.CompletedProcess:
+  env = _env(cache)
   return subprocess.run([sys.executable, "-m", "fula_jax.main", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -68,15 +79,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   common = ["--config=configs/train.py:runlocal", "--config.train.num_steps=60",
             "--config.train.checkpoint_every_steps=10", "--config.train.batch_size=64",
             "--config.model.kwargs.widths=(8,16)"]
+  cache = tmp_path / "compilation_cache"
   # Uninterrupted reference run.
-  ref = _main(*common, f"--workdir={tmp_path / 'ref'}")
+  ref = _main(*common, f"--workdir={tmp_path / 'ref'}", cache=cache)
   assert ref.returncode == 0, ref.stderr[-3000:]
 
   # Interrupted run: SIGKILL once a mid-run checkpoint exists, then rerun.
   work = tmp_path / "killed"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen([sys.executable, "-m", "fula_jax.main", *common,
-                           f"--workdir={work}"], cwd=REPO, env=env,
+                           f"--workdir={work}"], cwd=REPO, env=_env(cache),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -89,7 +100,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and max(steps) < 60, steps
 
-  resumed = _main(*common, f"--workdir={work}")
+  resumed = _main(*common, f"--workdir={work}", cache=cache)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   summary = checkpoint.io.read_json(work / "summary.json")
   assert 0 < summary["resumed_from"] < 60
