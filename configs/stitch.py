@@ -25,8 +25,13 @@ Launch (train the models first with configs/train.py):
   ... --config=configs/stitch.py:objectives=fula+dm --config.stitch.fula.squared=True \
       --config.stitch.fula.normalise=batch
 
+  # accuracy against stitch capacity: one matrix per (objective, map), each resumable
+  ... --config.stitch.map=identity,permutation,orthogonal,lowrank,affine,mlp \
+      --config.stitch.map_options.rank=4
+
 An interrupted sweep resumes from <workdir>/stitch and recomputes nothing finished.
-Matrices go to <workdir>/results/stitch_<objective>_<measure>.{npz,json,csv,png};
+Matrices go to <workdir>/results/stitch_<objective>_<measure>.{npz,json,csv,png}
+(stitch_<objective>@<map>/<measure> for maps other than the default affine one);
 load them in Colab with `fula_jax.results.load(workdir)`.
 
 Expected time: runlocal (digits, two small CNNs, 4 objectives, ~16 cells) about a minute

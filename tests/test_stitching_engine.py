@@ -9,7 +9,7 @@ import pytest
 
 from fula_jax import models, sharding, stitching
 from fula_jax.similarity import outputs
-from fula_jax.stitching import maps, programs, testing
+from fula_jax.stitching import maps, stacks, testing
 
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False)
 
@@ -219,7 +219,7 @@ def test_eval_sets_score_every_stitch_on_extra_test_sets(tmp_path, digits, mlp, 
 
 
 def test_random_init_is_fan_in_and_per_cell():
-  p = programs.random_init([300, 300, 300], 200, 300, 0, [1, 2, 1])
+  p = stacks.random_init([300, 300, 300], 200, 300, 0, [1, 2, 1])
   assert p["kernel"].shape == (3, 300, 200) and not p["bias"].any()
   assert abs(float(np.var(p["kernel"][0])) * 300 - 1.0) < 0.05
   assert np.abs(p["kernel"]).max() <= 2.0 / 0.8796 / np.sqrt(300) + 1e-6

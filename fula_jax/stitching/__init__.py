@@ -1,6 +1,7 @@
-"""Model stitching: maps, the four objectives (TLM, SLM, DM, FuLA) as values, least
-squares, and the sweep engine that computes whole L_A x L_B matrices:
-plan (pure) -> store (resume) -> programs -> measures (one protocol) -> api.
+"""Model stitching: maps and their capacity ladder, the objectives (TLM, SLM, DM, FuLA,
+FFM) as values, least squares, and the sweep engine that computes whole L_A x L_B
+matrices: plan (pure) -> store (resume) -> stacks, programs -> measures (one protocol)
+-> api.
 
 Colab use, with any two models that follow the model protocol and data in memory::
 

@@ -31,6 +31,7 @@ class Stats(NamedTuple):
   mean_t: jax.Array  # (D,)
   cxx: jax.Array     # (C, C) sum of centred outer products
   cxt: jax.Array     # (C, D)
+  ctt: jax.Array     # (D,) sum of squared centred targets (the permutation map's scale)
 
 
 def rows(a: jax.Array) -> jax.Array:
@@ -41,7 +42,7 @@ def rows(a: jax.Array) -> jax.Array:
 def empty(c: int, d: int) -> Stats:
   z = jnp.zeros
   return Stats(z((), jnp.float32), z((c,), jnp.float32), z((d,), jnp.float32),
-               z((c, c), jnp.float32), z((c, d), jnp.float32))
+               z((c, c), jnp.float32), z((c, d), jnp.float32), z((d,), jnp.float32))
 
 
 def batch_stats(x: jax.Array, t: jax.Array, weights: jax.Array | None = None) -> Stats:
@@ -58,7 +59,8 @@ def batch_stats(x: jax.Array, t: jax.Array, weights: jax.Array | None = None) ->
   tc = t - mt
   cxx = jnp.einsum("nc,ne->ce", xc, x - mx, precision=_HI)
   cxt = jnp.einsum("nc,nd->cd", xc, tc, precision=_HI)
-  return Stats(n, mx, mt, cxx, cxt)
+  ctt = jnp.einsum("n,nd->d", w, jnp.square(tc), precision=_HI)
+  return Stats(n, mx, mt, cxx, cxt, ctt)
 
 
 def merge(a: Stats, b: Stats) -> Stats:
@@ -73,7 +75,8 @@ def merge(a: Stats, b: Stats) -> Stats:
       mean_x=a.mean_x + dx * frac_b,
       mean_t=a.mean_t + dt * frac_b,
       cxx=a.cxx + b.cxx + scale * jnp.outer(dx, dx),
-      cxt=a.cxt + b.cxt + scale * jnp.outer(dx, dt))
+      cxt=a.cxt + b.cxt + scale * jnp.outer(dx, dt),
+      ctt=a.ctt + b.ctt + scale * jnp.square(dt))
 
 
 def psum_stats(b: Stats, axis_name: str) -> Stats:
@@ -85,7 +88,7 @@ def psum_stats(b: Stats, axis_name: str) -> Stats:
   mt = psum(b.n * b.mean_t) / safe
   dx, dt = b.mean_x - mx, b.mean_t - mt
   return Stats(n, mx, mt, psum(b.cxx + b.n * jnp.outer(dx, dx)),
-               psum(b.cxt + b.n * jnp.outer(dx, dt)))
+               psum(b.cxt + b.n * jnp.outer(dx, dt)), psum(b.ctt + b.n * jnp.square(dt)))
 
 
 def update(stats: Stats, x: jax.Array, t: jax.Array,

@@ -37,6 +37,7 @@ Parameters are a plain pytree ``{'kernel': (C_in, C_out), 'bias': (C_out,)}``, p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -46,6 +47,7 @@ import numpy as np
 
 from fula_jax import registry
 from fula_jax.errors import UserError
+from fula_jax.stitching import ladder
 
 KINDS = ("conv", "tokens", "dense", "conv_to_tokens", "tokens_to_conv")
 C2T = ("pool", "learned")  # prefix tokens of a target that the source lacks
@@ -252,14 +254,17 @@ def affine_first(spec: MapSpec) -> bool:
   return math.prod(_src_grid(spec)) < math.prod(_dst_grid(spec))
 
 
-def apply(spec: MapSpec, params: Params, x: jax.Array) -> jax.Array:
-  """The stitch ``T_theta``: (B, *src_shape) -> (B, *dst_shape)."""
+def apply(spec: MapSpec, params: Params, x: jax.Array, form: str = "affine"
+          ) -> jax.Array:
+  """The stitch ``T_theta``: (B, *src_shape) -> (B, *dst_shape), its feature map one
+  of :mod:`.ladder`'s forms (a linear one runs at the cheaper resolution)."""
   if x.shape[1:] != spec.src_shape:
     raise ValueError(f"Stitch {spec.describe()} got an input of shape {x.shape}.")
-  if affine_first(spec):
-    z = relayout(spec, affine(params, x))
+  feature = affine if form == "affine" else functools.partial(ladder.apply, form)
+  if form in ladder.LINEAR and affine_first(spec):
+    z = relayout(spec, feature(params, x))
   else:
-    z = affine(params, relayout(spec, x))
+    z = feature(params, relayout(spec, x))
   learned = spec.learned_prefix
   if learned:
     first = spec.dst_prefix - learned

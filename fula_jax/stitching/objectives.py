@@ -302,6 +302,21 @@ class FuLA(Objective):
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class FFM(FuLA):
+  """Final-feature matching, following the idea of Mai et al. (CVPR 2026), whose exact
+  recipe is not public: the stitch is trained to match g's penultimate features (its
+  last stitch point) only, through g's tail from j; FuLA's normalised error there."""
+  name = "ffm"
+  C: float = 1.0
+
+  def last_point(self, points_b: Sequence[str], j: str) -> str:
+    return points_b[-1]
+
+  def layers(self, points_b: Sequence[str], j: str) -> list[str]:
+    return [points_b[-1]]
+
+
 def parse_fula_c(c: Any) -> float | tuple:
   """FuLA's C_l from a config: 1 -> 1.0; '1,1,0.5' -> (1, 1, 0.5) (one per point of g);
   'conv1=2,pool=0' or {'conv1': 2, 'pool': 0} -> (('conv1', 2.0), ('pool', 0.0))."""
@@ -338,6 +353,8 @@ OBJECTIVES: dict[str, Callable[[Mapping[str, Any]], Objective]] = {
     "slm": lambda cfg: SLM(tau=float(cfg.get("slm", {}).get("tau", 1.0))),
     "dm": lambda cfg: _dm_from(cfg.get("dm", {})),
     "fula": lambda cfg: _fula_from(cfg.get("fula", {})),
+    "ffm": lambda cfg: FFM(squared=bool(cfg.get("ffm", {}).get("squared", False)),
+                           normalise=str(cfg.get("ffm", {}).get("normalise", "example"))),
 }
 
 

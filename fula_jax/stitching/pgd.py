@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from fula_jax import attacks
 from fula_jax.stitching import maps
 from fula_jax.stitching.programs import BATCH, UnitContext, on_mesh
+from fula_jax.stitching.stacks import own_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,8 @@ def pgd_correct(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, st
     def logits_of(p, k, images):
       acts = ctx.model_a.apply(vars_a, images, end=deepest, train=False,
                                capture=True)[1]
-      branches = [functools.partial(_stitched_front, spec=spec, point=pt, p=p)
+      branches = [functools.partial(_stitched_front, spec=spec, point=pt, p=p,
+                                    form=u.form)
                   for spec, pt in zip(specs, ctx.points)]
       z = jax.lax.switch(k, branches, acts)
       return u.model_b.apply(vars_b, z, start=u.end, train=False)
@@ -81,8 +83,5 @@ def pgd_correct(params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, st
       params, which, keys, vars_a, vars_b, x, y, mask, offset, eps, step_size)
 
 
-def _stitched_front(acts, *, spec, point, p):
-  own = {"kernel": p["kernel"][:spec.in_features], "bias": p["bias"]}
-  if spec.learned_prefix:
-    own["cls"] = p["cls"][:spec.learned_prefix]
-  return maps.apply(spec, own, acts[point])
+def _stitched_front(acts, *, spec, point, p, form):
+  return maps.apply(spec, own_params(p, spec), acts[point], form)

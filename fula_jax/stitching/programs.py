@@ -10,9 +10,8 @@ Inside a unit's program each stitch maps its own front (f's activation at its po
 replicated from the donor pass) onto the end point's grid with its own shapes -- the
 affine map before an upsampling resize and after a downsampling one, the cheaper order
 -- so stitches from fronts of every shape share the program without padding any
-activation; then, under `jax.vmap` over the stitches, g's tail runs (only as far as the
-objective reads). Stitch parameters are stored padded to the unit's widest front
-(rows a front does not have are never read, so they stay zero). The programs are
+activation (a nonlinear map of :mod:`.ladder` runs after the resize); then, under `jax.vmap` over the stitches, g's tail runs (only as far as the
+objective reads). Stitch parameters are stacks padded to the unit's widest front (:mod:`.stacks`). The programs are
 `shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the batch
 axis (gradients averaged, sums reduced) and, when a unit must, its stitches over the
 stitch axis (each device then runs the tails of its own stitches). Donor variables are
@@ -32,7 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fula_jax.models.base import LOGITS
-from fula_jax.stitching import lstsq, maps
+from fula_jax.stitching import ladder, lstsq, maps, stacks
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching.objectives import Objective, Where
 
@@ -61,37 +60,12 @@ def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
                tx: optax.GradientTransformation) -> StitchState:
   """Host-side (NumPy) initial state for stacked `params` (leading stitch axis)."""
   params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-  opt = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
-                               jax.eval_shape(jax.vmap(tx.init), params))
   s = steps.shape[0]
+  opt = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                               jax.eval_shape(jax.vmap(tx.init, axis_size=s), params))
   return StitchState(params, opt, np.asarray(steps, np.int32), np.asarray(lr, np.float32),
                      np.zeros((s,), bool), np.full((s,), -1, np.int32),
                      np.zeros((s,), np.float32), np.zeros((s,), np.float32))
-
-
-def random_init(c_ins: Sequence[int], c_out: int, width: int, seed: int,
-                salts: Sequence[int], learned_prefix: int = 0) -> dict[str, np.ndarray]:
-  """Stacked fan-in inits (LeCun normal: a normal truncated at two standard deviations,
-  rescaled to variance 1 / fan_in; zero bias), rows beyond each front's width zero.
-
-  Stitch s draws from ``np.random.default_rng([seed, salts[s]])`` whatever else is
-  stacked with it, so an init depends on its cell alone, not on grouping or devices.
-  Learned prefix tokens (`learned_prefix` rows of 'cls') start at zero.
-  """
-  kernels = np.zeros((len(salts), width, c_out), np.float32)
-  for k, (c_in, salt) in enumerate(zip(c_ins, salts)):
-    std = np.sqrt(1.0 / c_in) / 0.87962566103423978  # std of N(0,1) cut at +-2
-    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(salt)])
-    draw = rng.standard_normal((c_in, c_out))
-    bad = np.abs(draw) > 2.0
-    while bad.any():
-      draw[bad] = rng.standard_normal(int(bad.sum()))
-      bad = np.abs(draw) > 2.0
-    kernels[k, :c_in] = draw * std
-  out = {"kernel": kernels, "bias": np.zeros((len(salts), c_out), np.float32)}
-  if learned_prefix:  # learned class tokens start at zero
-    out["cls"] = np.zeros((len(salts), learned_prefix, c_out), np.float32)
-  return out
 
 
 def tail(model_b: Any, vars_b: Any, z: jax.Array, j: str, end: str
@@ -138,6 +112,15 @@ class UnitContext:
     return Where(self.end, self.points_b)
 
   @property
+  def form(self) -> str:
+    """The stitch map (:mod:`.ladder`) the objective trains: 'affine' unless mapped."""
+    return getattr(self.objective, "form", "affine")
+
+  @property
+  def form_options(self) -> dict[str, Any]:
+    return dict(ladder.DEFAULTS, **dict(getattr(self.objective, "options", ())))
+
+  @property
   def split(self) -> bool:
     """Whether each stitch's batch is split over devices (then it communicates)."""
     return self.mesh.shape[BATCH] > 1
@@ -160,17 +143,6 @@ class UnitContext:
     return tuple(dict.fromkeys((self.end,) + self.train_targets()))
 
 
-def stitch_params(params: dict[str, jax.Array], index: Any, spec: maps.MapSpec
-                  ) -> dict[str, jax.Array]:
-  """The maps of stitches `index` out of the padded stack: the kernel rows of their
-  front's features, and the learned prefix tokens they use."""
-  out = {"kernel": params["kernel"][index, :spec.in_features],
-         "bias": params["bias"][index]}
-  if spec.learned_prefix:
-    out["cls"] = params["cls"][index, :spec.learned_prefix]
-  return out
-
-
 def stitch_all(ctx: UnitContext, params, fronts: Sequence[jax.Array]) -> jax.Array:
   """(S, B, *end shape): every stitch's map of its own front, at the end point.
 
@@ -182,9 +154,9 @@ def stitch_all(ctx: UnitContext, params, fronts: Sequence[jax.Array]) -> jax.Arr
     groups.setdefault(spec, []).append(s)
   outs, order = [], []
   for spec, idx in groups.items():
-    p = stitch_params(params, np.asarray(idx), spec)
+    p = stacks.stitch_params(params, np.asarray(idx), spec)
     x = jnp.stack([fronts[s] for s in idx])
-    outs.append(jax.vmap(lambda p, x, spec=spec: maps.apply(spec, p, x))(p, x))
+    outs.append(jax.vmap(lambda p, x, spec=spec: maps.apply(spec, p, x, ctx.form))(p, x))
     order += idx
   z = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
   if order != sorted(order):
@@ -245,7 +217,9 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
       z = _local_stitches(ctx, stitch_all(ctx, params, fronts))
       losses = jax.vmap(lambda zs: objective.loss(
           tail(ctx.model_b, vars_b, zs, ctx.end, train_end), shared, where))(z)
-      return jnp.sum(losses), losses
+      penalty = _local_stitches(ctx, jax.vmap(
+          lambda p: ladder.penalty(ctx.form, p, ctx.form_options))(params))
+      return jnp.sum(losses) + jnp.sum(penalty), losses
 
     (_, loss), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
     loss = _gather_stitches(ctx, loss)
@@ -255,9 +229,10 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
       loss, grads = jax.lax.pmean((loss, grads), BATCH)
     weight = (step >= state.steps - window).astype(jnp.float32)
     updates, opt = jax.vmap(tx.update)(grads, state.opt, state.params)
-    new_params = jax.tree_util.tree_map(
-        lambda p, u: p - state.lr.reshape((-1,) + (1,) * (p.ndim - 1)) * u,
-        state.params, updates)
+    new_params = jax.vmap(functools.partial(ladder.project, ctx.form))(
+        jax.tree_util.tree_map(
+            lambda p, u: p - state.lr.reshape((-1,) + (1,) * (p.ndim - 1)) * u,
+            state.params, updates))
     active = step < state.steps
     finite = jnp.isfinite(loss) & jax.vmap(_all_finite)(new_params)
     fails = active & ~finite & ~state.diverged
@@ -369,4 +344,4 @@ def stats_zeros(size: int, c: int, d: int) -> lstsq.Stats:
   z = np.zeros
   return lstsq.Stats(z((size,), np.float32), z((size, c), np.float32),
                      z((size, d), np.float32), z((size, c, c), np.float32),
-                     z((size, c, d), np.float32))
+                     z((size, c, d), np.float32), z((size, d), np.float32))

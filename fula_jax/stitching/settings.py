@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from fula_jax import registry
 from fula_jax.errors import ConfigError
-from fula_jax.stitching import maps
+from fula_jax.stitching import ladder, maps
 from fula_jax.stitching import objectives as objectives_lib
 
 INITS = ("random", "lstsq")
@@ -122,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
       fula=dict(C="1",            # scalar, 'c1,c2,..' per point of g, or 'point=c,..'
                 k=config_dict.placeholder(str),  # last latent point (None: g's last)
                 squared=False, normalise="example", eps=1e-8),
+      ffm=dict(squared=False, normalise="example"),  # final-feature matching
+      map="affine",           # the stitch map (stitching/ladder.py), or a list of maps:
+                              # one matrix per (objective, map), '<objective>@<map>'
+      map_options=dict(rank=8, hidden=0, l1=0.0),  # lowrank rank, mlp hidden width
+                                                   # (0: max(C_in, C_out)), affine L1
       pgd=dataclasses.asdict(sci.pgd),
       c2t=sci.c2t,            # CLS tokens of a ViT target stitched from a map: 'pool'
                               # (mean of the map) | 'learned' (a learned token)
@@ -151,14 +156,15 @@ def resolve(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         raise registry.unknown(f"stitch setting {path}", k, base.keys())
       if isinstance(base[k], dict) and isinstance(v, Mapping) and k != "cell_lr":
         merge(base[k], v, f"{path}{k}.")
-      elif k == "objectives":
+      elif k in ("objectives", "map"):
         base[k] = list(v) if isinstance(v, (list, tuple)) else v
       else:
         base[k] = _plain(v)
 
   merge(full, _plain_top(cfg) if hasattr(cfg, "to_dict") else dict(cfg or {}), "")
-  if isinstance(full["objectives"], str):
-    full["objectives"] = [o for o in full["objectives"].replace(" ", "").split(",") if o]
+  for k in ("objectives", "map"):
+    if isinstance(full[k], str):
+      full[k] = [o for o in full[k].replace(" ", "").split(",") if o]
   return full
 
 
@@ -182,7 +188,12 @@ def parse_cell_lr(spec: Any) -> tuple[tuple[str, float], ...]:
 def make_objectives(cfg: Mapping[str, Any]) -> tuple[objectives_lib.Objective, ...]:
   """The objectives of a resolved config, as values (names are configured from the
   'slm', 'dm' and 'fula' blocks; `Objective` values are taken as they are)."""
-  objs = tuple(objectives_lib.get(o, cfg) for o in cfg["objectives"])
+  forms = list(cfg.get("map") or ["affine"])
+  if len(set(forms)) != len(forms):
+    raise ConfigError(f"Stitch maps must be distinct, got {forms}.")
+  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form,
+                                       cfg.get("map_options"))
+               for o in cfg["objectives"] for form in forms)
   names = [o.name for o in objs]
   if not objs:
     raise ConfigError("No stitching objectives: set objectives to some of "

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fula_jax import sharding
-from fula_jax.stitching import lstsq
+from fula_jax.stitching import ladder, lstsq, stacks
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 from fula_jax.stitching import pgd as pgd_lib
@@ -59,8 +59,7 @@ class Wave:
     self.sw = sweep
     self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
     sci = sweep.science
-    self.needs_init = sci.init == "lstsq" and any(
-        not sci.objective(r.unit.objective).closed_form for r in self.runs)
+    self.needs_init = any(self._lstsq_init(r) for r in self.runs)
     self.needs_dm = any(sci.objective(r.unit.objective).closed_form for r in self.runs)
     self.init_batches = (-(-sci.lstsq_examples // sweep.batch) if self.needs_init else 0)
     dm_examples = max([sci.objective(r.unit.objective).num_examples
@@ -71,6 +70,13 @@ class Wave:
     for r in self.runs:
       r.max_steps = sweep.stitch_steps(r.unit.objective) if r.unit.trains else 0
     self.train_steps = max([r.max_steps for r in self.runs] + [0])
+
+  def _lstsq_init(self, r: UnitRun) -> bool:
+    """Whether `r` starts from its map's closed form (init='lstsq', a trained map that
+    has one)."""
+    sci = self.sw.science
+    return (sci.init == "lstsq" and not sci.objective(r.unit.objective).closed_form
+            and r.ctx.form in ladder.CLOSED_FORM)
 
   # -- sizes
 
@@ -85,8 +91,7 @@ class Wave:
     jobs: dict[tuple, list[UnitRun]] = {}
     sci = self.sw.science
     for r in self.runs:
-      closed = sci.objective(r.unit.objective).closed_form
-      if closed or (self.needs_init and not closed):
+      if sci.objective(r.unit.objective).closed_form or self._lstsq_init(r):
         key = (r.unit.end, r.unit.padded_fronts, r.unit.width, r.unit.ways)
         jobs.setdefault(key, []).append(r)
     return jobs
@@ -172,7 +177,8 @@ class Wave:
     sw, u = self.sw, r.unit
     c_out = u.end_shape[-1]
     if params is None:
-      params = P.random_init([], c_out, u.width, 0, [0] * u.size, r.ctx.learned_prefix)
+      params = stacks.init_params(r.ctx.form, r.ctx.form_options, [], c_out, u.width, 0,
+                             [0] * u.size, r.ctx.learned_prefix)
     steps = np.zeros((u.size,), np.int32)
     if not zeros:
       steps[:len(u.fronts)] = r.max_steps
@@ -190,42 +196,45 @@ class Wave:
     jobs = []
     for runs in self.stats_jobs().values():
       r = runs[0]
-      jobs.append([r, sharding.put_tree(
+      jobs.append([runs, sharding.put_tree(
           P.stats_zeros(r.unit.size, r.unit.width, r.unit.end_shape[-1]), r.sharding)])
     init_sol, dm_sol = {}, {}
     for b, out in enumerate(sw.donor_stream(sw.train_stream(n_batches))):
       for job in jobs:
-        r = job[0]
+        r = job[0][0]
         job[1] = sw.call(P.lstsq_stats, job[1],
                          tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
                          out["acts_b"][r.unit.end], ctx=r.ctx)
       for count, sol in ((self.init_batches, init_sol), (self.dm_batches, dm_sol)):
         if b + 1 == count:
-          for r, st in jobs:
-            sol.update(self._solve(r.unit, sharding.fetch(st)))
+          for runs, st in jobs:
+            host = sharding.fetch(st)
+            for form, options in {_form_key(r): None for r in runs}:
+              sol.update(self._solve(runs[0].unit, host, form, dict(options)))
       progress.advance()
     return init_sol, dm_sol
 
-  def _solve(self, u: plan_lib.Unit, stats: lstsq.Stats) -> dict:
-    """Host float64 solutions per cell on each front's own features, padded."""
+  def _solve(self, u: plan_lib.Unit, stats: lstsq.Stats, form: str,
+             options: Mapping[str, Any]) -> dict:
+    """Host float64 closed forms of map `form` per cell, on each front's own features;
+    values ``(params, error)`` keyed ``(form, options, row, end)``."""
     ridge = self.sw.science.ridge
+    key = (form, tuple(sorted(options.items())))
+    opts = dict(ladder.DEFAULTS, **options)
     out = {}
     for s, (row, shape) in enumerate(zip(u.fronts, u.front_shapes)):
       c = shape[-1]
       one = lstsq.Stats(*(np.asarray(x)[s] for x in stats))
       one = one._replace(mean_x=one.mean_x[:c], cxx=one.cxx[:c, :c], cxt=one.cxt[:c])
-      kernel = np.zeros((u.width, u.end_shape[-1]), np.float32)
-      err = ""
+      sol, err = {}, ""
       try:
-        sol = lstsq.solve(one, ridge)
+        ladder.check(form, c, u.end_shape[-1], opts)
+        sol = ladder.fit_from_stats(form, one, ridge, opts)
         if not all(np.all(np.isfinite(v)) for v in sol.values()):
-          raise ValueError("non-finite least-squares solution")
-        kernel[:c] = sol["kernel"]
-        bias = sol["bias"]
+          raise ValueError("non-finite closed-form solution")
       except (ValueError, np.linalg.LinAlgError) as e:
-        err = f"least squares failed: {e}"
-        bias = np.zeros((u.end_shape[-1],), np.float32)
-      out[(row, u.end)] = ({"kernel": kernel, "bias": bias}, err)
+        sol, err = {}, f"closed form of the {form} map failed: {e}"
+      out[key + (row, u.end)] = (sol, err)
     return out
 
   def init_states(self, init_sol: Mapping, dm_sol: Mapping) -> None:
@@ -233,16 +242,20 @@ class Wave:
     for r in self.runs:
       u = r.unit
       obj = sci.objective(u.objective)
+      form, options = _form_key(r)
       salts = [plan_lib.cell_salt(f, u.end) for f in u.padded_fronts]
-      params = P.random_init([s[-1] for s in u.padded_shapes], u.end_shape[-1],
-                             u.width, sci.seed, salts, r.ctx.learned_prefix)
-      solutions = dm_sol if obj.closed_form else (init_sol if sci.init == "lstsq" else {})
+      params = stacks.init_params(form, r.ctx.form_options,
+                             [s[-1] for s in u.padded_shapes], u.end_shape[-1], u.width,
+                             sci.seed, salts, r.ctx.learned_prefix)
+      solutions = (dm_sol if obj.closed_form else
+                   init_sol if self._lstsq_init(r) else {})
       for s, row in enumerate(u.padded_fronts):
-        if (row, u.end) in solutions:
-          p, err = solutions[(row, u.end)]
-          params["kernel"][s], params["bias"][s] = p["kernel"], p["bias"]
-          if err and s < len(u.fronts):
-            r.failed[s] = err
+        sol, err = solutions.get((form, options, row, u.end), ({}, ""))
+        stacks.place(params, s, sol)
+        why = err or _inapplicable(obj, form, u.padded_shapes[s][-1], u.end_shape[-1],
+                                   r.ctx.form_options, r.max_steps)
+        if why and s < len(u.fronts):
+          r.failed[s] = why
       r.state = sharding.put_tree(self.initial_host_state(r, params), r.sharding)
 
   def train(self, progress) -> None:
@@ -346,11 +359,28 @@ class Wave:
         if sw.keep_params:
           spec = r.ctx.specs()[s]
           sw.kept_params[(r.unit.objective, row, r.unit.end)] = {
-              k: np.asarray(v) for k, v in P.stitch_params(params, s, spec).items()}
+              k: np.asarray(v) for k, v in stacks.stitch_params(params, s, spec).items()}
       sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
                      seconds=seconds, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
     return records
+
+
+def _form_key(r: UnitRun) -> tuple[str, tuple]:
+  """The map of `r` and the options that differ from the defaults (a solution's key)."""
+  return r.ctx.form, tuple(sorted(getattr(r.ctx.objective, "options", ())))
+
+
+def _inapplicable(obj: Any, form: str, c_in: int, c_out: int,
+                  options: Mapping[str, Any], steps: int) -> str:
+  """Why map `form` cannot give this cell a value ('' when it can)."""
+  try:
+    ladder.check(form, c_in, c_out, options)
+  except ValueError as e:
+    return str(e)
+  if getattr(obj, "unsolvable", "") and not steps:
+    return obj.unsolvable
+  return ""
 
 
 def _json(v: float) -> float | None:

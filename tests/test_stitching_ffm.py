@@ -1,0 +1,30 @@
+"""Final-feature matching (ffm): the stitch matches g's last point only."""
+
+import numpy as np
+
+from fula_jax import models, stitching
+from fula_jax.stitching import objectives, testing
+
+
+def test_ffm_matches_only_the_last_point_and_self_stitches_reach_own_accuracy():
+  points = ["fc1", "fc2", "fc3"]
+  ffm = objectives.get("ffm", {})
+  assert ffm.targets(points, "fc1") == ("fc3",) and ffm.train_end(points, "fc1") == "fc3"
+  assert objectives.get("fula", {}).targets(points, "fc1") == ("fc1", "fc2", "fc3")
+  train, test = testing.digits_splits(600, 200)
+  model = models.get_model("mlp", widths=(16, 16, 16))
+  v = testing.train_donor(model, train, steps=300, lr=3e-3)
+  own = testing.accuracy(model, v, test)
+  res = stitching.run_sweep(model, v, model, v, train, test, dict(
+      objectives=["ffm", "fula"], pairs="diagonal", steps=400, learning_rate=1e-2,
+      batch_size=100, eval_batch_size=100, progress=False))
+  assert np.all(np.diag(res.values["ffm"]["accuracy"]) >= own - 0.03)
+  # At the last point both objectives are the same loss on the same stitch.
+  np.testing.assert_allclose(res.values["ffm"]["loss"][2, 2],
+                             res.values["fula"]["loss"][2, 2], rtol=1e-5)
+
+
+def test_ffm_options_come_from_the_sweep_config():
+  from fula_jax.stitching import settings
+  sci, _, _ = settings.split({"objectives": ["ffm"], "ffm": {"squared": True}})
+  assert sci.objective("ffm").squared and sci.objective("ffm").normalise == "example"

@@ -1,0 +1,133 @@
+"""The capacity ladder inside the sweep engine: `stitch.map` as a name or a list, one
+matrix per (objective, map), closed forms from the engine's accumulated statistics,
+constraints kept while training, and independent resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fula_jax import models, stitching
+from fula_jax.stitching import ladder, lstsq, testing
+
+BASE = dict(pairs="diagonal", batch_size=100, eval_batch_size=200, progress=False,
+            compilation_cache="off", learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def donor():
+  train, test = testing.digits_splits(600, 200)
+  model = models.get_model("mlp", widths=(12, 12))
+  variables = testing.train_donor(model, train, steps=300, lr=3e-3)
+  return model, variables, train, test, testing.accuracy(model, variables, test)
+
+
+def _sweep(donor, workdir=None, **cfg):
+  model, variables, train, test, _ = donor
+  return stitching.run_sweep(model, variables, model, variables, train, test,
+                             dict(BASE, **cfg), workdir, keep_params=True)
+
+
+def test_fit_from_stats_equals_the_fits_on_rows():
+  """The engine solves each map from merged batch statistics; the answers are those of
+  the row-based closed forms (SciPy's Procrustes is checked against those)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(500, 6)) * np.linspace(2.0, 0.5, 6) + 1.0
+  perm = rng.permutation(6)
+  y = 1.5 * x[:, perm] + 0.1 * rng.normal(size=(500, 6)) - 0.5
+  half = lstsq.batch_stats(x[:250].astype(np.float32), y[:250].astype(np.float32))
+  stats = lstsq.merge(half, lstsq.batch_stats(x[250:].astype(np.float32),
+                                              y[250:].astype(np.float32)))
+  stats = lstsq.Stats(*(np.asarray(a, np.float64) for a in stats))
+  rows = {"permutation": ladder.fit_permutation(x, y), "orthogonal": ladder.fit_orthogonal(x, y),
+          "lowrank": ladder.fit_lowrank(x, y, 2)}
+  for name, want in rows.items():
+    got = ladder.fit_from_stats(name, stats, ridge=0.0, options={"rank": 2})
+    if name == "lowrank":  # singular vectors have a sign; the map does not
+      got = {"kernel": got["u"] @ got["v"], "bias": got["bias"]}
+      want = {"kernel": np.asarray(want["u"]) @ np.asarray(want["v"]), "bias": want["bias"]}
+    for k in want:
+      np.testing.assert_allclose(got[k], np.asarray(want[k]), atol=2e-3,
+                                 err_msg=f"{name} {k}")
+  assert np.array_equal(np.argmax(ladder.fit_from_stats("permutation", stats)["kernel"], 0),
+                        perm)
+  affine = ladder.fit_from_stats("affine", stats, ridge=0.0)
+  xs = np.c_[x, np.ones(len(x))]
+  want = np.linalg.lstsq(xs, y, rcond=None)[0]
+  np.testing.assert_allclose(affine["kernel"], want[:-1], atol=1e-3)
+  with pytest.raises(ValueError, match="no closed form.*affine"):
+    ladder.fit_from_stats("mlp", stats)
+
+
+def test_self_stitch_recovers_accuracy_with_every_map_that_expresses_the_identity(donor):
+  """Closed forms exactly; the maps without one (norm_affine, mlp: the points are
+  post-ReLU, so a ReLU layer can pass them through) trained by FuLA from random starts."""
+  *_, own = donor
+  res = _sweep(donor, objectives=["dm"], map="identity,permutation,orthogonal,affine",
+               steps=0, pairs="fc2->fc2")
+  for name in ("dm", "dm@identity", "dm@permutation", "dm@orthogonal"):
+    np.testing.assert_allclose(res.values[name]["accuracy"][1, 1], own, atol=1e-9,
+                               err_msg=name)
+  trained = _sweep(donor, objectives=["fula"], map=["norm_affine", "mlp"], steps=300,
+                   pairs="fc1->fc1")
+  for name in ("fula@norm_affine", "fula@mlp"):
+    assert trained.values[name]["accuracy"][0, 0] >= own - 0.03, (
+        name, trained.values[name]["accuracy"], own)
+
+
+def test_rank_one_scores_below_full_rank_and_maps_keep_their_form(donor):
+  res = _sweep(donor, objectives=["dm", "tlm"], map=["affine", "lowrank", "orthogonal"],
+               map_options={"rank": 1}, steps=60, init="random", pairs="fc2->fc2")
+  assert (res.values["dm@lowrank"]["accuracy"][1, 1] <
+          res.values["dm"]["accuracy"][1, 1] - 0.2)
+  for (obj, row, col), p in res.params.items():
+    if obj == "tlm@lowrank":
+      assert p["u"].shape == (12, 1) and p["v"].shape == (1, 12)
+    if obj == "tlm@orthogonal":  # trained by projected steps: still an isometry
+      np.testing.assert_allclose(p["kernel"].T @ p["kernel"], np.eye(12), atol=1e-4)
+
+
+def test_dm_without_a_closed_form_and_identity_across_widths_are_nan_with_reasons(donor):
+  import jax
+  model, variables, train, test, _ = donor
+  wide = models.get_model("mlp", widths=(16, 16))  # an end model of other widths
+  wide_vars = models.init(wide, jax.random.PRNGKey(1), (1,) + train.images.shape[1:])
+  res = stitching.run_sweep(model, variables, wide, wide_vars, train, test,
+                            dict(BASE, objectives=["dm"], map=["mlp", "identity"], steps=0,
+                                 pairs="fc1->fc1"))
+  assert np.isnan(res.values["dm@mlp"]["accuracy"][0, 0])
+  assert "no closed form" in res.reasons["dm@mlp"]["fc1->fc1"]
+  assert np.isnan(res.values["dm@identity"]["accuracy"][0, 0])
+  assert "equal widths" in res.reasons["dm@identity"]["fc1->fc1"]
+  refined = _sweep(donor, objectives=["dm"], map="mlp", dm={"refine_epochs": 1.0},
+                   pairs="fc1->fc1")
+  assert np.isfinite(refined.values["dm@mlp"]["accuracy"][0, 0])
+
+
+def test_affine_l1_penalty_shrinks_the_kernel(donor):
+  plain = _sweep(donor, objectives=["tlm"], steps=60, init="random", pairs="fc2->fc2")
+  sparse = _sweep(donor, objectives=["tlm"], map_options={"l1": 0.5}, steps=60,
+                  init="random", pairs="fc2->fc2")
+  assert "tlm@affine" in sparse.values
+  l1 = lambda res, obj: sum(np.abs(p["kernel"]).sum() for k, p in res.params.items()
+                            if k[0] == obj)
+  assert l1(sparse, "tlm@affine") < 0.5 * l1(plain, "tlm")
+
+
+def test_a_list_of_maps_writes_one_matrix_each_and_resumes_each_on_its_own(donor, tmp_path):
+  first = _sweep(donor, str(tmp_path), objectives=["dm"], map=["affine", "lowrank"],
+                 map_options={"rank": 2}, steps=0)
+  assert first.stats["stitches_computed"] == 4  # 2 maps x 2 diagonal cells
+  names = set(first.matrices())
+  assert {"stitch_dm/accuracy", "stitch_dm@lowrank/accuracy"} <= names
+  again = _sweep(donor, str(tmp_path), objectives=["dm"],
+                 map=["affine", "lowrank", "orthogonal"], map_options={"rank": 2}, steps=0)
+  assert again.stats["stitches_computed"] == 2 and again.stats["stitches_resumed"] == 4
+  for name in ("dm", "dm@lowrank"):
+    np.testing.assert_array_equal(again.values[name]["accuracy"],
+                                  first.values[name]["accuracy"])
+  other_rank = _sweep(donor, str(tmp_path), objectives=["dm"], map=["lowrank"],
+                      map_options={"rank": 3}, steps=0)
+  assert other_rank.stats["stitches_computed"] == 2  # the rank is in the fingerprint
+  with pytest.raises(Exception, match="lowrank"):
+    _sweep(donor, objectives=["dm"], map=["low_rank"])
