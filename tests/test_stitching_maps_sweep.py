@@ -131,3 +131,21 @@ def test_a_list_of_maps_writes_one_matrix_each_and_resumes_each_on_its_own(donor
   assert other_rank.stats["stitches_computed"] == 2  # the rank is in the fingerprint
   with pytest.raises(Exception, match="lowrank"):
     _sweep(donor, objectives=["dm"], map=["low_rank"])
+
+
+def test_fit_gap_scores_each_stitch_where_it_was_fitted_and_reports_the_gap(donor):
+  """Cross-validated stitching: the identity map (exactly the end model) scores the end
+  model's own accuracy on the first examples of the fitting split, and the gap is the
+  difference to the held-out accuracy."""
+  model, variables, train, test, own = donor
+  res = _sweep(donor, objectives=["dm"], map="identity", steps=0, pairs="fc2->fc2",
+               fit_gap_examples=250)
+  fitted = testing.accuracy(model, variables, train.take(250))
+  vals = res.values["dm@identity"]
+  assert vals["accuracy@fit"][1, 1] == pytest.approx(fitted)
+  assert vals["fit_gap"][1, 1] == pytest.approx(fitted - own)
+  assert "stitch_dm@identity/fit_gap" in res.matrices()
+  with pytest.raises(Exception, match="'fit'"):
+    stitching.run_sweep(model, variables, model, variables, train, test,
+                        dict(BASE, objectives=["dm"], fit_gap_examples=10),
+                        eval_sets={"fit": test})

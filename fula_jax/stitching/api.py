@@ -168,7 +168,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fula_jax.stitching done")
 
-  measures = [m.name for m in sw.measures] + [f"accuracy@{n}" for n in sw.eval_sets]
+  measures = [m.name for m in sw.measures] + [f"accuracy@{n}" for n in sw.eval_sets] + (
+      [measures_lib.FIT_GAP] if measures_lib.FIT in sw.eval_sets else [])
   values: dict[str, dict[str, np.ndarray]] = {}
   reasons: dict[str, dict[str, str]] = {}
   requested = set(pairs)

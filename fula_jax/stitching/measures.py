@@ -184,6 +184,8 @@ MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLo
                                  DMError(), PGDAccuracy(), Disagreement(), JSD(),
                                  ErrorConsistency())
 NAMES = tuple(m.name for m in MEASURES)
+FIT = "fit"          # evaluation set: the first fit_gap_examples of the fitting split
+FIT_GAP = "fit_gap"  # accuracy@fit - accuracy: the stitch's generalisation gap
 UNDEFINED = {m.name: m.undefined for m in MEASURES}
 # Measures whose non-finite value marks a stitch as diverged.
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")

@@ -104,6 +104,12 @@ class Sweep:
     self.points_a, self.points_b = tuple(model_a.point_names), tuple(model_b.point_names)
     self.train, self.train_b = train, train_b or train
     self.eval_sets = _check_eval_sets(eval_sets)
+    n_fit = int(ex.fit_gap_examples)
+    if n_fit:
+      if measures_lib.FIT in self.eval_sets:
+        raise ConfigError(f"The evaluation set name {measures_lib.FIT!r} is the fitting "
+                          "split's when fit_gap_examples > 0; give yours another name.")
+      self.eval_sets[measures_lib.FIT] = (train, train_b or train)
     self.prefix_a = dict(getattr(model_a, "prefix_tokens", {}) or {})
     self.prefix_b = dict(getattr(model_b, "prefix_tokens", {}) or {})
     self.shapes_a = {p: tuple(s.shape) for p, s in
@@ -119,7 +125,8 @@ class Sweep:
     self.eval_batch = -(-min(ex.eval_batch_size, n_test) // self.n_dev) * self.n_dev
     self.test_views = {"": View(test, test_b or test, self.eval_batch)}
     for name, (a, b) in self.eval_sets.items():
-      self.test_views[name] = View(a, b, self.eval_batch)
+      self.test_views[name] = View(a, b, self.eval_batch,
+                                   limit=n_fit if name == measures_lib.FIT else None)
     _check_views(self.train, self.train_b, self.test_views)
     self.measures = measures_lib.active(sci.pgd.enabled)
     self.donor_ctx = P.DonorContext(model_a, model_b, self.mesh)
@@ -128,8 +135,8 @@ class Sweep:
                  store_lib.tree_digest(host_a)],
         model_b=[name_b, type(model_b).__name__, self.points_b,
                  store_lib.tree_digest(host_b)],
-        data={k: [v.a.name, v.a.fingerprint(), v.b.fingerprint()]
-              for k, v in self.test_views.items()},
+        data={k: [v.a.name, v.a.fingerprint(), v.b.fingerprint()] + (
+            [v.limit] if v.limit is not None else []) for k, v in self.test_views.items()},
         train=[train.name, train.fingerprint(), self.train_b.fingerprint()]))
     self.keep_params, self.profile = keep_params, profile
     self.kept_params: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}

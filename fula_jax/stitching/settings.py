@@ -101,6 +101,10 @@ class Execution:
   parallel_compile: bool = True   # compile a wave's programs in threads before it runs
   progress: bool = True
   progress_every_s: float = 10.0
+  # > 0: also evaluate every stitch on the first N examples of the split it was fitted
+  # on: measures accuracy@fit and fit_gap (= accuracy@fit - accuracy), the stitch's
+  # generalisation gap (cross-validated stitching). It adds measures, changes none.
+  fit_gap_examples: int = 0
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -304,6 +304,9 @@ class Wave:
     values = measures_lib.values(readout(""), sw.measures)
     for name in sw.eval_sets:
       values[f"accuracy@{name}"] = measures_lib.Accuracy().value(readout(name))
+    if measures_lib.FIT in sw.eval_sets:
+      values[measures_lib.FIT_GAP] = (values[f"accuracy@{measures_lib.FIT}"] -
+                                      values["accuracy"])
     out = []
     for s, row in enumerate(u.fronts):
       metrics = {k: float(v[s]) for k, v in values.items()}
