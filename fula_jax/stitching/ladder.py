@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fula_jax import registry
+from fula_jax.stitching import lstsq
 from fula_jax.stitching.objectives import Objective
 
 MAPS = {
@@ -218,7 +219,6 @@ def fit_from_stats(name: str, stats: Any, ridge: float = 1e-6,
   Raises:
     ValueError: the map has no closed form, or no rows were accumulated.
   """
-  from fula_jax.stitching import lstsq
   opts = dict(DEFAULTS, **(options or {}))
   if name not in CLOSED_FORM:
     raise ValueError(f"The {name} map has no closed form (closed forms: "
@@ -265,7 +265,7 @@ def fit_from_stats(name: str, stats: Any, ridge: float = 1e-6,
 
 @dataclasses.dataclass(frozen=True)
 class Mapped(Objective):
-  """`objective` trained (or solved) through stitch map `form` of :mod:`.ladder` other
+  """`objective` trained (or solved) through stitch map `form` of this ladder other
   than the default affine one. Its name, ``<objective>@<form>``, keys its results and
   its resume files, so each (objective, map) is a matrix of its own and resumes on its
   own; its settings (the fingerprint) include the map and its options.
@@ -274,7 +274,7 @@ class Mapped(Objective):
   same map. DM needs the map's closed form; without one (norm_affine, mlp) it trains
   the map from a random start on DM's loss for ``dm.refine_epochs``.
   """
-  objective: Objective = None
+  objective: Objective
   form: str = "affine"
   options: tuple[tuple[str, Any], ...] = ()
 
@@ -284,8 +284,7 @@ class Mapped(Objective):
 
   @property
   def closed_form(self) -> bool:
-    return self.form in FIXED or (self.objective.closed_form
-                                         and self.form in CLOSED_FORM)
+    return self.form in FIXED or (self.objective.closed_form and self.form in CLOSED_FORM)
 
   @property
   def unsolvable(self) -> str:

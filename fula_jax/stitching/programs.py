@@ -10,8 +10,9 @@ Inside a unit's program each stitch maps its own front (f's activation at its po
 replicated from the donor pass) onto the end point's grid with its own shapes -- the
 affine map before an upsampling resize and after a downsampling one, the cheaper order
 -- so stitches from fronts of every shape share the program without padding any
-activation (a nonlinear map of :mod:`.ladder` runs after the resize); then, under `jax.vmap` over the stitches, g's tail runs (only as far as the
-objective reads). Stitch parameters are stacks padded to the unit's widest front (:mod:`.stacks`). The programs are
+activation (a nonlinear map of :mod:`.ladder` runs after the resize); then, under
+`jax.vmap` over the stitches, g's tail runs (only as far as the objective reads). Stitch
+parameters are stacks padded to the unit's widest front (:mod:`.stacks`). The programs are
 `shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the batch
 axis (gradients averaged, sums reduced) and, when a unit must, its stitches over the
 stitch axis (each device then runs the tails of its own stitches). Donor variables are

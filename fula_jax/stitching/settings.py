@@ -195,8 +195,7 @@ def make_objectives(cfg: Mapping[str, Any]) -> tuple[objectives_lib.Objective, .
   forms = list(cfg.get("map") or ["affine"])
   if len(set(forms)) != len(forms):
     raise ConfigError(f"Stitch maps must be distinct, got {forms}.")
-  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form,
-                                       cfg.get("map_options"))
+  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form, cfg.get("map_options"))
                for o in cfg["objectives"] for form in forms)
   names = [o.name for o in objs]
   if not objs:
