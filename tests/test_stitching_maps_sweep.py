@@ -149,3 +149,28 @@ def test_fit_gap_scores_each_stitch_where_it_was_fitted_and_reports_the_gap(dono
     stitching.run_sweep(model, variables, model, variables, train, test,
                         dict(BASE, objectives=["dm"], fit_gap_examples=10),
                         eval_sets={"fit": test})
+
+
+def test_ood_scores_per_cell_are_in_distribution_for_a_self_stitch_and_not_from_noise(
+    donor):
+  """energy_ood and mahalanobis_ratio against the end model's own reference: the exact
+  identity stitch matches g's own numbers (recomputed here with NumPy from g's energies
+  and activations), a random map from a random front is far out of distribution."""
+  import jax
+  model, variables, train, test, _ = donor
+  res = _sweep(donor, objectives=["dm"], map="identity", steps=0, pairs="fc2->fc2",
+               ood_examples=400)
+  energy = lambda x: -np.log(np.exp(np.asarray(
+      models.forward(model, variables, x), np.float64)).sum(-1))
+  threshold = np.quantile(energy(train.take(400).images), 0.95)
+  own_rate = np.mean(energy(test.images) > threshold)
+  vals = res.values["dm@identity"]
+  assert vals["energy_ood"][1, 1] == pytest.approx(own_rate, abs=1e-6)
+  assert vals["mahalanobis_ratio"][1, 1] == pytest.approx(1.0, rel=1e-4)
+  noise = models.get_model("mlp", widths=(12, 12))
+  noise_vars = models.init(noise, jax.random.PRNGKey(7), (1,) + train.images.shape[1:])
+  far = stitching.run_sweep(noise, noise_vars, model, variables, train, test,
+                            dict(BASE, objectives=["tlm"], steps=0, init="random",
+                                 pairs="fc2->fc2", ood_examples=400))
+  assert far.values["tlm"]["mahalanobis_ratio"][1, 1] > 5.0
+  assert "stitch_tlm/energy_ood" in far.matrices()

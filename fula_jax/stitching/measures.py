@@ -19,6 +19,7 @@ import numpy as np
 
 from fula_jax.models.base import LOGITS
 from fula_jax.similarity import outputs
+from fula_jax.stitching import ood as ood_lib
 from fula_jax.stitching.objectives import Objective, Where
 
 
@@ -180,9 +181,47 @@ class ErrorConsistency(Measure):
       return np.asarray(outputs.kappa(observed, acc, r.end_accuracy), np.float64)
 
 
+OOD = "ood"  # shared key: the end model's own reference at the unit's end point
+
+
+class EnergyOOD(Measure):
+  """Fraction of held-out examples whose stitched logits have a higher free energy
+  (Liu et al. 2020) than the `quantile` of the end model's own energies on its reference
+  examples: about 1 - quantile for a stitch g cannot tell from itself."""
+  name = "energy_ood"
+
+  def terms(self, b):
+    if OOD not in b.shared:
+      return {}
+    e = ood_lib.energy(b.outs[LOGITS])
+    return {"count": jnp.sum(b.mask * (e > b.shared[OOD]["threshold"]))}
+
+  def value(self, r):
+    return np.asarray(r.sums["energy_ood/count"]) / r.n
+
+
+class MahalanobisRatio(Measure):
+  """Mean squared Mahalanobis distance of z_j under one Gaussian of g's own activations
+  at j (its reference examples), over that of g's own held-out activations at j: about 1
+  in distribution, large for activations g never produces (stitching-ood's argument)."""
+  name = "mahalanobis_ratio"
+
+  def terms(self, b):
+    if OOD not in b.shared:
+      return {}
+    ref = b.shared[OOD]
+    dist = lambda a: ood_lib.mahalanobis(ref["mean"], ref["prec"], a)
+    return {"stitched": jnp.sum(b.mask * dist(b.z)),
+            "own": jnp.sum(b.mask * dist(b.shared["targets"][b.where.end]))}
+
+  def value(self, r):
+    own = np.asarray(r.sums["mahalanobis_ratio/own"])
+    return np.asarray(r.sums["mahalanobis_ratio/stitched"]) / np.maximum(own, 1e-30)
+
+
 MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLoss(),
                                  DMError(), PGDAccuracy(), Disagreement(), JSD(),
-                                 ErrorConsistency())
+                                 ErrorConsistency(), EnergyOOD(), MahalanobisRatio())
 NAMES = tuple(m.name for m in MEASURES)
 FIT = "fit"          # evaluation set: the first fit_gap_examples of the fitting split
 FIT_GAP = "fit_gap"  # accuracy@fit - accuracy: the stitch's generalisation gap
@@ -191,8 +230,11 @@ UNDEFINED = {m.name: m.undefined for m in MEASURES}
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")
 
 
-def active(pgd: bool) -> tuple[Measure, ...]:
-  return tuple(m for m in MEASURES if m.name != "pgd_accuracy" or pgd)
+def active(pgd: bool, ood: bool = False) -> tuple[Measure, ...]:
+  """The measures a sweep reports (PGD and the OOD scores only when they run)."""
+  off = ({"pgd_accuracy"} if not pgd else set()) | (
+      {"energy_ood", "mahalanobis_ratio"} if not ood else set())
+  return tuple(m for m in MEASURES if m.name not in off)
 
 
 def terms(b: Batch, measures: Sequence[Measure] = MEASURES) -> dict[str, jax.Array]:

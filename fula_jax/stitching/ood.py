@@ -1,5 +1,6 @@
-"""How far a stitched activation lies from the end model's own activations (work in
-progress for the sweep: pure functions, not yet reported per cell).
+"""How far a stitched activation lies from the end model's own activations; the sweep
+reports both scores per cell with ``stitch.ood_examples`` > 0 (measures `energy_ood` and
+`mahalanobis_ratio`, the reference taken from the fitting split).
 
 stitching-ood's argument: a stitch can reach high task accuracy while feeding g
 activations it never produces itself. Two scores, each near its in-distribution value

@@ -257,12 +257,16 @@ def _eval_terms(ctx: UnitContext, z, vars_b, shared, mask) -> dict[str, jax.Arra
 
 
 def eval_terms_shapes(ctx: UnitContext, vars_b, batch: int, num_classes: int,
-                      target_shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """Names and shapes of one stitch's evaluation sums (`jax.eval_shape`, no compute)."""
+                      target_shapes: dict[str, tuple[int, ...]], ood: Any = None
+                      ) -> dict[str, Any]:
+  """Names and shapes of one stitch's evaluation sums (`jax.eval_shape`, no compute);
+  `ood`: the end point's OOD reference when those scores run."""
   f32 = jnp.float32
 
   def f(v, z, t, label, teacher, mask):
     shared = {"label": label, "teacher": teacher, "targets": t}
+    if ood is not None:
+      shared[measures_lib.OOD] = ood
     return _eval_terms(ctx, z, v, shared, mask)
 
   return jax.eval_shape(
@@ -286,7 +290,8 @@ def evaluate(acc, params, vars_b, fronts, shared, mask, *, ctx: UnitContext):
     return jax.tree_util.tree_map(jnp.add, acc, sums)
 
   rep, bt = P(), P(BATCH)
-  return on_mesh(local, ctx, (rep, rep, rep, bt, bt, bt), rep)(
+  shared_spec = {k: rep if k == measures_lib.OOD else bt for k in shared}  # a reference
+  return on_mesh(local, ctx, (rep, rep, rep, bt, shared_spec, bt), rep)(
       acc, params, vars_b, fronts, shared, mask)
 
 

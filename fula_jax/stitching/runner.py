@@ -25,6 +25,7 @@ from fula_jax.models.base import LOGITS
 from fula_jax.progress import Progress
 from fula_jax.stitching import plan as plan_lib, programs as P, settings
 from fula_jax.stitching import measures as measures_lib, pgd as pgd_lib, store as store_lib
+from fula_jax.stitching import ood as ood_lib
 from fula_jax.stitching.wave import UnitRun
 
 DEVICES = "devices"
@@ -128,7 +129,8 @@ class Sweep:
       self.test_views[name] = View(a, b, self.eval_batch,
                                    limit=n_fit if name == measures_lib.FIT else None)
     _check_views(self.train, self.train_b, self.test_views)
-    self.measures = measures_lib.active(sci.pgd.enabled)
+    self.measures = measures_lib.active(sci.pgd.enabled, ex.ood_examples > 0)
+    self._ood: dict[str, dict[str, np.ndarray]] | None = None
     self.donor_ctx = P.DonorContext(model_a, model_b, self.mesh)
     self.store = store_lib.Store(self.workdir, sci, dict(
         model_a=[name_a, type(model_a).__name__, self.points_a,
@@ -137,7 +139,9 @@ class Sweep:
                  store_lib.tree_digest(host_b)],
         data={k: [v.a.name, v.a.fingerprint(), v.b.fingerprint()] + (
             [v.limit] if v.limit is not None else []) for k, v in self.test_views.items()},
-        train=[train.name, train.fingerprint(), self.train_b.fingerprint()]))
+        train=[train.name, train.fingerprint(), self.train_b.fingerprint()],
+        **({"ood": [ex.ood_examples, ex.ood_quantile, ex.ood_ridge]}
+           if ex.ood_examples else {})))
     self.keep_params, self.profile = keep_params, profile
     self.kept_params: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
     self.count = Counts()
@@ -208,6 +212,28 @@ class Sweep:
 
   def eval_stream(self, name: str) -> Iterable[tuple[dict, dict]]:
     return self.test_views[name].batches()
+
+  def ood_reference(self) -> dict[str, dict[str, np.ndarray]] | None:
+    """g's own reference for the OOD scores (None when they are off), from the first
+    `ood_examples` examples of the fitting split: the `ood_quantile` of its energies, and
+    per stitch point of g the mean and precision of a Gaussian of its channel vectors."""
+    ex = self.execution
+    if not ex.ood_examples or self._ood is not None:
+      return self._ood
+    view = View(self.train, self.train_b, self.eval_batch, limit=ex.ood_examples)
+    gauss = {p: ood_lib.gaussian_zeros(self.shapes_b[p][-1]) for p in self.points_b}
+    energies = []
+    for out in self.donor_stream(view.batches()):
+      real = np.asarray(out["mask"]) > 0
+      energies.append(np.asarray(ood_lib.energy(out["logits_b"]))[real])
+      gauss = _gaussians(gauss, {p: out["acts_b"][p] for p in gauss}, out["mask"])
+    threshold = np.float32(np.quantile(np.concatenate(energies), ex.ood_quantile))
+    self._ood = {}
+    for p, g in gauss.items():
+      mean, prec = ood_lib.precision_matrix(g, ex.ood_ridge)
+      self._ood[p] = {"threshold": threshold, "mean": np.asarray(mean, np.float32),
+                      "prec": np.asarray(prec, np.float32)}
+    return self._ood
 
   def end_correct(self, out: Mapping[str, jax.Array]) -> float:
     logits = np.asarray(out["logits_b"])
@@ -284,6 +310,11 @@ class Sweep:
       correct += sharding.fetch(out)
       bar.update(b + 1)
     return correct / view.n
+
+
+@jax.jit
+def _gaussians(gauss, acts, mask):
+  return {p: ood_lib.gaussian_update(g, acts[p], mask) for p, g in gauss.items()}
 
 
 def _check_eval_sets(eval_sets: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:

@@ -105,6 +105,11 @@ class Execution:
   # on: measures accuracy@fit and fit_gap (= accuracy@fit - accuracy), the stitch's
   # generalisation gap (cross-validated stitching). It adds measures, changes none.
   fit_gap_examples: int = 0
+  # > 0: out-of-distribution scores per cell (energy_ood, mahalanobis_ratio) against the
+  # end model's own reference from the first N examples of the fitting split
+  ood_examples: int = 0
+  ood_quantile: float = 0.95   # energy threshold: this quantile of g's own energies
+  ood_ridge: float = 1e-3      # Gaussian at j: ridge x the mean variance
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -160,16 +160,22 @@ class Wave:
 
   def shared(self, r: UnitRun, out: Mapping[str, Any], *, train: bool) -> dict:
     targets = r.ctx.train_targets() if train else r.ctx.eval_targets()
-    return {"label": out["label"], "teacher": out["logits_b"],
-            "targets": {p: out["acts_b"][p] for p in targets}}
+    shared = {"label": out["label"], "teacher": out["logits_b"],
+              "targets": {p: out["acts_b"][p] for p in targets}}
+    reference = None if train else self.sw.ood_reference()
+    if reference is not None:
+      shared[measures_lib.OOD] = reference[r.unit.end]
+    return shared
 
   def zero_sums(self, r: UnitRun) -> dict[str, np.ndarray]:
     """Zeroed evaluation sums of `r`'s stitches (their shapes traced once per unit)."""
     sw = self.sw
     if r.sum_shapes is None:
+      reference = sw.ood_reference()
       r.sum_shapes = P.eval_terms_shapes(
           r.ctx, sw.vars_b, sw.eval_batch, sw.num_classes,
-          {p: sw.shapes_b[p] for p in r.ctx.eval_targets()})
+          {p: sw.shapes_b[p] for p in r.ctx.eval_targets()},
+          None if reference is None else reference[r.unit.end])
     return {k: np.zeros((r.unit.size,) + tuple(v.shape), np.float32)
             for k, v in r.sum_shapes.items()}
 
