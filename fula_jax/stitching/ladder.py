@@ -317,6 +317,9 @@ class Mapped(Objective):
   def loss(self, outs, shared, where):
     return self.objective.loss(outs, shared, where)
 
+  def loss_at(self, outs, shared, where, step, steps):
+    return self.objective.loss_at(outs, shared, where, step, steps)
+
   def eval_terms(self, outs, shared, mask, where):
     return self.objective.eval_terms(outs, shared, mask, where)
 

@@ -128,6 +128,11 @@ class Objective:
            ) -> jax.Array:
     raise NotImplementedError
 
+  def loss_at(self, outs: Mapping[str, jax.Array], shared: Shared, where: Where,
+              step: jax.Array, steps: jax.Array) -> jax.Array:
+    """The training loss at `step` of a stitch's `steps` (a schedule may switch)."""
+    return self.loss(outs, shared, where)
+
   def eval_terms(self, outs: Mapping[str, jax.Array], shared: Shared, mask: jax.Array,
                  where: Where) -> dict[str, jax.Array]:
     """Sums over the real (mask = 1) examples of a held-out batch."""
@@ -317,6 +322,29 @@ class FFM(FuLA):
     return [points_b[-1]]
 
 
+@dataclasses.dataclass(frozen=True)
+class FFMThenTLM(FFM):
+  """The schedule ffm -> tlm, following Mai et al. (CVPR 2026): final-feature matching
+  for the first `switch` of each stitch's training steps, then the task loss; scored
+  (loss measure) by the task loss it ends with."""
+  name = "ffm_tlm"
+  switch: float = 0.5
+
+  def train_end(self, points_b, j):
+    return LOGITS
+
+  def loss_at(self, outs, shared, where, step, steps):
+    first = FFM.loss(self, outs, shared, where)
+    return jnp.where(step < jnp.floor(self.switch * steps), first,
+                     TLM().loss(outs, shared, where))
+
+  def eval_terms(self, outs, shared, mask, where):
+    return TLM().eval_terms(outs, shared, mask, where)
+
+  def eval_value(self, terms, n, where):
+    return TLM().eval_value(terms, n, where)
+
+
 def parse_fula_c(c: Any) -> float | tuple:
   """FuLA's C_l from a config: 1 -> 1.0; '1,1,0.5' -> (1, 1, 0.5) (one per point of g);
   'conv1=2,pool=0' or {'conv1': 2, 'pool': 0} -> (('conv1', 2.0), ('pool', 0.0))."""
@@ -355,6 +383,10 @@ OBJECTIVES: dict[str, Callable[[Mapping[str, Any]], Objective]] = {
     "fula": lambda cfg: _fula_from(cfg.get("fula", {})),
     "ffm": lambda cfg: FFM(squared=bool(cfg.get("ffm", {}).get("squared", False)),
                            normalise=str(cfg.get("ffm", {}).get("normalise", "example"))),
+    "ffm_tlm": lambda cfg: FFMThenTLM(
+        squared=bool(cfg.get("ffm", {}).get("squared", False)),
+        normalise=str(cfg.get("ffm", {}).get("normalise", "example")),
+        switch=float(cfg.get("ffm", {}).get("switch", 0.5))),
 }
 
 

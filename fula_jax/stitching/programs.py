@@ -216,8 +216,9 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
   def local(state, vars_b, fronts, shared, window, step):
     def total_loss(params):
       z = _local_stitches(ctx, stitch_all(ctx, params, fronts))
-      losses = jax.vmap(lambda zs: objective.loss(
-          tail(ctx.model_b, vars_b, zs, ctx.end, train_end), shared, where))(z)
+      losses = jax.vmap(lambda zs, n: objective.loss_at(
+          tail(ctx.model_b, vars_b, zs, ctx.end, train_end), shared, where, step, n))(
+              z, _local_stitches(ctx, state.steps))
       penalty = _local_stitches(ctx, jax.vmap(
           lambda p: ladder.penalty(ctx.form, p, ctx.form_options))(params))
       return jnp.sum(losses) + jnp.sum(penalty), losses

@@ -131,7 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
       fula=dict(C="1",            # scalar, 'c1,c2,..' per point of g, or 'point=c,..'
                 k=config_dict.placeholder(str),  # last latent point (None: g's last)
                 squared=False, normalise="example", eps=1e-8),
-      ffm=dict(squared=False, normalise="example"),  # final-feature matching
+      ffm=dict(squared=False, normalise="example",  # final-feature matching; ffm_tlm:
+               switch=0.5),                          # the share of steps before TLM
       map="affine",           # the stitch map (stitching/ladder.py), or a list of maps:
                               # one matrix per (objective, map), '<objective>@<map>'
       map_options=dict(rank=8, hidden=0, l1=0.0),  # lowrank rank, mlp hidden width
