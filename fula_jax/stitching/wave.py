@@ -184,7 +184,7 @@ class Wave:
     c_out = u.end_shape[-1]
     if params is None:
       params = stacks.init_params(r.ctx.form, r.ctx.form_options, [], c_out, u.width, 0,
-                             [0] * u.size, r.ctx.learned_prefix)
+                                  [0] * u.size, r.ctx.learned_prefix)
     steps = np.zeros((u.size,), np.int32)
     if not zeros:
       steps[:len(u.fronts)] = r.max_steps
