@@ -118,8 +118,14 @@ class UnitContext:
     return getattr(self.objective, "form", "affine")
 
   @property
+  def form_key(self) -> tuple[str, tuple]:
+    """The map and the options that differ from its defaults (what a closed form of
+    this unit is keyed by)."""
+    return self.form, tuple(sorted(getattr(self.objective, "options", ())))
+
+  @property
   def form_options(self) -> dict[str, Any]:
-    return dict(ladder.DEFAULTS, **dict(getattr(self.objective, "options", ())))
+    return dict(ladder.DEFAULTS, **dict(self.form_key[1]))
 
   @property
   def split(self) -> bool:

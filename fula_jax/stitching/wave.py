@@ -215,18 +215,16 @@ class Wave:
         if b + 1 == count:
           for runs, st in jobs:
             host = sharding.fetch(st)
-            for form, options in {_form_key(r): None for r in runs}:
-              sol.update(self._solve(runs[0].unit, host, form, dict(options)))
+            for ctx in {r.ctx.form_key: r.ctx for r in runs}.values():
+              sol.update(self._solve(runs[0].unit, host, ctx))
       progress.advance()
     return init_sol, dm_sol
 
-  def _solve(self, u: plan_lib.Unit, stats: lstsq.Stats, form: str,
-             options: Mapping[str, Any]) -> dict:
-    """Host float64 closed forms of map `form` per cell, on each front's own features;
-    values ``(params, error)`` keyed ``(form, options, row, end)``."""
+  def _solve(self, u: plan_lib.Unit, stats: lstsq.Stats, ctx: P.UnitContext) -> dict:
+    """Host float64 closed forms of `ctx`'s map per cell, on each front's own features;
+    values ``(params, error)`` keyed ``ctx.form_key + (row, end)``."""
     ridge = self.sw.science.ridge
-    key = (form, tuple(sorted(options.items())))
-    opts = dict(ladder.DEFAULTS, **options)
+    form, opts = ctx.form, ctx.form_options
     out = {}
     for s, (row, shape) in enumerate(zip(u.fronts, u.front_shapes)):
       c = shape[-1]
@@ -240,7 +238,7 @@ class Wave:
           raise ValueError("non-finite closed-form solution")
       except (ValueError, np.linalg.LinAlgError) as e:
         sol, err = {}, f"closed form of the {form} map failed: {e}"
-      out[key + (row, u.end)] = (sol, err)
+      out[ctx.form_key + (row, u.end)] = (sol, err)
     return out
 
   def init_states(self, init_sol: Mapping, dm_sol: Mapping) -> None:
@@ -248,15 +246,15 @@ class Wave:
     for r in self.runs:
       u = r.unit
       obj = sci.objective(u.objective)
-      form, options = _form_key(r)
+      form = r.ctx.form
       salts = [plan_lib.cell_salt(f, u.end) for f in u.padded_fronts]
       params = stacks.init_params(form, r.ctx.form_options,
-                             [s[-1] for s in u.padded_shapes], u.end_shape[-1], u.width,
-                             sci.seed, salts, r.ctx.learned_prefix)
+                                  [s[-1] for s in u.padded_shapes], u.end_shape[-1],
+                                  u.width, sci.seed, salts, r.ctx.learned_prefix)
       solutions = (dm_sol if obj.closed_form else
                    init_sol if self._lstsq_init(r) else {})
       for s, row in enumerate(u.padded_fronts):
-        sol, err = solutions.get((form, options, row, u.end), ({}, ""))
+        sol, err = solutions.get(r.ctx.form_key + (row, u.end), ({}, ""))
         stacks.place(params, s, sol)
         why = err or _inapplicable(obj, form, u.padded_shapes[s][-1], u.end_shape[-1],
                                    r.ctx.form_options, r.max_steps)
@@ -373,11 +371,6 @@ class Wave:
                      seconds=seconds, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
     return records
-
-
-def _form_key(r: UnitRun) -> tuple[str, tuple]:
-  """The map of `r` and the options that differ from the defaults (a solution's key)."""
-  return r.ctx.form, tuple(sorted(getattr(r.ctx.objective, "options", ())))
 
 
 def _inapplicable(obj: Any, form: str, c_in: int, c_out: int,
