@@ -57,6 +57,20 @@ def test_fit_from_stats_equals_the_fits_on_rows():
   np.testing.assert_allclose(affine["kernel"], want[:-1], atol=1e-3)
   with pytest.raises(ValueError, match="no closed form.*affine"):
     ladder.fit_from_stats("mlp", stats)
+  # norm_affine with a batch norm: the channels' own statistics, then least squares on
+  # the standardised features -- the same function as the affine fit.
+  normed = ladder.fit_from_stats("norm_affine", stats, ridge=0.0, options={"norm": "batch"})
+  np.testing.assert_allclose(normed["mean"], x.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(normed["var"], x.var(0), rtol=1e-4)
+  got = np.asarray(ladder.apply("norm_affine", normed, x.astype(np.float32)))
+  np.testing.assert_allclose(got, xs @ want, atol=2e-3)
+  standardised = (x - x.mean(0)) / np.sqrt(x.var(0) + ladder.EPS)
+  np.testing.assert_allclose(  # the statistics are fixed: not this batch's
+      np.asarray(ladder.apply("norm_affine", dict(normed, kernel=np.eye(6, dtype=np.float32),
+                                                   bias=np.zeros(6, np.float32)),
+                              x[:3].astype(np.float32))), standardised[:3], atol=1e-4)
+  with pytest.raises(ValueError, match="no closed form"):
+    ladder.fit_from_stats("norm_affine", stats)  # LayerNorm: none
 
 
 def test_self_stitch_recovers_accuracy_with_every_map_that_expresses_the_identity(donor):
@@ -102,6 +116,25 @@ def test_dm_without_a_closed_form_and_identity_across_widths_are_nan_with_reason
   refined = _sweep(donor, objectives=["dm"], map="mlp", dm={"refine_epochs": 1.0},
                    pairs="fc1->fc1")
   assert np.isfinite(refined.values["dm@mlp"]["accuracy"][0, 0])
+
+
+def test_norm_affine_batch_norm_holds_the_fitting_sets_statistics(donor):
+  """norm='batch': DM solves it in closed form (the affine map's function), and a TLM
+  stitch from a random start gets the channel statistics of f's activations over the
+  fitting examples (here the whole training split), which training leaves fixed."""
+  model, variables, train, *_ = donor
+  res = _sweep(donor, objectives=["dm", "tlm"], map=["affine", "norm_affine"],
+               map_options={"norm": "batch"}, steps=30, init="random",
+               lstsq_examples=len(train), pairs="fc1->fc1")
+  np.testing.assert_allclose(res.values["dm@norm_affine"]["accuracy"][0, 0],
+                             res.values["dm"]["accuracy"][0, 0], atol=1.01 / 200)
+  acts = np.asarray(models.forward(model, variables, train.images, end="fc1"), np.float64)
+  p = res.params[("tlm@norm_affine", "fc1", "fc1")]
+  np.testing.assert_allclose(p["mean"], acts.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(p["var"], acts.var(0), rtol=1e-3, atol=1e-5)
+  assert np.isfinite(res.values["tlm@norm_affine"]["accuracy"][0, 0])
+  with pytest.raises(Exception, match="Valid choices: layer, batch"):
+    _sweep(donor, objectives=["tlm"], map="norm_affine", map_options={"norm": "group"})
 
 
 def test_affine_l1_penalty_shrinks_the_kernel(donor):

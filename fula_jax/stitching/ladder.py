@@ -15,9 +15,13 @@ change of :mod:`maps`, and has a plain pytree of parameters:
                   form: reduced-rank regression.
 * ``affine``      kernel (C_in x C_out) and bias: the default; closed form: least
                   squares; option ``l1`` adds ``l1 * sum |kernel|`` to the training loss.
-* ``norm_affine`` LayerNorm over the features (learned scale and shift) before the
-                  affine map, as Bansal et al. (2021) and stitching-ood do; no closed
-                  form.
+* ``norm_affine`` a norm (learned scale and shift) before the affine map, as Bansal et
+                  al. (2021) and stitching-ood do. Option ``norm``: ``layer``
+                  (LayerNorm over each position's features; no closed form) or
+                  ``batch`` (BatchNorm: each channel standardised by its mean and
+                  variance over the fitting examples -- what a BatchNorm's running
+                  averages estimate -- fixed while its scale and shift train; closed
+                  form: least squares on the standardised features).
 * ``mlp``         one hidden layer (option ``hidden``; 0: max(C_in, C_out)): affine,
                   ReLU, affine; no closed form.
 
@@ -49,16 +53,22 @@ MAPS = {
     "norm_affine": "LayerNorm (scale, shift) then a full kernel and bias",
     "mlp": "affine, ReLU, affine with a hidden width",
 }
-DEFAULTS = {"rank": 8, "hidden": 0, "l1": 0.0}   # hidden 0: max(C_in, C_out)
-USES = {"affine": ("l1",), "lowrank": ("rank",), "mlp": ("hidden",)}  # options per map
+DEFAULTS = {"rank": 8, "hidden": 0, "l1": 0.0,   # hidden 0: max(C_in, C_out)
+            "norm": "layer"}
+USES = {"affine": ("l1",), "lowrank": ("rank",), "mlp": ("hidden",),  # options per map
+        "norm_affine": ("norm",)}
+NORMS = {"layer": "LayerNorm over each position's features",
+         "batch": "each channel standardised by its statistics over the fitting set"}
 FIXED = ("identity", "permutation")              # never trained
 CLOSED_FORM = ("identity", "permutation", "orthogonal", "lowrank", "affine")
 LINEAR = CLOSED_FORM                             # commute with the bilinear resize
-IN_AXIS = ("kernel", "u", "scale", "shift", "w1")  # leaves whose first axis is C_in
+IN_AXIS = ("kernel", "u", "scale", "shift", "w1",  # leaves whose first axis is C_in
+           "mean", "var")
 IN_ROWS = ("kernel", "u", "w1")                    # ... of which matrices (C_in, .)
 
 Params = dict[str, Any]
 _HI = jax.lax.Precision.HIGHEST
+EPS = 1e-5  # of the norms of norm_affine
 
 
 def check(name: str, c_in: int, c_out: int, options: Mapping[str, Any] | None = None
@@ -72,6 +82,7 @@ def check(name: str, c_in: int, c_out: int, options: Mapping[str, Any] | None = 
   if name in ("identity", "permutation") and c_in != c_out:
     raise ValueError(f"The {name} map needs equal widths; here {c_in} -> {c_out} "
                      "(use orthogonal, lowrank or affine).")
+  registry.lookup("norm of norm_affine", str(opts["norm"]), NORMS)
   if name == "lowrank" and int(opts["rank"]) < 1:
     raise ValueError(f"lowrank rank = {opts['rank']} must be at least 1 (a rank at or "
                      f"above min(C_in, C_out) = {min(c_in, c_out)} is full rank).")
@@ -85,6 +96,7 @@ def options_of(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
   for k in opts:
     if k not in DEFAULTS:
       raise registry.unknown("stitch map option", k, DEFAULTS)
+  registry.lookup("norm of norm_affine (map_options.norm)", str(opts["norm"]), NORMS)
   return {k: type(DEFAULTS[k])(opts[k]) for k in USES.get(name, ())
           if opts[k] != DEFAULTS[k]}
 
@@ -111,7 +123,10 @@ def init(name: str, key: jax.Array, c_in: int, c_out: int,
   if name == "affine":
     return affine
   if name == "norm_affine":
-    return {"scale": jnp.ones((c_in,), jnp.float32), "shift": zeros(c_in), **affine}
+    norm = {"mean": zeros(c_in), "var": jnp.ones((c_in,), jnp.float32)} if (
+        opts["norm"] == "batch") else {}
+    return {**norm, "scale": jnp.ones((c_in,), jnp.float32), "shift": zeros(c_in),
+            **affine}
   h = int(opts["hidden"]) or max(c_in, c_out)
   return {"w1": lecun(ks[1], (c_in, h), jnp.float32), "b1": zeros(h),
           "w2": lecun(ks[2], (h, c_out), jnp.float32), "b2": zeros(c_out)}
@@ -123,15 +138,17 @@ def _dense(x, w, b=None):
   return y if b is None else y + b
 
 
-def apply(name: str, params: Params, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+def apply(name: str, params: Params, x: jax.Array, eps: float = EPS) -> jax.Array:
   """The map on (..., C_in) activations."""
   if name in FIXED:  # the identity's kernel is eye(C_in, C_out): shapes hold even
     return _dense(x, jax.lax.stop_gradient(params["kernel"]))  # where it cannot apply
   if name == "lowrank":
     return _dense(_dense(x, params["u"]), params["v"], params["bias"])
   if name == "norm_affine":
-    mu = jnp.mean(x, -1, keepdims=True)
-    var = jnp.var(x, -1, keepdims=True)
+    if "mean" in params:  # batch: the fitting set's fixed channel statistics
+      mu, var = (jax.lax.stop_gradient(params[k]) for k in ("mean", "var"))
+    else:                 # layer: each position's own
+      mu, var = jnp.mean(x, -1, keepdims=True), jnp.var(x, -1, keepdims=True)
     x = (x - mu) * jax.lax.rsqrt(var + eps) * params["scale"] + params["shift"]
   if name == "mlp":
     return _dense(jax.nn.relu(_dense(x, params["w1"], params["b1"])), params["w2"],
@@ -164,10 +181,30 @@ def penalty(name: str, params: Params, options: Mapping[str, Any]) -> jax.Array:
 
 
 def num_params(name: str, params: Params) -> int:
-  """Trainable parameters (the fixed maps have none)."""
+  """Trainable parameters (the fixed maps have none; a batch norm's statistics are
+  not trained)."""
   if name in FIXED:
     return 0
-  return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))
+  return int(sum(np.prod(np.shape(p)) for k, p in params.items()
+                 if k not in ("mean", "var")))
+
+
+def has_closed_form(name: str, options: Mapping[str, Any] | None = None) -> bool:
+  """Whether map `name` with these options has a closed form (:func:`fit_from_stats`)."""
+  norm = dict(DEFAULTS, **(options or {}))["norm"]
+  return name in CLOSED_FORM or (name == "norm_affine" and norm == "batch")
+
+
+def needs_statistics(name: str, options: Mapping[str, Any] | None = None) -> bool:
+  """Whether the map's parameters include statistics of the fitting set, which every
+  start (random or closed-form) must be given."""
+  return name == "norm_affine" and dict(DEFAULTS, **(options or {}))["norm"] == "batch"
+
+
+def statistics(params: Params) -> Params:
+  """The leaves of a closed form that are fitting-set statistics (kept under a random
+  init)."""
+  return {k: v for k, v in params.items() if k in ("mean", "var")}
 
 
 # ----------------------------------------------------------------------------
@@ -220,9 +257,9 @@ def fit_from_stats(name: str, stats: Any, ridge: float = 1e-6,
     ValueError: the map has no closed form, or no rows were accumulated.
   """
   opts = dict(DEFAULTS, **(options or {}))
-  if name not in CLOSED_FORM:
+  if not has_closed_form(name, opts):
     raise ValueError(f"The {name} map has no closed form (closed forms: "
-                     f"{', '.join(CLOSED_FORM)}).")
+                     f"{', '.join(CLOSED_FORM)}, norm_affine with norm='batch').")
   n = float(np.asarray(stats.n))
   if not n > 0:
     raise ValueError("Least squares over zero rows: no data was accumulated.")
@@ -247,6 +284,13 @@ def fit_from_stats(name: str, stats: Any, ridge: float = 1e-6,
   sol = lstsq.solve(stats, ridge)
   if name == "affine":
     return sol
+  if name == "norm_affine":  # x W + b == ((x - m) / s) (s W) + (b + m W)
+    var = np.maximum(np.diag(np.asarray(stats.cxx, np.float64)) / n, 0.0)
+    w = np.asarray(sol["kernel"], np.float64)
+    s = np.sqrt(var + EPS)
+    return {"mean": f32(mx), "var": f32(var), "scale": f32(np.ones_like(mx)),
+            "shift": f32(np.zeros_like(mx)), "kernel": f32(s[:, None] * w),
+            "bias": f32(np.asarray(sol["bias"], np.float64) + mx @ w)}
   w = np.asarray(sol["kernel"], np.float64)
   cov = np.asarray(stats.cxx, np.float64) / n
   fitted = w.T @ (0.5 * (cov + cov.T)) @ w              # covariance of X W
@@ -284,15 +328,16 @@ class Mapped(Objective):
 
   @property
   def closed_form(self) -> bool:
-    return self.form in FIXED or (self.objective.closed_form and self.form in CLOSED_FORM)
+    return self.form in FIXED or (self.objective.closed_form and
+                                  has_closed_form(self.form, dict(self.options)))
 
   @property
   def unsolvable(self) -> str:
     """Why DM cannot use this map without refinement ('' when it can)."""
-    if self.objective.closed_form and self.form not in CLOSED_FORM:
+    if self.objective.closed_form and not has_closed_form(self.form, dict(self.options)):
       return (f"the {self.form} map has no closed form for DM (closed forms: "
-              f"{', '.join(CLOSED_FORM)}); set dm.refine_epochs > 0 to train it "
-              "on DM's loss from a random start")
+              f"{', '.join(CLOSED_FORM)}, norm_affine with norm='batch'); set "
+              "dm.refine_epochs > 0 to train it on DM's loss from a random start")
     return ""
 
   @property

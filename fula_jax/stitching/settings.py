@@ -135,8 +135,10 @@ def default_config() -> ml_collections.ConfigDict:
                switch=0.5),                          # the share of steps before TLM
       map="affine",           # the stitch map (stitching/ladder.py), or a list of maps:
                               # one matrix per (objective, map), '<objective>@<map>'
-      map_options=dict(rank=8, hidden=0, l1=0.0),  # lowrank rank, mlp hidden width
-                                                   # (0: max(C_in, C_out)), affine L1
+      map_options=dict(rank=8,      # lowrank's rank
+                       hidden=0,    # mlp's hidden width (0: max(C_in, C_out))
+                       l1=0.0,      # affine's L1 penalty
+                       norm="layer"),  # norm_affine's norm: 'layer' | 'batch'
       pgd=dataclasses.asdict(sci.pgd),
       c2t=sci.c2t,            # CLS tokens of a ViT target stitched from a map: 'pool'
                               # (mean of the map) | 'learned' (a learned token)

@@ -72,11 +72,14 @@ class Wave:
     self.train_steps = max([r.max_steps for r in self.runs] + [0])
 
   def _lstsq_init(self, r: UnitRun) -> bool:
-    """Whether `r` starts from its map's closed form (init='lstsq', a trained map that
-    has one)."""
+    """Whether `r`'s start needs the statistics pass: its trained map starts from its
+    closed form (init='lstsq'), or holds fitting-set statistics whatever the init."""
     sci = self.sw.science
-    return (sci.init == "lstsq" and not sci.objective(r.unit.objective).closed_form
-            and r.ctx.form in ladder.CLOSED_FORM)
+    if sci.objective(r.unit.objective).closed_form:
+      return False
+    form, opts = r.ctx.form, r.ctx.form_options
+    return ((sci.init == "lstsq" and ladder.has_closed_form(form, opts))
+            or ladder.needs_statistics(form, opts))
 
   # -- sizes
 
@@ -255,6 +258,8 @@ class Wave:
                    init_sol if self._lstsq_init(r) else {})
       for s, row in enumerate(u.padded_fronts):
         sol, err = solutions.get(r.ctx.form_key + (row, u.end), ({}, ""))
+        if sci.init != "lstsq" and not obj.closed_form:  # statistics, random weights
+          sol = ladder.statistics(sol)
         stacks.place(params, s, sol)
         why = err or _inapplicable(obj, form, u.padded_shapes[s][-1], u.end_shape[-1],
                                    r.ctx.form_options, r.max_steps)
