@@ -92,6 +92,9 @@ def get_config(arg=None):
       correlation=1.0, strength=1.0, patch_size=4, seed=0,
       eval_modes=("present", "absent", "permuted")))
   config.stitch = _config_module("stitch.py").stitch_block()
+  # The capacity ladder: does the FuLA vs TLM verdict survive at every map?
+  config.stitch.map = "orthogonal,lowrank,affine,mlp"
+  config.stitch.ood_examples = 1000
   config.depth_pairs = "diagonal"
 
   if small:
@@ -109,6 +112,9 @@ def get_config(arg=None):
     config.stitch.init = "lstsq"
     config.stitch.lstsq_examples = 256
     config.stitch.progress_every_s = 15.0
+    config.stitch.map = "lowrank,affine,mlp"
+    config.stitch.map_options.rank = 4
+    config.stitch.ood_examples = 256
   if arg.tiny:
     config.robust.steps = 2
     config.robust.eval_steps = 3
@@ -116,6 +122,8 @@ def get_config(arg=None):
     config.stitch.epochs = 0.0
     config.stitch.steps = 15
     config.stitch.progress = False
+    config.stitch.map = "identity,affine"  # identity: a map no objective changes
+    config.stitch.ood_examples = 128
 
   candidates = (("cnn", "mlp", "resnet20") if small else
                 ("resnet18", "vgg16", "vit_tiny", "resnet20"))

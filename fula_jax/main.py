@@ -60,8 +60,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def resolve_job(name: str):
-  """The library function that runs job `name`."""
+  """The library function that runs job `name`. A study in experiments/ is found from
+  any working directory when the package is used from its repository (pip install -e)."""
   module_name, fn_name = registry.lookup("job", name, JOBS).split(":")
+  if module_name.startswith("experiments."):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(repo, "experiments")) and repo not in sys.path:
+      sys.path.append(repo)
+    try:
+      return getattr(importlib.import_module(module_name), fn_name)
+    except ModuleNotFoundError as e:
+      if e.name not in ("experiments", module_name):
+        raise
+      raise errors.ConfigError(
+          f"Job {name!r} is a study in the repository's experiments/ folder, which this "
+          "installation does not have: install fula_jax from a clone with "
+          "`pip install -e .` (or run from the clone's root).") from None
   return getattr(importlib.import_module(module_name), fn_name)
 
 

@@ -97,6 +97,7 @@ def test_cue_modes_are_scored_on_the_right_images(tiny_run):
         acc = _accuracy(models.forward(mg, vg, z.astype(np.float32), start=col),
                         split.labels)
         stored = depth[(depth.testbed == "shortcut") & (depth.objective == obj)
+                       & (depth["map"] == "affine")
                        & (depth.pair == f"{front}->{end}") & (depth.cell == f"{row}->{col}")
                        & (depth.measure == f"accuracy@{mode}")].value
         assert len(stored) == 1
@@ -108,6 +109,7 @@ def test_cue_modes_are_scored_on_the_right_images(tiny_run):
 def test_findings_agree_with_an_independent_aggregation(tiny_run):
   config, workdir, out = tiny_run
   depth = pd.read_csv(workdir / study.DEPTH_CSV)
+  depth = depth[depth["map"] == "affine"]  # the main findings' map
   means = depth.groupby(["testbed", "pair", "objective", "measure"]).value.mean()
   facts = out["facts"]["cnn"]
   for obj in config.stitch.objectives:
@@ -132,6 +134,85 @@ def test_findings_agree_with_an_independent_aggregation(tiny_run):
     assert f"figures/{fig}" in report
   assert {"robust_cnn.png", "shortcut_cnn.png", "cross_seed_cnn.png",
           "summary_cnn.png"} <= set(out["figures"])
+
+
+def test_capacity_verdicts_agree_with_an_independent_aggregation(tiny_run):
+  """Per map, FuLA's and TLM's ratings re-aggregated from by_depth.csv; the identity
+  map has nothing to train, so every objective rates every pair the same there."""
+  config, workdir, out = tiny_run
+  depth = pd.read_csv(workdir / study.DEPTH_CSV)
+  assert set(depth["map"]) == {"identity", "affine"}
+  means = depth.groupby(["testbed", "pair", "map", "objective", "measure"]).value.mean()
+  n_test = len(study.load_splits(config, []).get("test").labels)
+  capacity = out["facts"]["cnn"]["capacity"]
+  report = (workdir / study.REPORT_FILE).read_text()
+  for testbed, measure in (("robust", "accuracy"), ("shortcut", "accuracy@present")):
+    pair = f"{testbed}->standard"
+    for form in ("identity", "affine"):
+      got = capacity[testbed][form]
+      fula, tlm = (means[testbed, pair, form, o, measure] for o in ("fula", "tlm"))
+      assert got["fula"] == pytest.approx(fula) and got["tlm"] == pytest.approx(tlm)
+      assert got["fula_control"] == pytest.approx(
+          means[testbed, "second_seed->standard", form, "fula", measure])
+      expected = ("same" if abs(fula - tlm) * n_test < 1 else
+                  "lower" if fula < tlm else "higher")
+      assert got["verdict"] == expected
+    assert capacity[testbed]["identity"]["fula"] == capacity[testbed]["identity"]["tlm"]
+    assert capacity[testbed]["identity"]["verdict"] == "same"
+    main = capacity[testbed]["affine"]["verdict"]
+    fate = ("survives at every capacity" if main == "same" else
+            "holds at 1 of 2 maps and changes at identity")
+    assert re.search(rf"Across stitch capacities \(cnn, {testbed}, {measure}\)\.\*\* .*"
+                     rf"identity same, affine {main}; .*\(FuLA {main}\) {fate}", report)
+  cross = depth[(depth.testbed == "cross_seed") & (depth.measure == "accuracy")]
+  for form in ("identity", "affine"):
+    sel = cross[(cross["map"] == form) & (cross.objective == "fula")]
+    on = sel[sel.front_point == sel.end_point].value
+    off = sel[sel.front_point != sel.end_point].value.dropna()
+    assert capacity["cross_seed"][form]["fula"] == pytest.approx(on.mean() - off.mean(),
+                                                                 nan_ok=True)
+  # identity across different widths: no off-diagonal cell, so no contrast
+  assert np.isnan(capacity["cross_seed"]["identity"]["fula"])
+  assert "capacity_cnn.png" in out["figures"]
+  assert "## cnn: FuLA vs TLM across stitch capacities" in report
+
+
+def test_ood_scores_summarised_per_pair(tiny_run):
+  """The OOD table's means re-aggregated from by_depth.csv, and the identity map's
+  scores equal for every objective (the same stitched model)."""
+  _, workdir, out = tiny_run
+  depth = pd.read_csv(workdir / study.DEPTH_CSV)
+  ood = out["facts"]["cnn"]["ood"]
+  sel = depth[depth.measure == "mahalanobis_ratio"]
+  means = sel[sel["map"] == "affine"].groupby(["testbed", "pair", "objective"]).value.mean()
+  assert set(ood) == {"robust", "shortcut", "cross_seed"}
+  for (testbed, pair, obj), v in means.items():
+    assert ood[testbed][pair][obj]["mahalanobis_ratio"] == pytest.approx(v)
+  ident = sel[sel["map"] == "identity"].pivot_table(
+      index=["testbed", "pair", "cell"], columns="objective", values="value")
+  assert len(ident) > 0 and np.isfinite(ident.to_numpy()).all()
+  np.testing.assert_allclose(ident["fula"], ident["tlm"], rtol=1e-6)
+  assert "out-of-distribution scores of the stitched activations" in (
+      workdir / study.REPORT_FILE).read_text()
+
+
+def test_capacity_sentence_names_the_maps_where_the_verdict_changes():
+  """On made-up records: FuLA lower than TLM at affine and mlp, higher at lowrank."""
+  from experiments import fula_report as report
+  records = []
+  for form, fula, tlm in (("mlp", 0.5, 0.7), ("lowrank", 0.6, 0.4), ("affine", 0.3, 0.6)):
+    for obj, v in (("fula", fula), ("tlm", tlm)):
+      for pair in ("robust->standard", "second_seed->standard"):
+        records.append(dict(architecture="a", testbed="robust", pair=pair, objective=obj,
+                            map=form, measure="accuracy", value=v, cell="c->c"))
+  lines, facts = report.capacity("a", ["robust"], records, ["mlp", "lowrank", "affine"],
+                                 ["present"], n_test=100)
+  assert [m for m in facts["robust"]] == ["lowrank", "affine", "mlp"]  # ladder order
+  assert facts["robust"]["lowrank"]["verdict"] == "higher"
+  assert lines == ["**Across stitch capacities (a, robust, accuracy).** How FuLA rates "
+                   "robust->standard against TLM, by map: lowrank higher, affine lower, "
+                   "mlp lower; the verdict at the affine map (FuLA lower) holds at 2 of 3 "
+                   "maps and changes at lowrank."]
 
 
 def test_cross_seed_matrix_and_control_pair(tiny_run):
@@ -227,3 +308,17 @@ def test_script_entry_point_reports_bad_names(tmp_path):
   assert "Unknown FuLA testbed 'shortcuts'" in proc.stderr
   assert "Valid choices: shortcut, " in proc.stderr
   assert not (tmp_path / "models").exists()
+
+
+def test_the_study_job_is_found_from_any_working_directory(tmp_path):
+  """`python -m fula_jax.main --config=.../study_fula.py` from outside the repository:
+  the study in experiments/ still resolves (the package is installed from the clone)."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+          "from fula_jax import main; fn = main.resolve_job('study_fula'); "
+          "print(fn.__module__, fn.__name__)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["experiments.study_fula", "run"]
