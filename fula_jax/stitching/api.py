@@ -148,7 +148,7 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
       grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
       bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
       max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints,
-      prefix_a=sw.prefix_a, prefix_b=sw.prefix_b)
+      prefix_a=sw.prefix_a, prefix_b=sw.prefix_b, batch_split=not sw.bn_train)
   waves = [Wave(sw, w) for w in plan_lib.pack_waves(units, ex.max_stitches_per_wave)]
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),

@@ -151,12 +151,15 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
          bytes_per_stitch: Callable[[str, int], int], budget_bytes: float,
          max_group_size: int, fingerprints: Mapping[str, str],
          prefix_a: Mapping[str, int] | None = None,
-         prefix_b: Mapping[str, int] | None = None) -> list[Unit]:
+         prefix_b: Mapping[str, int] | None = None,
+         batch_split: bool = True) -> list[Unit]:
   """Units for every (objective, cell) not in `finished`, laid out over the devices.
 
   `objectives` are values with `.name` and `.decomposable`; `trains[name]` says whether
   that objective takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
-  one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens.
+  one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens;
+  `batch_split=False` keeps every stitch's batch on one device (BatchNorms in train mode
+  need the whole batch's statistics).
   """
   prefix_a, prefix_b = prefix_a or {}, prefix_b or {}
   points_b = list(shapes_b)
@@ -176,7 +179,8 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
       per_chunk = -(-len(todo) // n_chunks)
       for k in range(n_chunks):
         fronts = tuple(todo[k * per_chunk:(k + 1) * per_chunk])
-        ways = stitch_ways(len(fronts), num_devices, batch_sizes, obj.decomposable)
+        ways = stitch_ways(len(fronts), num_devices, batch_sizes,
+                           obj.decomposable and batch_split)
         size = -(-len(fronts) // ways) * ways
         uid = safe_name(f"{end}-{digest([fronts, width, fingerprints[obj.name]], 12)}")
         units.append(Unit(obj.name, end, tuple(shapes_b[end]), fronts,

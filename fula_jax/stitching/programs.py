@@ -16,7 +16,11 @@ parameters are stacks padded to the unit's widest front (:mod:`.stacks`). The pr
 `shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the batch
 axis (gradients averaged, sums reduced) and, when a unit must, its stitches over the
 stitch axis (each device then runs the tails of its own stitches). Donor variables are
-arguments, never closure constants, and BatchNorm runs in inference mode.
+arguments, never closure constants. BatchNorm runs in inference mode, unless the sweep
+sets ``donor_bn='train'``: then while stitches train, the donors normalise by each
+whole batch's statistics (such units never split a stitch's batch over devices) and
+every stitch carries its own copy of g's running averages (`StitchState.bn`), updated
+with g's momentum and used when it is evaluated.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class StitchState(NamedTuple):
   diverged_step: jax.Array       # (S,) int32, -1 while finite
   loss_sum: jax.Array            # (S,) weighted sum of training losses
   loss_weight: jax.Array         # (S,) sum of the weights
+  bn: Any = None                 # per-stitch copy of g's batch_stats (donor_bn='train')
 
 
 def adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
@@ -58,29 +63,49 @@ def adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
 
 
 def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
-               tx: optax.GradientTransformation) -> StitchState:
-  """Host-side (NumPy) initial state for stacked `params` (leading stitch axis)."""
+               tx: optax.GradientTransformation, bn: Any = None) -> StitchState:
+  """Host-side (NumPy) initial state for stacked `params` (leading stitch axis); `bn`:
+  g's batch_stats stacked per stitch when the donors train their BatchNorms."""
   params = {k: np.asarray(v, np.float32) for k, v in params.items()}
   s = steps.shape[0]
   opt = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
                                jax.eval_shape(jax.vmap(tx.init, axis_size=s), params))
   return StitchState(params, opt, np.asarray(steps, np.int32), np.asarray(lr, np.float32),
                      np.zeros((s,), bool), np.full((s,), -1, np.int32),
-                     np.zeros((s,), np.float32), np.zeros((s,), np.float32))
+                     np.zeros((s,), np.float32), np.zeros((s,), np.float32),
+                     {} if bn is None else bn)
 
 
-def tail(model_b: Any, vars_b: Any, z: jax.Array, j: str, end: str
+def with_bn(vars_b: Any, bn: Any) -> Any:
+  """g's variables with a stitch's own BatchNorm averages (`vars_b` without any)."""
+  return dict(vars_b, batch_stats=bn) if bn else vars_b
+
+
+def tail(model_b: Any, vars_b: Any, z: jax.Array, j: str, end: str, bn: Any = None
          ) -> dict[str, jax.Array]:
-  """g run from point j to `end` (a point or LOGITS): {j: z, every later point, ...}."""
+  """g run from point j to `end` (a point or LOGITS) in inference mode: {j: z, every
+  later point, ...}; `bn`: the stitch's own BatchNorm averages, if it has them."""
+  return tail_train(model_b, vars_b, z, j, end, bn, train=False)[0]
+
+
+def tail_train(model_b: Any, vars_b: Any, z: jax.Array, j: str, end: str, bn: Any,
+               train: bool = True) -> tuple[dict[str, jax.Array], Any]:
+  """:func:`tail` with g's BatchNorms in train mode when `train` and `bn` (batch
+  statistics, and `bn` updated with g's momentum): (outputs, the new `bn`)."""
   outs = {j: z}
   if end == j:
-    return outs
-  h, acts = model_b.apply(vars_b, z, start=j, end=None if end == LOGITS else end,
-                          train=False, capture=True)
+    return outs, bn
+  kw = dict(start=j, end=None if end == LOGITS else end, capture=True)
+  if train and bn:
+    (h, acts), new = model_b.apply(with_bn(vars_b, bn), z, train=True,
+                                   mutable=["batch_stats"], **kw)
+    bn = new["batch_stats"]
+  else:
+    h, acts = model_b.apply(with_bn(vars_b, bn), z, train=False, **kw)
   outs.update(acts)
   if end == LOGITS:
     outs[LOGITS] = h
-  return outs
+  return outs, bn
 
 
 def latest(points: Sequence[str], ends: Sequence[str]) -> str:
@@ -107,6 +132,7 @@ class UnitContext:
   end_prefix: int = 0
   c2t: str = "pool"
   t2c: str = "drop"
+  bn_train: bool = False  # g's BatchNorms in train mode while training (donor_bn)
 
   @property
   def where(self) -> Where:
@@ -220,21 +246,27 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
   tx = adam(*ctx.adam)
 
   def local(state, vars_b, fronts, shared, window, step):
+    bn = jax.tree_util.tree_map(lambda a: _local_stitches(ctx, a), state.bn)
+
+    def one(zs, n, bs):
+      outs, new = tail_train(ctx.model_b, vars_b, zs, ctx.end, train_end, bs,
+                             train=ctx.bn_train)
+      return objective.loss_at(outs, shared, where, step, n), new
+
     def total_loss(params):
       z = _local_stitches(ctx, stitch_all(ctx, params, fronts))
-      losses = jax.vmap(lambda zs, n: objective.loss_at(
-          tail(ctx.model_b, vars_b, zs, ctx.end, train_end), shared, where, step, n))(
-              z, _local_stitches(ctx, state.steps))
+      losses, new_bn = jax.vmap(one)(z, _local_stitches(ctx, state.steps), bn)
       penalty = _local_stitches(ctx, jax.vmap(
           lambda p: ladder.penalty(ctx.form, p, ctx.form_options))(params))
-      return jnp.sum(losses) + jnp.sum(penalty), losses
+      return jnp.sum(losses) + jnp.sum(penalty), (losses, new_bn)
 
-    (_, loss), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
-    loss = _gather_stitches(ctx, loss)
+    (_, (loss, new_bn)), grads = jax.value_and_grad(total_loss, has_aux=True)(
+        state.params)
+    loss, new_bn = _gather_stitches(ctx, (loss, new_bn))
     if ctx.mesh.shape[AXIS] > 1:
       grads = jax.lax.psum(grads, AXIS)  # each device holds its own stitches' grads
     if ctx.split:
-      loss, grads = jax.lax.pmean((loss, grads), BATCH)
+      loss, grads, new_bn = jax.lax.pmean((loss, grads, new_bn), BATCH)
     weight = (step >= state.steps - window).astype(jnp.float32)
     updates, opt = jax.vmap(tx.update)(grads, state.opt, state.params)
     new_params = jax.vmap(functools.partial(ladder.project, ctx.form))(
@@ -250,16 +282,18 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
         diverged=state.diverged | fails,
         diverged_step=jnp.where(fails, step, state.diverged_step),
         loss_sum=state.loss_sum + jnp.where(ok, weight * loss, 0.0),
-        loss_weight=state.loss_weight + jnp.where(ok, weight, 0.0))
+        loss_weight=state.loss_weight + jnp.where(ok, weight, 0.0),
+        bn=_select(ok, new_bn, state.bn))
 
   rep, bt = P(), P(BATCH)
   return on_mesh(local, ctx, (rep, rep, bt, bt, rep, rep), rep)(
       state, vars_b, fronts, shared, window, step)
 
 
-def _eval_terms(ctx: UnitContext, z, vars_b, shared, mask) -> dict[str, jax.Array]:
+def _eval_terms(ctx: UnitContext, z, vars_b, shared, mask, bn=None
+                ) -> dict[str, jax.Array]:
   return measures_lib.terms(measures_lib.Batch(
-      tail(ctx.model_b, vars_b, z, ctx.end, LOGITS), z, shared, mask, ctx.objective,
+      tail(ctx.model_b, vars_b, z, ctx.end, LOGITS, bn), z, shared, mask, ctx.objective,
       ctx.where))
 
 
@@ -285,12 +319,14 @@ def eval_terms_shapes(ctx: UnitContext, vars_b, batch: int, num_classes: int,
 
 
 @functools.partial(jax.jit, static_argnames=("ctx",), donate_argnums=(0,))
-def evaluate(acc, params, vars_b, fronts, shared, mask, *, ctx: UnitContext):
-  """`acc` plus every measure's sums of every stitch on one held-out batch."""
+def evaluate(acc, params, bn, vars_b, fronts, shared, mask, *, ctx: UnitContext):
+  """`acc` plus every measure's sums of every stitch on one held-out batch (`bn`: the
+  stitches' own BatchNorm averages of g, or {})."""
 
-  def local(acc, params, vars_b, fronts, shared, mask):
+  def local(acc, params, bn, vars_b, fronts, shared, mask):
     z = _local_stitches(ctx, stitch_all(ctx, params, fronts))
-    sums = jax.vmap(lambda zs: _eval_terms(ctx, zs, vars_b, shared, mask))(z)
+    bn = jax.tree_util.tree_map(lambda a: _local_stitches(ctx, a), bn)
+    sums = jax.vmap(lambda zs, bs: _eval_terms(ctx, zs, vars_b, shared, mask, bs))(z, bn)
     sums = _gather_stitches(ctx, sums)
     if ctx.split:
       sums = jax.lax.psum(sums, BATCH)
@@ -298,8 +334,8 @@ def evaluate(acc, params, vars_b, fronts, shared, mask, *, ctx: UnitContext):
 
   rep, bt = P(), P(BATCH)
   shared_spec = {k: rep if k == measures_lib.OOD else bt for k in shared}  # a reference
-  return on_mesh(local, ctx, (rep, rep, rep, bt, shared_spec, bt), rep)(
-      acc, params, vars_b, fronts, shared, mask)
+  return on_mesh(local, ctx, (rep, rep, rep, rep, bt, shared_spec, bt), rep)(
+      acc, params, bn, vars_b, fronts, shared, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("ctx",), donate_argnums=(0,))
@@ -330,6 +366,7 @@ class DonorContext:
   model_a: Any
   model_b: Any
   mesh: Mesh
+  train: bool = False  # BatchNorms by the batch's statistics (donor_bn='train')
 
   @property
   def split(self) -> bool:
@@ -340,11 +377,19 @@ class DonorContext:
 @functools.partial(jax.jit, static_argnames=("ctx",))
 def donor_pass(vars_a, vars_b, xa, xb, label, mask, *, ctx: DonorContext):
   """f and g once on a batch, every stitch point captured, everything replicated."""
-  acts_a = ctx.model_a.apply(vars_a, xa, train=False, capture=True)[1]
-  logits_b, acts_b = ctx.model_b.apply(vars_b, xb, train=False, capture=True)
+  acts_a = capture(ctx.model_a, vars_a, xa, ctx.train)[1]
+  logits_b, acts_b = capture(ctx.model_b, vars_b, xb, ctx.train)
   out = {"acts_a": acts_a, "logits_b": logits_b, "acts_b": acts_b, "label": label,
          "mask": mask}
   return jax.lax.with_sharding_constraint(out, NamedSharding(ctx.mesh, P()))
+
+
+def capture(model: Any, variables: Any, x: jax.Array, train: bool = False) -> Any:
+  """(logits, {point: activation}) of a donor; with `train`, its BatchNorms use the
+  batch's statistics and the averages they would write are dropped (a frozen donor)."""
+  if train and "batch_stats" in variables:
+    return model.apply(variables, x, train=True, capture=True, mutable=["batch_stats"])[0]
+  return model.apply(variables, x, train=False, capture=True)
 
 
 def stitch_sharding(mesh: Mesh) -> NamedSharding:

@@ -132,6 +132,13 @@ class Sweep:
     self.measures = measures_lib.active(sci.pgd.enabled, ex.ood_examples > 0)
     self._ood: dict[str, dict[str, np.ndarray]] | None = None
     self.donor_ctx = P.DonorContext(model_a, model_b, self.mesh)
+    # donor_bn='train': the donors' BatchNorms by batch statistics while stitches train
+    # (f's and g's passes on the fitting split), and per-stitch averages of g's.
+    self.bn_train = sci.donor_bn == "train"
+    self.host_bn_b = host_b.get("batch_stats") if self.bn_train else None
+    if self.bn_train:
+      _check_train_mode(model_a, host_a, train.image_shape, "model_a")
+      _check_train_mode(model_b, host_b, self.train_b.image_shape, "model_b")
     self.store = store_lib.Store(self.workdir, sci, dict(
         model_a=[name_a, type(model_a).__name__, self.points_a,
                  store_lib.tree_digest(host_a)],
@@ -159,7 +166,8 @@ class Sweep:
     sci = self.science
     return P.UnitContext(self.model_b, self.points_b, u.end, u.end_shape,
                          u.padded_shapes, u.width, sci.objective(u.objective), mesh,
-                         sci.adam, u.padded_prefix, u.end_prefix, sci.c2t, sci.t2c)
+                         sci.adam, u.padded_prefix, u.end_prefix, sci.c2t, sci.t2c,
+                         bn_train=bool(self.host_bn_b))
 
   def bytes_per_stitch(self, end: str, width: int) -> int:
     """Memory of one stitch in a train step: params + Adam + activations of g's tail
@@ -188,12 +196,18 @@ class Sweep:
                         f"of {self.n_dev}.")
     return sharding.put_local(batch, sharding.replicated(self.mesh))
 
-  def donor_stream(self, pairs: Iterable[tuple[dict, dict]]) -> Iterable[dict]:
+  def donor_context(self, train: bool = False) -> P.DonorContext:
+    """The donor pass of the fitting split (`train`) or of an evaluation."""
+    return dataclasses.replace(self.donor_ctx, train=train and self.bn_train)
+
+  def donor_stream(self, pairs: Iterable[tuple[dict, dict]], train: bool = False
+                   ) -> Iterable[dict]:
+    ctx = self.donor_context(train)
     for a, b in pairs:
       mask = a.get("mask", np.ones(a["label"].shape, np.float32))
       yield self.call(P.donor_pass, self.vars_a, self.vars_b, self.place(a["image"]),
                       self.place(b["image"]), self.place(a["label"]),
-                      self.place(np.asarray(mask, np.float32)), ctx=self.donor_ctx)
+                      self.place(np.asarray(mask, np.float32)), ctx=ctx)
 
   def donor_args_abstract(self, batch: int) -> tuple:
     shard = (sharding.split(self.mesh) if batch % self.n_dev == 0
@@ -277,13 +291,13 @@ class Sweep:
             for f in r.unit.padded_fronts]
     return ctx, which, base
 
-  def pgd_args_abstract(self, r: UnitRun, params: Any) -> tuple:
+  def pgd_args_abstract(self, r: UnitRun, params: Any, bn: Any) -> tuple:
     view = self.test_views[""]
     shard = sharding.split(self.mesh)
     b = self.eval_batch
     sds = lambda shape, dtype, s=shard: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
     scalar = jax.ShapeDtypeStruct((), np.float32)
-    return (params, sds((r.unit.size,), np.int32, r.sharding),
+    return (params, bn, sds((r.unit.size,), np.int32, r.sharding),
             sds((r.unit.size, 2), np.uint32, r.sharding), self.vars_a, self.vars_b,
             sds((b,) + view.a.image_shape, np.float32), sds((b,), np.int32),
             sds((b,), np.float32), jax.ShapeDtypeStruct((), np.int32), scalar, scalar)
@@ -302,7 +316,7 @@ class Sweep:
     for b, (batch, _) in enumerate(view.batches()):
       keys = np.stack([np.asarray(jax.random.fold_in(k, b)) for k in base])
       mask = batch.get("mask", np.ones(batch["label"].shape, np.float32))
-      out = self.call(pgd_lib.pgd_correct, r.state.params, which,
+      out = self.call(pgd_lib.pgd_correct, r.state.params, r.state.bn, which,
                       sharding.put(keys.astype(np.uint32), r.sharding), self.vars_a,
                       self.vars_b, self.place(batch["image"]), self.place(batch["label"]),
                       self.place(np.asarray(mask, np.float32)), np.int32(b * self.eval_batch),
@@ -315,6 +329,20 @@ class Sweep:
 @jax.jit
 def _gaussians(gauss, acts, mask):
   return {p: ood_lib.gaussian_update(g, acts[p], mask) for p, g in gauss.items()}
+
+
+def _check_train_mode(model: Any, variables: Any, image_shape: tuple, role: str) -> None:
+  """donor_bn='train' needs a donor whose apply runs its BatchNorms in train mode with
+  Flax's mutable batch_stats (the zoo's models); a clear error for one that cannot."""
+  if "batch_stats" not in variables:
+    return
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.float32)
+  try:
+    jax.eval_shape(lambda v, x: P.capture(model, v, x, True), variables, x)
+  except Exception as e:  # noqa: BLE001 (any failure: the model cannot do it)
+    raise ConfigError(
+        f"stitch.donor_bn='train' runs the donors' BatchNorms in train mode, which "
+        f"{role} ({type(model).__name__}) cannot: {e} Use donor_bn='eval'.") from None
 
 
 def _check_eval_sets(eval_sets: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:

@@ -27,6 +27,15 @@ from fula_jax.stitching import ladder, maps
 from fula_jax.stitching import objectives as objectives_lib
 
 INITS = ("random", "lstsq")
+DONOR_BN = {
+    "eval": "the donors' BatchNorms in inference mode throughout (running averages)",
+    "train": "PyTorch's train mode while stitches train: every BatchNorm normalises by "
+             "the batch's statistics, and each stitch updates its own copy of g's "
+             "running averages, which its evaluation then uses",
+}
+# Science fields added after results were first stored: left out of a fingerprint at
+# their default, so earlier results keep theirs.
+_LATER_DEFAULTS = {"donor_bn": "eval"}
 GROUPINGS = ("end", "shape", "single")
 
 
@@ -60,6 +69,7 @@ class Science:
   pgd: PGD = PGD()
   c2t: str = "pool"   # prefix (CLS) tokens of a token target from a map: pool | learned
   t2c: str = "drop"   # a token source's prefix tokens into a map: drop | cls
+  donor_bn: str = "eval"  # the donors' BatchNorms while stitches train (DONOR_BN)
 
   def objective(self, name: str) -> objectives_lib.Objective:
     return {o.name: o for o in self.objectives}[name]
@@ -71,7 +81,8 @@ class Science:
     """What identifies the numbers of `objective`'s stitches (apart from models and
     data): the shared settings and that objective's own."""
     shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "objectives"}
+              if f.name != "objectives"
+              and _LATER_DEFAULTS.get(f.name, self) != getattr(self, f.name)}
     shared["pgd"] = dataclasses.asdict(self.pgd)
     return dict(shared, objective=self.objective(objective).settings())
 
@@ -144,6 +155,8 @@ def default_config() -> ml_collections.ConfigDict:
                               # (mean of the map) | 'learned' (a learned token)
       t2c=sci.t2c,            # a ViT's CLS token stitched into a map: 'drop' | 'cls'
                               # (only the CLS token, over the whole grid)
+      donor_bn=sci.donor_bn,  # 'eval' | 'train': the donors' BatchNorms while stitches
+                              # train (PyTorch's model.train(), as Balogh & Jelasity)
       **dataclasses.asdict(ex)))
 
 
@@ -230,7 +243,8 @@ def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
       ridge=float(full["ridge"]), seed=int(full["seed"]),
       cell_lr=parse_cell_lr(full["cell_lr"]), pgd=PGD(**full["pgd"]),
       c2t=registry.lookup("c2t option", full["c2t"], {k: k for k in maps.C2T}),
-      t2c=registry.lookup("t2c option", full["t2c"], {k: k for k in maps.T2C}))
+      t2c=registry.lookup("t2c option", full["t2c"], {k: k for k in maps.T2C}),
+      donor_bn=registry.lookup("donor_bn mode", full["donor_bn"], {k: k for k in DONOR_BN}))
   rows, cols = full["rows"], full["cols"]
   cells = Cells(pairs=full["pairs"], rows=tuple(rows) if rows else None,
                 cols=tuple(cols) if cols else None)

@@ -109,9 +109,10 @@ class Wave:
     donors = {}
     for batch, is_eval in ([(sw.batch, False)] if trains else []) + [(sw.eval_batch, True)]:
       args = sw.donor_args_abstract(batch)
-      calls.append((P.donor_pass, args, {"ctx": sw.donor_ctx}))
+      ctx = sw.donor_context(train=not is_eval)
+      calls.append((P.donor_pass, args, {"ctx": ctx}))
       donors[is_eval] = jax.eval_shape(
-          lambda *a: P.donor_pass(*a, ctx=sw.donor_ctx), *args)
+          lambda *a, ctx=ctx: P.donor_pass(*a, ctx=ctx), *args)
     rep = sharding.replicated(sw.mesh)
     as_rep = lambda t: _sds(t, rep)
     if self.init_batches or self.dm_batches:
@@ -133,11 +134,11 @@ class Wave:
             jax.ShapeDtypeStruct((), jnp.int32)), {"ctx": r.ctx}))
       out = donors[True]
       calls.append((P.evaluate, (
-          _sds(self.zero_sums(r), r.sharding), state.params, sw.vars_b,
+          _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.vars_b,
           tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
           as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
       if sw.science.pgd.enabled:
-        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(r, state.params),
+        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(r, state.params, state.bn),
                       {"ctx": sw.pgd_context(r)}))
     self._compile(calls)
 
@@ -192,7 +193,9 @@ class Wave:
     if not zeros:
       steps[:len(u.fronts)] = r.max_steps
     lr = np.array([sw.science.lr(f, u.end) for f in u.padded_fronts], np.float32)
-    return P.init_state(params, steps, lr, P.adam(*sw.science.adam))
+    bn = (jax.tree_util.tree_map(lambda a: np.repeat(a[None], u.size, 0), sw.host_bn_b)
+          if r.ctx.bn_train else None)
+    return P.init_state(params, steps, lr, P.adam(*sw.science.adam), bn)
 
   # -- running
 
@@ -208,7 +211,7 @@ class Wave:
       jobs.append([runs, sharding.put_tree(
           P.stats_zeros(r.unit.size, r.unit.width, r.unit.end_shape[-1]), r.sharding)])
     init_sol, dm_sol = {}, {}
-    for b, out in enumerate(sw.donor_stream(sw.train_stream(n_batches))):
+    for b, out in enumerate(sw.donor_stream(sw.train_stream(n_batches), train=True)):
       for job in jobs:
         r = job[0][0]
         job[1] = sw.call(P.lstsq_stats, job[1],
@@ -272,7 +275,8 @@ class Wave:
     if not self.train_steps:
       return
     window = np.int32(sw.steps_per_epoch)
-    for step, out in enumerate(sw.donor_stream(sw.train_stream(self.train_steps))):
+    for step, out in enumerate(sw.donor_stream(sw.train_stream(self.train_steps),
+                                               train=True)):
       for r in self.runs:
         if step < r.max_steps:
           r.state = sw.call(P.train_step, r.state, sw.vars_b,
@@ -291,7 +295,8 @@ class Wave:
     for out in sw.donor_stream(sw.eval_stream(name)):
       end_correct += sw.end_correct(out)
       for r in self.runs:
-        r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, sw.vars_b,
+        r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, r.state.bn,
+                               sw.vars_b,
                                tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
                                self.shared(r, out, train=False), out["mask"], ctx=r.ctx)
       progress.advance()
