@@ -137,6 +137,25 @@ def test_norm_affine_batch_norm_holds_the_fitting_sets_statistics(donor):
     _sweep(donor, objectives=["tlm"], map="norm_affine", map_options={"norm": "group"})
 
 
+def test_mlp_hidden_width_follows_each_front_in_a_shared_unit(donor):
+  """hidden=0 means max(C_in, C_out) per stitch; fronts of 6 and 16 channels share one
+  unit (padded to 16 hidden units) and train exactly as each would alone."""
+  import jax
+  model, variables, train, test, _ = donor
+  front = models.get_model("mlp", widths=(6, 16))
+  front_vars = models.init(front, jax.random.PRNGKey(2), (1,) + train.images.shape[1:])
+  cfg = dict(BASE, objectives=["tlm"], map="mlp", steps=20, pairs="fc1->fc1,fc2->fc1")
+  together = stitching.run_sweep(front, front_vars, model, variables, train, test, cfg,
+                                 keep_params=True)
+  alone = stitching.run_sweep(front, front_vars, model, variables, train, test,
+                              dict(cfg, grouping="single"), keep_params=True)
+  assert together.stats["units_computed"] == 1 and alone.stats["units_computed"] == 2
+  np.testing.assert_allclose(together.values["tlm@mlp"]["accuracy"],
+                             alone.values["tlm@mlp"]["accuracy"], atol=1e-9)
+  w1 = together.params[("tlm@mlp", "fc1", "fc1")]["w1"]
+  assert w1.shape == (6, 16) and not w1[:, 12:].any()  # its own 12 hidden units only
+
+
 def test_affine_l1_penalty_shrinks_the_kernel(donor):
   plain = _sweep(donor, objectives=["tlm"], steps=60, init="random", pairs="fc2->fc2")
   sparse = _sweep(donor, objectives=["tlm"], map_options={"l1": 0.5}, steps=60,

@@ -60,14 +60,14 @@ def init_params(form: str, options: Mapping[str, Any], c_ins: Sequence[int], c_o
 
 
 def place(stack: dict[str, np.ndarray], s: int, params: Mapping[str, Any]) -> None:
-  """Write one stitch's parameters into row `s` of a padded stack (input rows first)."""
+  """Write one stitch's parameters into row `s` of a padded stack, zero beyond its own
+  extent on every axis: input rows past its front's width, and an mlp's hidden units
+  past its own hidden width (zero in and out weights: they add nothing and, with ReLU's
+  zero gradient at zero, stay zero)."""
   for k, v in params.items():
     v = np.asarray(v, np.float32)
-    if k in ladder.IN_AXIS:
-      stack[k][s] = 0.0
-      stack[k][s, :v.shape[0]] = v
-    else:
-      stack[k][s] = v
+    stack[k][s] = 0.0
+    stack[k][(s,) + tuple(slice(0, n) for n in v.shape)] = v
 
 
 def own_params(p: Mapping[str, jax.Array], spec: maps.MapSpec) -> dict[str, jax.Array]:
