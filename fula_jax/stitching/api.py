@@ -25,8 +25,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fula_jax import registry
+from fula_jax.errors import ConfigError
 from fula_jax.progress import Progress
-from fula_jax.stitching import maps, plan as plan_lib, settings
+from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import store as store_lib
 from fula_jax.stitching.runner import Sweep
@@ -112,6 +113,17 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   t0 = time.perf_counter()
   from fula_jax.data import as_source
   train, test = as_source(train, "train"), as_source(test, "test")
+  full = settings.resolve(cfg)
+  inv = invariance.options(full["invariance"])
+  if inv["examples"] > 0:
+    if train_b is not None or test_b is not None or eval_sets:
+      raise ConfigError("Invariance-aware stitching makes its own fitting and test sets "
+                        "(inverted through the front model); it takes no train_b, test_b "
+                        "or eval_sets.")
+    sub = dict(full, invariance=dict(inv, examples=0, test_examples=0))
+    return invariance.run(run_sweep, model_a, vars_a, model_b, vars_b, train, test, sub,
+                          workdir, inv, name_a=name_a, name_b=name_b, mesh=mesh,
+                          keep_params=keep_params, profile=profile)
   train_b = None if train_b is None else as_source(train_b, "train_b")
   test_b = None if test_b is None else as_source(test_b, "test_b")
   sw = Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,

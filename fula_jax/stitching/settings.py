@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from fula_jax import registry
 from fula_jax.errors import ConfigError
-from fula_jax.stitching import ladder, maps
+from fula_jax.stitching import invariance, ladder, maps
 from fula_jax.stitching import objectives as objectives_lib
 
 INITS = ("random", "lstsq")
@@ -157,6 +157,9 @@ def default_config() -> ml_collections.ConfigDict:
                               # (only the CLS token, over the whole grid)
       donor_bn=sci.donor_bn,  # 'eval' | 'train': the donors' BatchNorms while stitches
                               # train (PyTorch's model.train(), as Balogh & Jelasity)
+      # > 0 examples: train and score every stitch on inputs the front model represents
+      # identically at its point (stitching/invariance.py); inversion steps etc.
+      invariance=dict(invariance.DEFAULTS),
       **dataclasses.asdict(ex)))
 
 

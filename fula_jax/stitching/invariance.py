@@ -1,0 +1,161 @@
+"""Invariance-aware stitching, following the idea of FuLA's ICML 2026 version (its exact
+recipe is not public): stitches are trained and scored on inputs that the front model
+represents identically.
+
+For the stitches out of f's point i, every fitting and test image x is replaced by x',
+optimised with the inversion code of :mod:`fula_jax.similarity.inversion` from a seed
+image of another class until f's activation at i matches x's: f_i(x') ~ f_i(x). x'
+keeps x's label. The stitched model then sees what it would see for x, while g's own
+targets (logits, latents) come from x': an objective that follows g must agree with g on
+inputs that g may tell apart but f cannot, so the scores measure how far f's invariances
+are g's. It applies to every objective and map.
+
+``stitch.invariance.examples=N`` (and ``test_examples``) turns it on in `run_sweep`: per
+front point, the inverted sets (kept in ``<workdir>/invariance/<point>.npz`` and reused)
+and a sweep of that row on them (``<workdir>/invariance/<point>/``, resumed like any
+sweep); the rows make up one `SweepResult`. g's accuracy differs per row (each row has
+its own test images): ``meta['end_accuracy_by_row']``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from fula_jax import io as fio
+from fula_jax.data import Split
+from fula_jax.errors import ConfigError
+from fula_jax.similarity import inversion
+
+DEFAULTS = dict(examples=0, test_examples=0, steps=300, step_size=1 / 8, momentum=0.9,
+                batch_size=256, seed=0)
+
+
+def first_examples(source: Any, n: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of the first `n` examples of any batch source, in order."""
+  images, labels, have = [], [], 0
+  for b in source.eval_batches(min(batch, n), limit=n):
+    keep = np.asarray(b["mask"]) > 0
+    images.append(np.asarray(b["image"])[keep])
+    labels.append(np.asarray(b["label"])[keep])
+    have += int(keep.sum())
+  if have < n:
+    raise ConfigError(f"invariance: asked for {n} examples of {getattr(source, 'name', source)}"
+                      f", which has {have}.")
+  return np.concatenate(images)[:n], np.concatenate(labels)[:n].astype(np.int32)
+
+
+def invert_examples(model: Any, variables: Any, point: str, images: np.ndarray,
+                    labels: np.ndarray, opts: Mapping[str, Any], key: jax.Array
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Each image replaced by one optimised from an image of another class until the
+  model's activation at `point` matches: (images in the input order, final relative
+  representation losses)."""
+  target_idx, seed_idx = inversion.make_pairs(labels, key, len(labels))
+  inv = inversion.invert(
+      inversion.ModelRepresentation(model, point), variables, images[seed_idx],
+      images[target_idx], {k: opts[k] for k in ("steps", "step_size", "momentum",
+                                                 "batch_size")})
+  out, loss = np.empty_like(images), np.empty(len(labels), np.float32)
+  out[target_idx], loss[target_idx] = inv.images, inv.loss
+  return out, loss
+
+
+def inverted_sets(model_a: Any, vars_a: Any, point: str, train: Any, test: Any,
+                  opts: Mapping[str, Any], num_classes: int, folder: Any = None
+                  ) -> tuple[Split, Split, dict[str, float]]:
+  """The fitting and test sets of the stitches out of `point`, inverted through f
+  (read from ``<folder>/<point>.npz`` when there, else computed and written there)."""
+  cached = None if folder is None else fio.path(folder) / f"{point}.npz"
+  settings = np.asarray([opts[k] for k in sorted(DEFAULTS)], np.float64)
+  if cached is not None and cached.exists():
+    z = fio.read_npz(cached)
+    if np.array_equal(z["settings"], settings):
+      return _splits(point, z, num_classes)
+  key = jax.random.fold_in(jax.random.PRNGKey(int(opts["seed"])), _salt(point))
+  arrays = {"settings": settings}
+  for k, (name, source, n) in enumerate((("train", train, opts["examples"]),
+                                         ("test", test, opts["test_examples"]))):
+    images, labels = first_examples(source, int(n))
+    inv, loss = invert_examples(model_a, vars_a, point, images, labels, opts,
+                                jax.random.fold_in(key, k))
+    arrays.update({f"{name}_images": inv, f"{name}_labels": labels,
+                   f"{name}_loss": loss})
+  if cached is not None and fio.is_writer():
+    fio.write_npz(cached, **arrays)
+  return _splits(point, arrays, num_classes)
+
+
+def _salt(point: str) -> int:
+  return zlib.crc32(point.encode()) & 0x7FFFFFFF
+
+
+def _splits(point: str, z: Mapping[str, np.ndarray], num_classes: int
+            ) -> tuple[Split, Split, dict[str, float]]:
+  info = {f"{name}_loss": float(np.mean(z[f"{name}_loss"])) for name in ("train", "test")}
+  return (Split(z["train_images"], z["train_labels"], num_classes,
+                f"inverted@{point}/train"),
+          Split(z["test_images"], z["test_labels"], num_classes, f"inverted@{point}/test"),
+          info)
+
+
+def options(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The invariance block of a sweep config with its defaults; errors name the keys."""
+  from fula_jax import registry
+  out = dict(DEFAULTS)
+  for k, v in dict(cfg or {}).items():
+    if k not in DEFAULTS:
+      raise registry.unknown("invariance setting", k, DEFAULTS)
+    out[k] = type(DEFAULTS[k])(v)
+  if out["examples"] > 0 and out["test_examples"] < 1:
+    raise ConfigError("invariance.examples > 0 needs invariance.test_examples > 0: the "
+                      "stitches are scored on inverted test images too.")
+  return out
+
+
+def run(sweep: Callable[..., Any], model_a: Any, vars_a: Any, model_b: Any, vars_b: Any,
+        train: Any, test: Any, cfg: Mapping[str, Any], workdir: str | None,
+        opts: Mapping[str, Any], **kw: Any) -> Any:
+  """One sweep per front point with requested cells, on its inverted sets (`sweep` is
+  `run_sweep`; its cells are that row's), merged into one result over every cell."""
+  from fula_jax.stitching import plan as plan_lib
+  from fula_jax.stitching.api import NOT_REQUESTED, SweepResult
+  folder = None if workdir is None else fio.path(workdir) / "invariance"
+  rows = list(cfg.get("rows") or model_a.point_names)
+  cols = list(cfg.get("cols") or model_b.point_names)
+  cells, _ = plan_lib.parse_pairs(cfg["pairs"], rows, cols)
+  parts, info = {}, {}
+  for point in rows:
+    mine = [c for r, c in cells if r == point]
+    if not mine:
+      continue
+    fit, held, info[point] = inverted_sets(model_a, vars_a, point, train, test, opts,
+                                           int(train.num_classes), folder)
+    sub = dict(cfg, rows=[point], cols=mine, pairs="all")
+    parts[point] = sweep(model_a, vars_a, model_b, vars_b, fit, held, sub,
+                         None if folder is None else str(folder / point), **kw)
+  first = next(iter(parts.values()))
+  values = {obj: {m: np.full((len(rows), len(cols)), np.nan) for m in ms}
+            for obj, ms in first.values.items()}
+  reasons = {obj: {} for obj in first.values}
+  for point, part in parts.items():
+    i = rows.index(point)
+    for obj, ms in part.values.items():
+      for m, arr in ms.items():
+        values[obj][m][i, [cols.index(c) for c in part.cols]] = arr[0]
+      reasons[obj].update(part.reasons.get(obj, {}))
+  wanted = {plan_lib.cell_key(r, c) for r, c in cells}
+  for obj in reasons:
+    reasons[obj].update({plan_lib.cell_key(r, c): NOT_REQUESTED for r in rows for c in cols
+                         if plan_lib.cell_key(r, c) not in wanted})
+  params = {k: v for part in parts.values() for k, v in part.params.items()}
+  stats = {k: sum(part.stats[k] for part in parts.values()) for k, v in first.stats.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  by_row = {p: part.end_accuracy for p, part in parts.items()}
+  meta = dict(first.meta, invariance=dict(opts, inversion_loss=info),
+              end_accuracy_by_row=by_row)
+  return SweepResult(rows, cols, values, reasons, float(np.mean(list(by_row.values()))),
+                     stats, meta, params)
