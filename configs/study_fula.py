@@ -32,16 +32,19 @@ Args (comma separated): runlocal, tiny (a seconds-scale smoke run for tests), se
 
 Expected time: runlocal (embedded digits at their native 8x8; a small CNN with four
 stitch points; PGD-3 adversarial training at eps 0.1; stitches trained for 10 epochs
-from the least-squares init, PGD-10 on the stitched models) about 1.5 minutes on 2 CPU
-cores from scratch, and a rerun that reuses models and stitches about 10 seconds. Adding
-a half-width ResNet-20 (``--config.architectures='("cnn","resnet20")'``, 11 stitch
-points, a 121-cell cross-seed matrix) takes it to about 14 minutes. tiny: under a
-minute. Paper scale (CIFAR-10; ResNet-18, VGG-16 and ViT-Tiny; 12 models, the 3 robust
-ones with PGD-7 at 8/255 for 200 epochs; stitches 3 epochs each, PGD-20 on 1,000 test
-images per stitch) is dominated by adversarial training: on the order of 30-60
-GPU-hours on one modern GPU, then a few GPU-hours of stitching. The models are
-independent: train them in parallel with job=train into the same ``models/`` folders,
-then run the study to reuse them.
+from the least-squares init through three maps -- lowrank (rank 4), affine and mlp --
+with OOD scores, PGD-10 on the stitched models) about 8 minutes on 2 CPU cores from
+scratch, most of it compiling the 12 (objective, map) programs per end point; a rerun
+that reuses models and stitches takes seconds. ``--config.stitch.map=affine`` brings it
+back to about 2 minutes. Adding a half-width ResNet-20
+(``--config.architectures='("cnn","resnet20")'``, 11 stitch points, a 121-cell
+cross-seed matrix) multiplies it several times. tiny: about 2.5 minutes. Paper scale
+(CIFAR-10; ResNet-18, VGG-16 and ViT-Tiny; 12 models, the 3 robust ones with PGD-7 at
+8/255 for 200 epochs; stitches 3 epochs each through orthogonal, lowrank, affine and
+mlp maps, PGD-20 on 1,000 test images per stitch) is dominated by adversarial
+training: on the order of 30-60 GPU-hours on one modern GPU, then several GPU-hours of
+stitching. The models are independent: train them in parallel with job=train into the
+same ``models/`` folders, then run the study to reuse them.
 
 Fields:
   architectures: zoo names; each needs an entry in `models`.
@@ -53,7 +56,8 @@ Fields:
     evaluation modes every stitch is scored under.
   stitch: fula_jax.stitching settings shared by every sweep (objectives, epochs,
     batch size, learning rate, init, FuLA's C, k and norms, ...); `pairs` is set per
-    testbed.
+    testbed. `map` (a comma list) is the capacity ladder the report compares FuLA and
+    TLM across; `ood_examples` > 0 adds the OOD scores of the stitched activations.
   depth_pairs: the cells of the robust and shortcut testbeds: 'diagonal', or
     'offset:+k' for i -> i+k.
   models: train configs (configs/train.py); their `data`, `seed` and
