@@ -279,7 +279,8 @@ class Sweep:
   def pgd_context(self, r: UnitRun) -> pgd_lib.PGDContext:
     points = tuple(p for p in self.points_a if p in r.unit.fronts)
     pgd = self.science.pgd
-    return pgd_lib.PGDContext(r.ctx, self.model_a, points,
+    unit = dataclasses.replace(r.ctx, objective=pgd_lib.MapOnly(*r.ctx.form_key))
+    return pgd_lib.PGDContext(unit, self.model_a, points,
                               tuple(self.shapes_a[p] for p in points), pgd.norm,
                               pgd.steps, pgd.random_start,
                               tuple(self.prefix_a.get(p, 0) for p in points))

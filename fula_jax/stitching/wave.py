@@ -154,6 +154,13 @@ class Wave:
         key = (fn.__name__, kwargs["ctx"])
         sw.profile.setdefault(key, {"flops": float(cost.get("flops", 0.0)), "calls": 0})
 
+    unique = {}
+    for fn, args, kwargs in calls:  # the same program twice would compile twice in
+      leaves, tree = jax.tree_util.tree_flatten(args)  # parallel threads
+      sig = tuple((getattr(a, "shape", None), str(getattr(a, "dtype", type(a))),
+                   str(getattr(a, "sharding", None))) for a in leaves)
+      unique.setdefault((fn, kwargs["ctx"], tree, sig), (fn, args, kwargs))
+    calls = list(unique.values())
     workers = (max(1, min(len(calls), os.cpu_count() or 1))
                if sw.execution.parallel_compile else 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
