@@ -51,9 +51,15 @@ def main_map(maps: Sequence[str]) -> str:
 
 
 def ladder_order(maps: Sequence[str]) -> list[str]:
-  """`maps` from the least to the most capacity (the ladder's order)."""
+  """`maps` from the least to the most capacity: the ladder's order, then an entry's
+  own options ('lowrank:rank=2' before 'lowrank:rank=8')."""
   order = list(ladder.MAPS)
-  return sorted(maps, key=order.index)
+
+  def key(entry: str):
+    form, own = ladder.parse_entry(entry)
+    return order.index(form), tuple(float(v) for _, v in sorted(own.items())
+                                    if not isinstance(v, str))
+  return sorted(maps, key=key)
 
 
 def mean_over(records: Sequence[Mapping[str, Any]], **where: Any) -> float:

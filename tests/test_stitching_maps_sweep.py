@@ -156,6 +156,23 @@ def test_mlp_hidden_width_follows_each_front_in_a_shared_unit(donor):
   assert w1.shape == (6, 16) and not w1[:, 12:].any()  # its own 12 hidden units only
 
 
+def test_map_entries_with_their_own_options_give_a_capacity_curve_in_one_run(donor):
+  """'lowrank:rank=1,lowrank:rank=4': one matrix per rank, each equal to a run with that
+  rank as the shared map_options."""
+  res = _sweep(donor, objectives=["dm"], map="lowrank:rank=1,lowrank:rank=4,affine",
+               steps=0, pairs="fc2->fc2")
+  assert sorted(res.values) == ["dm", "dm@lowrank:rank=1", "dm@lowrank:rank=4"]
+  for rank in (1, 4):
+    alone = _sweep(donor, objectives=["dm"], map="lowrank", map_options={"rank": rank},
+                   steps=0, pairs="fc2->fc2")
+    np.testing.assert_allclose(res.values[f"dm@lowrank:rank={rank}"]["accuracy"],
+                               alone.values["dm@lowrank"]["accuracy"], atol=1e-9)
+  u = {k[0]: p["u"].shape for k, p in res.params.items() if "u" in p}
+  assert u == {"dm@lowrank:rank=1": (12, 1), "dm@lowrank:rank=4": (12, 4)}
+  with pytest.raises(Exception, match="Did you mean 'rank'"):
+    _sweep(donor, objectives=["dm"], map="lowrank:rnak=4", steps=0)
+
+
 def test_affine_l1_penalty_shrinks_the_kernel(donor):
   plain = _sweep(donor, objectives=["tlm"], steps=60, init="random", pairs="fc2->fc2")
   sparse = _sweep(donor, objectives=["tlm"], map_options={"l1": 0.5}, steps=60,

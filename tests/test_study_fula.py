@@ -208,6 +208,8 @@ def test_capacity_sentence_names_the_maps_where_the_verdict_changes():
   lines, facts = report.capacity("a", ["robust"], records, ["mlp", "lowrank", "affine"],
                                  ["present"], n_test=100)
   assert [m for m in facts["robust"]] == ["lowrank", "affine", "mlp"]  # ladder order
+  assert report.ladder_order(["mlp", "lowrank:rank=8", "identity", "lowrank:rank=2"]) == [
+      "identity", "lowrank:rank=2", "lowrank:rank=8", "mlp"]
   assert facts["robust"]["lowrank"]["verdict"] == "higher"
   assert lines == ["**Across stitch capacities (a, robust, accuracy).** How FuLA rates "
                    "robust->standard against TLM, by map: lowrank higher, affine lower, "

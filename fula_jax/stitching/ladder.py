@@ -321,10 +321,11 @@ class Mapped(Objective):
   objective: Objective
   form: str = "affine"
   options: tuple[tuple[str, Any], ...] = ()
+  label: str = ""  # the map entry when it set its own options ('lowrank:rank=4')
 
   @property
   def name(self) -> str:
-    return f"{self.objective.name}@{self.form}"
+    return f"{self.objective.name}@{self.label or self.form}"
 
   @property
   def closed_form(self) -> bool:
@@ -375,12 +376,28 @@ class Mapped(Objective):
     return dict(self.objective.settings(), map=self.form, map_options=dict(self.options))
 
 
-def with_map(objective: Objective, form: str, options: Mapping[str, Any] | None = None
-             ) -> Objective:
+def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
+  """A `stitch.map` entry: a map name, optionally with options of its own,
+  ``'lowrank:rank=4'`` or ``'mlp:hidden=32'`` (so one sweep can hold several ranks)."""
+  form, *parts = str(entry).split(":")
+  registry.lookup("stitch map", form, MAPS)
+  own = {}
+  for part in parts:
+    key, eq, value = part.partition("=")
+    if key not in DEFAULTS or not eq:
+      raise registry.unknown(f"option of stitch map entry {entry!r} (write "
+                             "name:option=value)", key, DEFAULTS)
+    own[key] = type(DEFAULTS[key])(value)
+  return form, own
+
+
+def with_map(objective: Objective, form: str, options: Mapping[str, Any] | None = None,
+             label: str = "") -> Objective:
   """`objective` through map `form` (the objective itself for the default affine map
-  without options, so existing results keep their names and fingerprints)."""
+  without options, so existing results keep their names and fingerprints); `label`
+  names a map entry with options of its own."""
   registry.lookup("stitch map", form, MAPS)
   opts = options_of(form, options)
-  if form == "affine" and not opts:
+  if form == "affine" and not opts and not label:
     return objective
-  return Mapped(objective, form, tuple(sorted(opts.items())))
+  return Mapped(objective, form, tuple(sorted(opts.items())), label)

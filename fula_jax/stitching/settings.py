@@ -145,7 +145,8 @@ def default_config() -> ml_collections.ConfigDict:
       ffm=dict(squared=False, normalise="example",  # final-feature matching; ffm_tlm:
                switch=0.5),                          # the share of steps before TLM
       map="affine",           # the stitch map (stitching/ladder.py), or a list of maps:
-                              # one matrix per (objective, map), '<objective>@<map>'
+                              # one matrix per (objective, map), '<objective>@<map>';
+                              # an entry may set its own options: 'lowrank:rank=4'
       map_options=dict(rank=8,      # lowrank's rank
                        hidden=0,    # mlp's hidden width (0: max(C_in, C_out))
                        l1=0.0,      # affine's L1 penalty
@@ -219,8 +220,11 @@ def make_objectives(cfg: Mapping[str, Any]) -> tuple[objectives_lib.Objective, .
   forms = list(cfg.get("map") or ["affine"])
   if len(set(forms)) != len(forms):
     raise ConfigError(f"Stitch maps must be distinct, got {forms}.")
-  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form, cfg.get("map_options"))
-               for o in cfg["objectives"] for form in forms)
+  entries = [(entry, *ladder.parse_entry(entry)) for entry in forms]
+  shared = dict(cfg.get("map_options") or {})
+  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form, dict(shared, **own),
+                               entry if own else "")
+               for o in cfg["objectives"] for entry, form, own in entries)
   names = [o.name for o in objs]
   if not objs:
     raise ConfigError("No stitching objectives: set objectives to some of "
