@@ -137,6 +137,9 @@ def run(sweep: Callable[..., Any], model_a: Any, vars_a: Any, model_b: Any, vars
     sub = dict(cfg, rows=[point], cols=mine, pairs="all")
     parts[point] = sweep(model_a, vars_a, model_b, vars_b, fit, held, sub,
                          None if folder is None else str(folder / point), **kw)
+  if not parts:
+    raise ConfigError(f"No cells requested (pairs={cfg['pairs']!r} over rows {rows} and "
+                      f"cols {cols}).")
   first = next(iter(parts.values()))
   values = {obj: {m: np.full((len(rows), len(cols)), np.nan) for m in ms}
             for obj, ms in first.values.items()}

@@ -81,8 +81,10 @@ class Science:
     """What identifies the numbers of `objective`'s stitches (apart from models and
     data): the shared settings and that objective's own."""
     shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "objectives"
-              and _LATER_DEFAULTS.get(f.name, self) != getattr(self, f.name)}
+              if f.name != "objectives"}
+    for name, default in _LATER_DEFAULTS.items():
+      if shared[name] == default:
+        del shared[name]
     shared["pgd"] = dataclasses.asdict(self.pgd)
     return dict(shared, objective=self.objective(objective).settings())
 
