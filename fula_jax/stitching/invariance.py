@@ -26,7 +26,8 @@ import jax
 import numpy as np
 
 from fula_jax import io as fio
-from fula_jax.data import Split
+from fula_jax import registry
+from fula_jax.data import Split, batching
 from fula_jax.errors import ConfigError
 from fula_jax.similarity import inversion
 
@@ -34,18 +35,13 @@ DEFAULTS = dict(examples=0, test_examples=0, steps=300, step_size=1 / 8, momentu
                 batch_size=256, seed=0)
 
 
-def first_examples(source: Any, n: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def first_examples(source: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
   """(images, labels) of the first `n` examples of any batch source, in order."""
-  images, labels, have = [], [], 0
-  for b in source.eval_batches(min(batch, n), limit=n):
-    keep = np.asarray(b["mask"]) > 0
-    images.append(np.asarray(b["image"])[keep])
-    labels.append(np.asarray(b["label"])[keep])
-    have += int(keep.sum())
-  if have < n:
-    raise ConfigError(f"invariance: asked for {n} examples of {getattr(source, 'name', source)}"
-                      f", which has {have}.")
-  return np.concatenate(images)[:n], np.concatenate(labels)[:n].astype(np.int32)
+  if len(source) < n:
+    raise ConfigError(f"invariance: asked for {n} examples of {source.name}, which has "
+                      f"{len(source)}.")
+  split = batching.materialize(source.take(n))
+  return split.images, split.labels
 
 
 def invert_examples(model: Any, variables: Any, point: str, images: np.ndarray,
@@ -104,7 +100,6 @@ def _splits(point: str, z: Mapping[str, np.ndarray], num_classes: int
 
 def options(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
   """The invariance block of a sweep config with its defaults; errors name the keys."""
-  from fula_jax import registry
   out = dict(DEFAULTS)
   for k, v in dict(cfg or {}).items():
     if k not in DEFAULTS:

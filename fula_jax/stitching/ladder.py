@@ -50,7 +50,8 @@ MAPS = {
     "orthogonal": "orthogonal kernel and bias (Procrustes closed form)",
     "lowrank": "rank-r kernel and bias (reduced-rank regression closed form)",
     "affine": "full kernel and bias (least squares closed form)",
-    "norm_affine": "LayerNorm (scale, shift) then a full kernel and bias",
+    "norm_affine": "a norm (LayerNorm, or BatchNorm by fitting-set statistics) with "
+                   "scale and shift, then a full kernel and bias",
     "mlp": "affine, ReLU, affine with a hidden width",
 }
 DEFAULTS = {"rank": 8, "hidden": 0, "l1": 0.0,   # hidden 0: max(C_in, C_out)
@@ -62,8 +63,8 @@ NORMS = {"layer": "LayerNorm over each position's features",
 FIXED = ("identity", "permutation")              # never trained
 CLOSED_FORM = ("identity", "permutation", "orthogonal", "lowrank", "affine")
 LINEAR = CLOSED_FORM                             # commute with the bilinear resize
-IN_AXIS = ("kernel", "u", "scale", "shift", "w1",  # leaves whose first axis is C_in
-           "mean", "var")
+STATISTICS = ("mean", "var")  # fitting-set statistics of a batch norm, never trained
+IN_AXIS = ("kernel", "u", "scale", "shift", "w1") + STATISTICS  # first axis is C_in
 IN_ROWS = ("kernel", "u", "w1")                    # ... of which matrices (C_in, .)
 
 Params = dict[str, Any]
@@ -185,14 +186,12 @@ def num_params(name: str, params: Params) -> int:
   not trained)."""
   if name in FIXED:
     return 0
-  return int(sum(np.prod(np.shape(p)) for k, p in params.items()
-                 if k not in ("mean", "var")))
+  return int(sum(np.prod(np.shape(p)) for k, p in params.items() if k not in STATISTICS))
 
 
 def has_closed_form(name: str, options: Mapping[str, Any] | None = None) -> bool:
   """Whether map `name` with these options has a closed form (:func:`fit_from_stats`)."""
-  norm = dict(DEFAULTS, **(options or {}))["norm"]
-  return name in CLOSED_FORM or (name == "norm_affine" and norm == "batch")
+  return name in CLOSED_FORM or needs_statistics(name, options)
 
 
 def needs_statistics(name: str, options: Mapping[str, Any] | None = None) -> bool:
@@ -204,7 +203,7 @@ def needs_statistics(name: str, options: Mapping[str, Any] | None = None) -> boo
 def statistics(params: Params) -> Params:
   """The leaves of a closed form that are fitting-set statistics (kept under a random
   init)."""
-  return {k: v for k, v in params.items() if k in ("mean", "var")}
+  return {k: v for k, v in params.items() if k in STATISTICS}
 
 
 # ----------------------------------------------------------------------------
