@@ -19,7 +19,8 @@ objective, each pair's mean stitched accuracy over depth and its gap to the cont
 answers e.g. "does FuLA rate the shortcut pair lower than TLM does?" from this run's
 numbers, then whether that verdict survives at every map of the ladder, and (with
 ``stitch.ood_examples``) how far each objective's stitched activations lie from the end
-model's own. The report is built in experiments/fula_report.py. Outputs: ``results/``
+model's own. The report is built in experiments/fula_report.py, its figures in
+experiments/fula_figures.py. Outputs: ``results/``
 (matrices, ``fula_jax.results.load``), ``by_depth.csv`` (one row per architecture,
 testbed, pair, objective, stitch map, cell and measure), ``figures/``, ``report.md`` and
 ``summary.json``.
@@ -43,6 +44,7 @@ from etils import epath
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import fula_figures as figures_lib  # noqa: E402
 from experiments import fula_report as report  # noqa: E402
 from experiments.fula_report import (  # noqa: E402,F401  (the study's names)
     CONTROL, DEPTH_CSV, FIGURES_DIR, REPORT_FILE, TESTBEDS, pair_name)
@@ -282,7 +284,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if "cross_seed" in sweeps:
       res = sweeps["cross_seed"][pair_name(CONTROL)]
       cross[arch] = report.cross_summary(res, form)
-      figures[f"cross_seed_{arch}.png"] = report.cross_figure(arch, res, objectives, form)
+      figures[f"cross_seed_{arch}.png"] = figures_lib.cross_figure(arch, res, objectives,
+                                                                   form)
     finding_lines[arch], facts[arch] = report.findings(
         arch, testbeds, records, objectives, modes, cross.get(arch, {}), n_test, form)
     more, facts[arch]["capacity"] = report.capacity(arch, testbeds, records, maps, modes,
@@ -294,7 +297,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     points = list(zoo["standard"][0].point_names)
     if "robust" in testbeds:
       pairs = TESTBEDS["robust"]
-      figures[f"robust_{arch}.png"] = report.depth_figure(
+      figures[f"robust_{arch}.png"] = figures_lib.depth_figure(
           arch, "robust", main, objectives,
           [("accuracy", "clean"), ("pgd_accuracy", "under PGD")],
           [(pair_name(p), s, pair_name(p)) for p, s in zip(pairs, ("o-", "s-", "^--"))],
@@ -305,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             "robust": by_role["robust"]["robust"]}})
     if "shortcut" in testbeds:
       pairs = TESTBEDS["shortcut"]
-      figures[f"shortcut_{arch}.png"] = report.depth_figure(
+      figures[f"shortcut_{arch}.png"] = figures_lib.depth_figure(
           arch, "shortcut", main, objectives,
           [(f"accuracy@{m}", f"cue {m}") for m in modes],
           [(pair_name(p), s, pair_name(p)) for p, s in zip(pairs, ("o-", "s-", "^--"))],
@@ -313,9 +316,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           {f"accuracy@{m}": {"standard": by_role["standard"][f"cue_{m}"],
                              "shortcut": by_role["shortcut"][f"cue_{m}"]} for m in modes})
     for name, png in ((f"summary_{arch}.png",
-                       report.summary_figure(arch, facts[arch], objectives)),
+                       figures_lib.summary_figure(arch, facts[arch], objectives)),
                       (f"capacity_{arch}.png",
-                       report.capacity_figure(arch, facts[arch]["capacity"], maps))):
+                       figures_lib.capacity_figure(arch, facts[arch]["capacity"], maps))):
       if png is not None:
         figures[name] = png
   if io.is_writer():
