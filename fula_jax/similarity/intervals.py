@@ -39,13 +39,12 @@ class Interval:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _resampled(name: str, opts: tuple, num_resamples: int, chunk: int | None,
                x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
-  m = measures_lib.MEASURES[name]
-  o = dict(opts)
+  prepare = functools.partial(measures_lib.prepare_layer, name, opts)
   n = x.shape[0]
 
   def one(k):
     idx = jax.random.randint(k, (n,), 0, n)
-    return m.combine(m.prepare(x[idx], o), m.prepare(y[idx], o), o)
+    return measures_lib.combine_pair(name, opts, prepare(x[idx]), prepare(y[idx]))
 
   return jax.lax.map(one, jax.random.split(key, num_resamples), batch_size=chunk)
 
@@ -68,7 +67,7 @@ def bootstrap(name: str, x, y, num_resamples: int = 1000, *, level: float = 0.9,
   chunk = None if chunk is None else max(1, min(int(chunk), num_resamples))
   samples = np.asarray(_resampled(m.name, tuple(sorted(opts.items())), int(num_resamples),
                                   chunk, x, y, key), np.float64)
-  value = float(m.combine(m.prepare(x, opts), m.prepare(y, opts), opts))
+  value = float(m(x, y, **options))
   finite = samples[np.isfinite(samples)]
   if finite.size < 2:
     return Interval(m.name, value, float("nan"), float("nan"), level, samples)

@@ -83,20 +83,26 @@ class Measure:
     return opts
 
   def fn(self, x: jax.Array, y: jax.Array, **overrides: Any) -> jax.Array:
-    """The measure as a pure, jittable, vmappable function (no checks)."""
+    """The measure as a pure, jittable, vmappable function (no checks).
+
+    A registered measure runs through the same jitted per-layer and per-pair programs
+    as :meth:`__call__`, so on concrete arrays the two agree exactly: an eager
+    op-by-op evaluation rounds differently, which moves rank- and neighbour-based
+    measures wherever two values are within float32 rounding of a tie."""
     x, y = cka.flatten(x), cka.flatten(y)
     opts = self.options(x.shape[0], (x.shape[1],), (y.shape[1],), **overrides)
-    return self.combine(self.prepare(x, opts), self.prepare(y, opts), opts)
+    if MEASURES.get(self.name) is not self:
+      return self.combine(self.prepare(x, opts), self.prepare(y, opts), opts)
+    frozen = _freeze(opts)
+    return combine_pair(self.name, frozen, prepare_layer(self.name, frozen, x),
+                        prepare_layer(self.name, frozen, y))
 
   def __call__(self, x: jax.Array, y: jax.Array, **overrides: Any) -> jax.Array:
     """The measure of concrete arrays, through the jitted per-layer and per-pair
     programs of a registered measure (compiled once per shape and options)."""
     if MEASURES.get(self.name) is not self:
       return self.fn(x, y, **overrides)
-    x, y = cka.flatten(jnp.asarray(x)), cka.flatten(jnp.asarray(y))
-    frozen = _freeze(self.options(x.shape[0], (x.shape[1],), (y.shape[1],), **overrides))
-    return _combine_jit(self.name, frozen, _prepare_jit(self.name, frozen, x),
-                        _prepare_jit(self.name, frozen, y))
+    return self.fn(jnp.asarray(x), jnp.asarray(y), **overrides)
 
 
 # ----------------------------------------------------------------------------
@@ -289,7 +295,9 @@ def _freeze(opts: Mapping[str, Any]) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _prepare_jit(name: str, opts: tuple, x: jax.Array):
+def prepare_layer(name: str, opts: tuple, x: jax.Array):
+  """Registered measure `name`'s per-layer state of `x`, `opts` frozen by `_freeze`:
+  one compiled program per shape and options, shared by every caller."""
   return MEASURES[name].prepare(cka.flatten(x), dict(opts))
 
 
@@ -328,7 +336,8 @@ def pair_chunk(state_a: Any, state_b: Any, max_bytes: int, working_copies: int =
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _combine_jit(name: str, opts: tuple, sx, sy):
+def combine_pair(name: str, opts: tuple, sx, sy):
+  """Registered measure `name` of two prepared states (see `prepare_layer`)."""
   return MEASURES[name].combine(sx, sy, dict(opts))
 
 
@@ -353,7 +362,7 @@ def _all_pairs(name: str, frozen: tuple, sa: dict, sb: dict, rows, cols, within:
     chunk = min(len(pairs), pair_chunk(sa[ra[0]], sb[cb[0]], max_bytes))
     values = np.asarray(_pairs_jit(name, frozen, chunk, stack_a, stack_b, ii, jj))
   else:
-    values = [float(_combine_jit(name, frozen, sa[rows[i]], sb[cols[j]]))
+    values = [float(combine_pair(name, frozen, sa[rows[i]], sb[cols[j]]))
               for i, j in pairs]
   for (i, j), v in zip(pairs, values):
     out[i, j] = v
@@ -424,7 +433,7 @@ def matrix(name: str, acts_a: Mapping[str, jax.Array],
   _degenerate_cca(m, n, dims_a, dims_b, rows, cols)
 
   def states(acts, probs):
-    return {k: None if probs[k] else _prepare_jit(name, frozen, jnp.asarray(v))
+    return {k: None if probs[k] else prepare_layer(name, frozen, jnp.asarray(v))
             for k, v in acts.items()}
 
   sa = states(acts_a, prob_a)

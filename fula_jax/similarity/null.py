@@ -43,10 +43,10 @@ class NullResult:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _run(name: str, opts: tuple, num_permutations: int, chunk: int | None,
          x: jax.Array, y: jax.Array, key: jax.Array):
-  m = measures_lib.MEASURES[name]
-  o = dict(opts)
-  sx = m.prepare(x, o)
-  observed = m.combine(sx, m.prepare(y, o), o)
+  prepare = functools.partial(measures_lib.prepare_layer, name, opts)
+  combine = functools.partial(measures_lib.combine_pair, name, opts)
+  sx = prepare(x)
+  observed = combine(sx, prepare(y))
   keys = jax.random.split(key, num_permutations)
   if chunk is not None and num_permutations % chunk:
     # Pad to whole chunks (one compiled body instead of a body plus a remainder).
@@ -55,7 +55,7 @@ def _run(name: str, opts: tuple, num_permutations: int, chunk: int | None,
 
   def one(k):
     perm = jax.random.permutation(k, y.shape[0])
-    return m.combine(sx, m.prepare(y[perm], o), o)
+    return combine(sx, prepare(y[perm]))
 
   return observed, jax.lax.map(one, keys, batch_size=chunk)[:num_permutations]
 
