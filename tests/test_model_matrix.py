@@ -73,3 +73,20 @@ def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir):
   config.models = (dirs[0],)
   with pytest.raises(errors.ConfigError, match="at least 2 models"):
     across_models.run(config, str(tmp_path / "zoo2"))
+
+
+def test_asymmetric_cknna_fills_both_orders_of_every_matrix():
+  """CKNNA(X, Y) != CKNNA(Y, X): no matrix path may mirror one order into the other."""
+  zoo = {"s0": _mlp(0), "s1": _mlp(1), "wide": _mlp(2, (16, 12))}
+  images = np.random.default_rng(3).uniform(size=(30, 8, 8, 1)).astype(np.float32)
+  mat = similarity.model_matrix(zoo, images, ("cknna",), batch_size=30, progress=False,
+                                k=3)["cknna"]
+  acts = across_models.activations(zoo, dict.fromkeys(zoo, "fc2"), images, batch_size=30,
+                                   max_examples=30, progress=False)
+  within, _ = similarity.measures.matrix("cknna", acts, k=3)
+  for i, a in enumerate(zoo):
+    for j, b in enumerate(zoo):
+      want = similarity.compute("cknna", acts[a], acts[b], k=3)
+      assert mat.matrix[i, j] == pytest.approx(want, abs=1e-6), (a, b)
+      assert within[i, j] == pytest.approx(want, abs=1e-6), (a, b)
+  assert np.max(np.abs(mat.matrix - mat.matrix.T)) > 1e-3

@@ -6,10 +6,12 @@ Each :class:`Measure` is split into ``prepare`` (per activation, done once per l
 
 * ``kind``: 'similarity' (larger = more alike) or 'distance' (0 = alike);
 * ``symmetric``: m(X, Y) == m(Y, X);
-* ``invariances``: transforms of either side's features that leave the value unchanged,
-  a subset of :data:`INVARIANCES` ('translation' = adding a constant vector to every
-  example, 'permutation' = reordering features, 'isotropic_scaling' = multiplying by a
-  positive scalar);
+* ``invariances``: transforms of either side's features that leave the value unchanged
+  at the default options, a subset of :data:`INVARIANCES` ('translation' = adding a
+  constant vector to every example, 'permutation' = reordering features,
+  'isotropic_scaling' = multiplying by a positive scalar); where they depend on an
+  option (shape_metric's alpha, rsa's rdm), :meth:`Measure.invariant_to` gives them for
+  any options;
 * ``needs_min_n``: fewer examples give NaN with a warning;
 * ``ideal``: the value of identical representations (1 for a similarity, 0 for a
   distance unless declared), the top of the scale `calibration` maps to 1.
@@ -63,6 +65,8 @@ class Measure:
   streaming: bool = False
   resolve: Callable[[int, Sequence[int], Sequence[int], dict], dict] | None = None
   ideal: float | None = None
+  # Invariances as a function of the resolved options, where they depend on them.
+  invariances_at: Callable[[Mapping[str, Any]], frozenset[str]] | None = None
 
   def __post_init__(self):
     assert self.kind in ("similarity", "distance"), self.kind
@@ -81,6 +85,12 @@ class Measure:
     if self.resolve is not None and n is not None:
       opts = self.resolve(n, dims_x, dims_y, opts)
     return opts
+
+  def invariant_to(self, **overrides: Any) -> frozenset[str]:
+    """The transforms that leave the value unchanged at these options."""
+    if self.invariances_at is None:
+      return self.invariances
+    return self.invariances_at(self.options(**overrides))
 
   def fn(self, x: jax.Array, y: jax.Array, **overrides: Any) -> jax.Array:
     """The measure as a pure, jittable, vmappable function (no checks).
@@ -222,6 +232,19 @@ def _cka_angular() -> Measure:
       defaults={"method": "auto"}, resolve=_resolve_linear)
 
 
+def _shape_invariances(opts: Mapping[str, Any]) -> frozenset[str]:
+  """Partial whitening commutes with rotations, translations and permutations; only
+  alpha = 1 (no whitening) also keeps a scaling, and alpha = 0 (full whitening) any
+  invertible linear map."""
+  base = frozenset({"orthogonal", "translation", "permutation"})
+  alpha = float(opts["alpha"])
+  if alpha == 1.0:
+    return base | {"isotropic_scaling"}
+  if alpha == 0.0:
+    return base | {"isotropic_scaling", "invertible_linear"}
+  return base
+
+
 def _resolve_rsa(n: int, dims_x: Sequence[int], dims_y: Sequence[int],
                  opts: dict) -> dict:
   registry.lookup("rsa rdm", opts["rdm"], rsa_lib.RDMS)
@@ -244,8 +267,9 @@ MEASURES.update({
     "mutual_knn": _knn("mutual_knn", neighbours.mutual_knn,
                        "Mutual kNN alignment (Huh et al. 2024): shared fraction of the"),
     "cknna": _knn("cknna", neighbours.cknna,
-                  "CKNNA (Huh et al. 2024): CKA restricted to pairs among both sides'",
-                  prepare=neighbours.cknna_prepare),
+                  "CKNNA (Huh et al. 2024): CKA restricted to pairs among both sides' "
+                  "(asymmetric, as platonic-rep's: the masked Grams are not symmetric)",
+                  symmetric=False, prepare=neighbours.cknna_prepare),
     "cycle_knn": _knn("cycle_knn", neighbours.cycle_knn,
                       "Cycle kNN (Huh et al. 2024): an example is found again among the "
                       "X-neighbours of its Y-neighbours;", symmetric=False),
@@ -262,7 +286,9 @@ MEASURES.update({
         "RSA: correlation of the representational dissimilarity matrices (options rdm: "
         "correlation | euclidean, compare: spearman | pearson | kendall).",
         rsa_lib.prepare, rsa_lib.combine,
-        defaults={"rdm": "correlation", "compare": "spearman"}, resolve=_resolve_rsa),
+        defaults={"rdm": "correlation", "compare": "spearman"}, resolve=_resolve_rsa,
+        invariances_at=lambda o: frozenset({"isotropic_scaling", "permutation"}) | (
+            {"translation", "orthogonal"} if o["rdm"] == "euclidean" else set())),
     "linear_predictivity": Measure(
         "linear_predictivity", "similarity", False, _ROT, 4,
         "Cross-validated ridge R^2 of Y from X (folds contiguous; ridge relative to X's "
@@ -272,7 +298,8 @@ MEASURES.update({
         "shape_metric", "distance", True, _ROT, 2,
         "Angular generalised shape metric (Williams et al. 2021), partial whitening "
         "alpha in [0, 1] (1: angular Procrustes; 0: CCA); a metric.",
-        shape.prepare, shape.combine, defaults={"alpha": 1.0}, resolve=_resolve_width),
+        shape.prepare, shape.combine, defaults={"alpha": 1.0}, resolve=_resolve_width,
+        invariances_at=_shape_invariances),
 })
 
 

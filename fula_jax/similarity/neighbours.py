@@ -12,6 +12,8 @@ ordered nearest first:
   Grams and M = M_X * M_Y the product of the row-wise kNN indicator matrices,
   HSIC_u(M o K, M o L) / sqrt(HSIC_u(M_X o K, M_X o K) HSIC_u(M_Y o L, M_Y o L)),
   HSIC_u Song et al.'s unbiased estimator written for the (non-symmetric) masked Grams.
+  Its 1^T (M o K)(M o L) 1 term is not symmetric in K and L, so neither is CKNNA
+  (platonic-rep's definition, kept): matrices compute both orders.
 * ``jaccard_knn`` (ReSi; Klabunde et al. 2025): mean_i |N_X & N_Y| / |N_X | N_Y|.
 * ``rank_similarity`` (ReSi; Wang et al. 2020): for the common neighbours j of i with
   ranks r_X, r_Y (1 = nearest), sum_j 2 / ((1 + |r_X - r_Y|)(r_X + r_Y)), divided by

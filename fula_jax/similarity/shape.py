@@ -9,8 +9,9 @@ between the two after the best rotation,
 
   d(X, Y) = arccos( ||X~^T Y~||_* / (||X~||_F ||Y~||_F) ),
 
-a true metric on shapes (zero iff the same up to rotation, scaling and translation, for
-alpha > 0; symmetric; triangle inequality). Directions below float32's rank tolerance
+a true metric on shapes (symmetric; triangle inequality; zero iff the same up to rotation
+and translation, and also scaling at alpha = 1, or any invertible linear map at alpha = 0:
+for 0 < alpha < 1 the partial whitening does not commute with a scaling, so d(X, 3X) > 0). Directions below float32's rank tolerance
 are dropped, as netrep's eigenvalue floor does in float64.
 
 Cost: an SVD per layer, O(n d min(n, d)); per pair the nuclear norm of an
