@@ -15,7 +15,7 @@ def _config_module(name):
   return defaults.config_module(ROOT / "configs" / f"{name}.py")
 
 
-def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir):
+def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir, capsys):
   a = model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, 1, 0)
   b = model_workdir(tmp_path / "mlp", "mlp", {"widths": (6,)}, 3, 1)
   config = _config_module("stitch").get_config("variant=cross_arch,objectives=dm+fula,"
@@ -35,7 +35,15 @@ def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir):
   assert "cannot be stitched" in m.meta["reasons"]["conv1->fc1"]
   assert set(mats) == {f"stitch_{o}/{k}" for o in ("dm", "fula")
                        for k in ("accuracy", "relative_accuracy", "loss", "train_loss",
-                                 "dm_error", "disagreement", "jsd", "error_consistency")}
+                                 "loss_trend", "converged", "dm_error", "disagreement",
+                                 "jsd", "error_consistency")}
+  # Three FuLA steps cannot converge: the cell says why and the job's last line says so.
+  assert out["unconverged"] == {"fula": 1}
+  assert mats["stitch_fula/converged"].matrix[2, 0] == 0.0
+  assert np.isnan(mats["stitch_dm/converged"].matrix[2, 0])  # closed form: not trained
+  assert "raise the training budget" in mats["stitch_fula/accuracy"].meta["unconverged"][
+      "pool->fc1"]
+  assert "1 of 1 trained stitches did not converge (fula 1; 3 steps" in capsys.readouterr().out
   again = job.run(config, str(tmp_path / "sweep"))
   assert again["stats"]["stitches_computed"] == 0
   np.testing.assert_array_equal(results.load(tmp_path / "sweep")[

@@ -12,7 +12,8 @@ Colab use, with any two models that follow the model protocol and data in memory
   mats["stitch_fula/accuracy"].plot()
 """
 
-from fula_jax.stitching.api import SweepResult, program_flops, run_sweep, sweep
+from fula_jax.stitching.api import (ConvergenceWarning, SweepResult, program_flops,
+                                   run_sweep, sweep)
 from fula_jax.stitching.lstsq import fit as lstsq_fit
 from fula_jax.stitching.maps import MapSpec, UnstitchableError
 from fula_jax.stitching.measures import NAMES as MEASURES
@@ -20,6 +21,6 @@ from fula_jax.stitching.objectives import DM, OBJECTIVES, SLM, TLM, FuLA, fula_l
 from fula_jax.stitching.objectives import get as get_objective
 from fula_jax.stitching.settings import default_config
 
-__all__ = ["DM", "FuLA", "MEASURES", "MapSpec", "OBJECTIVES", "SLM", "SweepResult", "TLM",
+__all__ = ["ConvergenceWarning", "DM", "FuLA", "MEASURES", "MapSpec", "OBJECTIVES", "SLM", "SweepResult", "TLM",
            "UnstitchableError", "default_config", "fula_loss", "get_objective",
            "lstsq_fit", "program_flops", "run_sweep", "sweep"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -34,6 +35,10 @@ from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
 
 NOT_REQUESTED = "not among the requested cells (stitch.pairs, rows, cols)"
+
+
+class ConvergenceWarning(UserWarning):
+  """Some trained stitches of a sweep did not converge (see `measures.Converged`)."""
 
 
 @dataclasses.dataclass
@@ -57,18 +62,60 @@ class SweepResult:
       for measure, m in measures.items():
         name = f"stitch_{obj}/{measure}"
         meta = dict(self.meta, objective=obj, end_accuracy=self.end_accuracy,
-                    reasons=self._reasons(obj, measure, m))
+                    reasons=self._reasons(obj, measure, m),
+                    unconverged=self.unconverged().get(obj, {}))
         out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
                                    cols=list(self.cols), measure=name, model_a=model_a,
                                    model_b=model_b, meta=meta)
     return out
 
 
+  def unconverged(self) -> dict[str, dict[str, str]]:
+    """objective -> {'a->b': why} for every trained cell that did not converge
+    (`measures.Converged`)."""
+    out: dict[str, dict[str, str]] = {}
+    for obj, mats in self.values.items():
+      if "converged" not in mats:
+        continue
+      trend = mats.get("loss_trend")
+      for a, b in np.argwhere(np.asarray(mats["converged"]) == 0.0):
+        drop = np.nan if trend is None else float(trend[a, b])
+        why = (f"did not converge: the training loss still fell {drop:.1%} over the last "
+               "quarter of training" if np.isfinite(drop) else
+               f"did not converge: fewer than {measures_lib.MIN_STEPS} training steps")
+        steps = self.meta.get("steps")
+        out.setdefault(obj, {})[plan_lib.cell_key(self.rows[a], self.cols[b])] = (
+            f"{why} ({steps} steps); raise the training budget (stitch.epochs, "
+            "min_steps or steps)")
+    return out
+
+  def convergence_summary(self) -> str | None:
+    """One line naming how many trained cells did not converge and what to raise, or
+    None when every trained cell converged."""
+    bad = self.unconverged()
+    trained = sum(int(np.sum(np.isfinite(m["converged"]))) for m in self.values.values()
+                  if "converged" in m)
+    n_bad = sum(len(v) for v in bad.values())
+    if not n_bad:
+      return None
+    per = ", ".join(f"{o} {len(v)}" for o, v in bad.items())
+    cfg = self.meta.get("settings", {})
+    lstsq = "" if cfg.get("init") == "lstsq" else (
+        ", or start from the closed form (stitch.init='lstsq')")
+    raise_ = (f"stitch.steps (now {cfg['steps']})" if cfg.get("steps") else
+              f"stitch.epochs (now {cfg.get('epochs')}) or stitch.min_steps")
+    return (f"{n_bad} of {trained} trained stitches did not converge ({per}; "
+            f"{self.meta.get('steps')} steps each): their numbers understate what a "
+            f"stitch can do. Raise {raise_}{lstsq}; matrices '<...>/converged' mark "
+            "the cells.")
+
   def _reasons(self, obj: str, measure: str, m: np.ndarray) -> dict[str, str]:
     """Why each NaN cell of one matrix is NaN: the cell's own reason, else the
     measure's (e.g. no training loss for a closed-form map)."""
     cell = self.reasons.get(obj, {})
     why = dict(cell)
+    if measure == "converged":
+      why.update(self.unconverged().get(obj, {}))
     undefined = measures_lib.UNDEFINED.get(measure) or "not defined for this cell"
     for a, b in np.argwhere(np.isnan(np.asarray(m, np.float64))):
       key = plan_lib.cell_key(self.rows[a], self.cols[b])
@@ -248,6 +295,9 @@ def sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   Callable from a Colab with models and data in memory and ``workdir=None``.
   """
   res = run_sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, **kwargs)
+  line = res.convergence_summary()
+  if line:
+    warnings.warn(line, ConvergenceWarning, stacklevel=2)
   return res.matrices(kwargs.get("name_a", "A"), kwargs.get("name_b", "B"))
 
 

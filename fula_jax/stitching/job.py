@@ -78,4 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results.save(workdir, name, m, png=bool(config.get("png", True)))
     summary[name] = {"shape": list(m.matrix.shape),
                      "nan_cells": int(np.isnan(m.matrix).sum())}
-  return {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats}
+  unconverged = res.unconverged()
+  line = res.convergence_summary()
+  print(line or "stitch sweep: every trained stitch converged.", flush=True)
+  return {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
+          "unconverged": {o: len(v) for o, v in unconverged.items()}}

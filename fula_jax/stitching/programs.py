@@ -1,27 +1,24 @@
 """The compiled programs of a sweep: donor passes, and per unit its train step,
 evaluation, least-squares statistics and PGD.
 
-Each program is a module-level function jitted with a static, hashable context (the
-end model, the unit's shapes, its objective, the mesh), so JAX's own cache shares a
-program between every unit, wave and sweep with the same context and shapes, and the
-persistent compilation cache keeps it across runs.
-
-Inside a unit's program each stitch maps its own front (f's activation at its point,
-replicated from the donor pass) onto the end point's grid with its own shapes -- the
-affine map before an upsampling resize and after a downsampling one, the cheaper order
--- so stitches from fronts of every shape share the program without padding any
+Each program is a module-level function jitted with a static, hashable context (the end
+model, the unit's shapes, its objective, the mesh), so JAX's own cache shares a program
+between units, waves and sweeps of one context and shapes, and the persistent compilation
+cache keeps it. Inside a unit's program each stitch maps its own front (f's activation at
+its point, replicated from the donor pass) onto the end point's grid with its own shapes
+-- the affine map before an upsampling resize and after a downsampling one, the cheaper
+order -- so stitches from fronts of every shape share the program without padding any
 activation (a nonlinear map of :mod:`.ladder` runs after the resize); then, under
-`jax.vmap` over the stitches, g's tail runs (only as far as the objective reads). Stitch
-parameters are stacks padded to the unit's widest front (:mod:`.stacks`). The programs are
-`shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the batch
-axis (gradients averaged, sums reduced) and, when a unit must, its stitches over the
-stitch axis (each device then runs the tails of its own stitches). Donor variables are
-arguments, never closure constants. BatchNorm runs in inference mode, unless the sweep
-sets ``donor_bn='train'``: then while stitches train, the donors normalise by each
-whole batch's statistics (such units never split a stitch's batch over devices) and
-every stitch carries its own copy of g's running averages (`StitchState.bn`), updated
-with g's momentum and used when it is evaluated.
-"""
+`jax.vmap` over the stitches, g's tail runs (only as far as the objective reads), with
+parameters stacked and padded to the unit's widest front (:mod:`.stacks`). The programs
+are `shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the
+batch axis (gradients averaged, sums reduced) and, when a unit must, its stitches over
+the stitch axis (each device then runs the tails of its own stitches). Donor variables
+are arguments, never closure constants. BatchNorm runs in inference mode, unless the
+sweep sets ``donor_bn='train'``: then while stitches train, the donors normalise by each
+whole batch's statistics (such units never split a stitch's batch over devices) and every
+stitch carries its own copy of g's running averages (`StitchState.bn`), updated with g's
+momentum and used when it is evaluated. """
 
 from __future__ import annotations
 
@@ -54,6 +51,7 @@ class StitchState(NamedTuple):
   diverged_step: jax.Array       # (S,) int32, -1 while finite
   loss_sum: jax.Array            # (S,) weighted sum of training losses
   loss_weight: jax.Array         # (S,) sum of the weights
+  trend: jax.Array  # (S, 2, 3) [previous, last] quarter of steps x [n, sum, sum of squares]
   bn: Any = None                 # per-stitch copy of g's batch_stats (donor_bn='train')
 
 
@@ -64,8 +62,8 @@ def adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
 
 def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
                tx: optax.GradientTransformation, bn: Any = None) -> StitchState:
-  """Host-side (NumPy) initial state for stacked `params` (leading stitch axis); `bn`:
-  g's batch_stats stacked per stitch when the donors train their BatchNorms."""
+  """Host-side initial state for stacked `params` (leading stitch axis); `bn`: g's
+  batch_stats stacked per stitch when the donors train their BatchNorms."""
   params = {k: np.asarray(v, np.float32) for k, v in params.items()}
   s = steps.shape[0]
   opt = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
@@ -73,7 +71,7 @@ def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
   return StitchState(params, opt, np.asarray(steps, np.int32), np.asarray(lr, np.float32),
                      np.zeros((s,), bool), np.full((s,), -1, np.int32),
                      np.zeros((s,), np.float32), np.zeros((s,), np.float32),
-                     {} if bn is None else bn)
+                     np.zeros((s, 2, 3), np.float32), {} if bn is None else bn)
 
 
 def with_bn(vars_b: Any, bn: Any) -> Any:
@@ -268,6 +266,9 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
     if ctx.split:
       loss, grads, new_bn = jax.lax.pmean((loss, grads, new_bn), BATCH)
     weight = (step >= state.steps - window).astype(jnp.float32)
+    q = jnp.maximum(state.steps // 4, 1)[:, None]  # the previous and the last quarter
+    start = state.steps[:, None] - q * jnp.array([2, 1])
+    slot = ((step >= start) & (step < start + q)).astype(jnp.float32)  # (S, 2)
     updates, opt = jax.vmap(tx.update)(grads, state.opt, state.params)
     new_params = jax.vmap(functools.partial(ladder.project, ctx.form))(
         jax.tree_util.tree_map(
@@ -283,6 +284,8 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
         diverged_step=jnp.where(fails, step, state.diverged_step),
         loss_sum=state.loss_sum + jnp.where(ok, weight * loss, 0.0),
         loss_weight=state.loss_weight + jnp.where(ok, weight, 0.0),
+        trend=state.trend + jnp.where(ok[:, None, None], slot[:, :, None] * jnp.stack(
+            [jnp.ones_like(loss), loss, loss * loss], -1)[:, None, :], 0.0),
         bn=_select(ok, new_bn, state.bn))
 
   rep, bt = P(), P(BATCH)

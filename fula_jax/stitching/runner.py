@@ -121,7 +121,8 @@ class Sweep:
     n_train = len(train)
     self.batch = min(sci.batch_size, n_train)
     self.steps_per_epoch = max(1, n_train // self.batch)
-    self.steps = sci.steps or max(1, round(sci.epochs * self.steps_per_epoch))
+    self.steps = sci.steps or max(1, sci.min_steps,
+                                  round(sci.epochs * self.steps_per_epoch))
     n_test = len(test)
     self.eval_batch = -(-min(ex.eval_batch_size, n_test) // self.n_dev) * self.n_dev
     self.test_views = {"": View(test, test_b or test, self.eval_batch)}

@@ -53,15 +53,24 @@ class PGD:
 
 @dataclasses.dataclass(frozen=True)
 class Science:
-  """Everything that changes a stitch's numbers (Adam lr 1e-3, batch 256: the
-  stitching literature's defaults)."""
+  """Everything that changes a stitch's numbers.
+
+  The default protocol: Adam at a constant 1e-3 with batch 256 (the stitching
+  literature's), starting from the least-squares (DM) map wherever the map has a closed
+  form (a variant the literature offers; SN-Net starts there), for 3 epochs but at least
+  `min_steps` = 100 steps. Public stitching code trains about 30 epochs from a random
+  init, some with a step decay; from the least-squares start a self-stitch begins at
+  the model's own accuracy and a few epochs reach a plateau (`measures.Converged` checks
+  every cell), while 3 epochs of a small dataset are too few steps to move at all."""
   objectives: tuple[objectives_lib.Objective, ...] = ()
   batch_size: int = 256
   epochs: float = 3.0
-  steps: int = 0                  # > 0 overrides epochs
+  steps: int = 0                  # > 0 overrides epochs and min_steps
+  min_steps: int = 100            # the epochs' budget is at least this many steps
   learning_rate: float = 1e-3
   adam: tuple[float, float, float] = (0.9, 0.999, 1e-8)  # b1, b2, eps
-  init: str = "random"            # 'random' (fan-in) | 'lstsq' (the DM solution)
+  init: str = "lstsq"             # 'lstsq' (the DM solution, where the map has a closed
+                                  # form; fan-in random otherwise) | 'random' (fan-in)
   lstsq_examples: int = 512       # examples for init='lstsq'
   ridge: float = 1e-6             # relative ridge of the least-squares solves
   seed: int = 0
@@ -133,6 +142,7 @@ def default_config() -> ml_collections.ConfigDict:
       pairs=cells.pairs,
       rows=config_dict.placeholder(tuple), cols=config_dict.placeholder(tuple),
       batch_size=sci.batch_size, epochs=sci.epochs, steps=sci.steps,
+      min_steps=sci.min_steps,
       learning_rate=sci.learning_rate,
       adam=dict(b1=sci.adam[0], b2=sci.adam[1], eps=sci.adam[2]),
       init=sci.init, lstsq_examples=sci.lstsq_examples, ridge=sci.ridge, seed=sci.seed,
@@ -246,6 +256,7 @@ def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
   science = Science(
       objectives=make_objectives(full), batch_size=int(full["batch_size"]),
       epochs=float(full["epochs"]), steps=int(full["steps"]),
+      min_steps=int(full["min_steps"]),
       learning_rate=float(full["learning_rate"]),
       adam=(float(adam["b1"]), float(adam["b2"]), float(adam["eps"])),
       init=str(full["init"]), lstsq_examples=int(full["lstsq_examples"]),

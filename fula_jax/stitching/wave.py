@@ -320,7 +320,8 @@ class Wave:
 
     def readout(name):
       return measures_lib.Readout(sums[name], sw.test_views[name].n,
-                                  end_accuracy[name], obj, where, train_loss, r.pgd)
+                                  end_accuracy[name], obj, where, train_loss, r.pgd,
+                                  np.asarray(state.trend))
 
     values = measures_lib.values(readout(""), sw.measures)
     for name in sw.eval_sets:

@@ -1,0 +1,94 @@
+"""Every trained stitch says whether it converged: the rule on hand-made loss traces
+(against a NumPy restatement of it), an under-trained sweep flagged and warned about,
+and the library's defaults (a least-squares start) recovering a self-stitch with every
+trained cell converged."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from fula_jax import models, stitching
+from fula_jax.stitching import measures, testing
+
+
+def readout(traces):
+  """A Readout whose `trend` holds the quarter sums of each stitch's loss trace, as the
+  training program accumulates them."""
+  trend = np.zeros((len(traces), 2, 3), np.float32)
+  for s, loss in enumerate(traces):
+    loss = np.asarray(loss, np.float64)
+    steps = len(loss)
+    if not steps:
+      continue
+    q = max(steps // 4, 1)
+    for slot, part in enumerate((loss[max(steps - 2 * q, 0):steps - q], loss[steps - q:])):
+      trend[s, slot] = (len(part), part.sum(), (part ** 2).sum())
+  nan = np.full(len(traces), np.nan)
+  return measures.Readout({}, 1.0, 1.0, None, None, nan, None, trend)
+
+
+def test_the_rule_on_known_traces():
+  rng = np.random.default_rng(0)
+  falling = np.linspace(2.0, 1.0, 40)                         # 19% per quarter
+  traces = {
+      "flat": 1.0 + 0.001 * rng.normal(size=40),
+      "falling": falling,
+      "noisy, slightly falling": falling[::-1][:40] * 0 + 1.0 - np.linspace(0, 0.08, 40)
+      + 0.5 * rng.normal(size=40),                            # drop well inside the noise
+      "near zero": np.linspace(0.004, 0.001, 40),             # FuLA at a self-stitch
+      "too short": np.ones(4),
+      "not trained": [],
+  }
+  got = dict(zip(traces, measures.Converged().value(readout(list(traces.values())))))
+  assert got["flat"] == 1.0 and got["falling"] == 0.0
+  assert got["noisy, slightly falling"] == 1.0 and got["near zero"] == 1.0
+  assert got["too short"] == 0.0 and np.isnan(got["not trained"])
+  trend = measures.LossTrend().value(readout([falling]))[0]
+  want = (falling[20:30].mean() - falling[30:].mean()) / falling[20:30].mean()
+  assert trend == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def donor():
+  train, test = testing.digits_splits(600, 300)
+  model = models.get_model("cnn", widths=(6, 8))
+  return model, testing.train_donor(model, train, steps=300), train, test
+
+
+def test_an_under_trained_sweep_is_flagged_and_warned_about(donor):
+  model, v, train, test = donor
+  with pytest.warns(stitching.ConvergenceWarning, match="6 of 6 trained stitches did "
+                    "not converge .*Raise stitch.steps .*stitch.init='lstsq'"):
+    mats = stitching.sweep(model, v, model, v, train, test,
+                           dict(objectives=["tlm", "fula", "dm"], pairs="diagonal",
+                                steps=2, init="random", progress=False))
+  for obj in ("tlm", "fula"):
+    conv = mats[f"stitch_{obj}/converged"]
+    assert np.all(np.diag(conv.matrix) == 0.0)
+    assert set(conv.meta["unconverged"]) == {f"{p}->{p}" for p in model.point_names}
+    assert "fewer than 8 training steps" in conv.meta["reasons"]["conv1->conv1"]
+  assert np.all(np.isnan(np.diag(mats["stitch_dm/converged"].matrix)))
+
+
+def test_library_defaults_recover_a_self_stitch_and_converge(donor):
+  """`stitching.sweep` with nothing but the objectives set, g = f: on the diagonal (the
+  self-stitch) every objective recovers at least 0.95 of the model's own accuracy, and
+  every trained diagonal cell is flagged converged. (A cross-layer TLM cell may still
+  be learning; the warning then names only such cells.)"""
+  model, v, train, test = donor
+  own = testing.accuracy(model, v, test)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mats = stitching.sweep(model, v, model, v, train, test,
+                           {"objectives": ["tlm", "slm", "dm", "fula"], "progress": False})
+  for w in caught:
+    if issubclass(w.category, stitching.ConvergenceWarning):
+      for obj in ("tlm", "slm", "fula"):
+        cells = mats[f"stitch_{obj}/converged"].meta["unconverged"]
+        assert all(c.split("->")[0] != c.split("->")[1] for c in cells), cells
+  for obj in ("tlm", "slm", "dm", "fula"):
+    diag = np.diag(mats[f"stitch_{obj}/accuracy"].matrix)
+    assert np.all(diag >= 0.95 * own), (obj, diag, own)
+    conv = np.diag(mats[f"stitch_{obj}/converged"].matrix)
+    assert np.all(conv == 1.0) if obj != "dm" else np.all(np.isnan(conv)), (obj, conv)
