@@ -144,6 +144,31 @@ def test_linen_resnet_and_nnx_follow_the_protocol(linen_resnet, nnx_net, digits)
   hash(model), hash(nmodel)  # static arguments of jitted programs
 
 
+def test_input_points_sit_after_the_activation_and_follow_the_protocol(linen_resnet,
+                                                                      nnx_net, digits):
+  """'<path>:input' is the activation entering a submodule: the stem's ReLU output in
+  the Linen net, conv1's ReLU output in the NNX one (a NumPy ReLU of the output point).
+  Both follow the whole protocol beside output points, in execution order."""
+  model, v, module, raw = linen_resnet
+  x = jnp.asarray(digits[1].images[:4])
+  both, bv = adapters.from_flax(module, raw, ["stem", "layer0:input", "layer1:input"],
+                                input_shape=(8, 8, 1), call_kwargs={"train": False})
+  assert both.point_names == ("stem", "layer0:input", "layer1:input")
+  _check_protocol(both, bv, module.apply(raw, x, train=False), x)
+  acts = both.apply(bv, x, capture=True)[1]
+  _close(acts["layer0:input"], np.maximum(np.asarray(acts["stem"]), 0.0))
+  _close(acts["layer1:input"], model.apply(v, x, end="layer0"))  # a block's output
+  (_, _), nmodule = nnx_net
+  nmodel, nv = adapters.from_nnx(nmodule, ["conv1", "conv2:input", "conv2"],
+                                 input_shape=(8, 8, 1))
+  _check_protocol(nmodel, nv, nmodule(x), x)
+  nacts = nmodel.apply(nv, x, capture=True)[1]
+  _close(nacts["conv2:input"], np.maximum(np.asarray(nacts["conv1"]), 0.0))
+  with pytest.raises(registry.UnknownNameError, match="layer0:input"):
+    adapters.from_flax(module, raw, ["layer9:input"], input_shape=(8, 8, 1),
+                       call_kwargs={"train": False})
+
+
 def _ops(fn, *args, op="convolution"):
   text = jax.jit(fn).lower(*args).compile().as_text()
   return len(re.findall(rf"= [^=\n]* {op}\(", text))

@@ -21,12 +21,19 @@ def test_your_own_model_example_runs(tmp_path, monkeypatch, capsys):
   exec(compile(_block("## Your own model"), "README.md", "exec"), scope)
   cka, fits = scope["cka"], scope["fits"]
   m = cka["cka_linear_debiased"]
-  assert m.rows == ["conv_a", "conv_b"] and m.cols == ["conv1", "conv2", "pool"]
+  assert m.rows == ["conv_b:input", "head:input"] and m.cols == ["conv1", "conv2", "pool"]
   assert np.isfinite(m.matrix).all()
+  # Like with like: conv_a after its ReLU is non-negative, as the zoo's conv1 is.
+  acts = scope["models"].capture(scope["mine"], scope["my_vars"], scope["test"].images[:8])
+  assert float(acts[1]["conv_b:input"].min()) == 0.0
   fula = fits["stitch_fula/accuracy"].matrix
-  assert np.isfinite(fula[:, :2]).all() and np.isnan(fula[:, 2]).all()  # map -> vector
-  assert fits["stitch_dm/accuracy"].matrix[1, 1] > 0.5  # conv_b -> conv2 stitches well
-  assert "conv_a" not in capsys.readouterr().err
+  assert np.isfinite(fula[0, :2]).all() and np.isnan(fula[0, 2])  # a map -> the vector
+  assert np.isnan(fula[1, :2]).all() and np.isfinite(fula[1, 2])  # the vector -> maps
+  assert fula[1, 2] > 0.9  # pooled features stitch into the zoo's pool almost losslessly
+  assert np.nanmax(fula[0]) > 0.4  # first-layer features: far above chance (0.1)
+  converged = fits["stitch_fula/converged"].matrix
+  assert np.array_equal(np.isfinite(converged), np.isfinite(fula))  # every trained cell
+  assert "conv_b:input" not in capsys.readouterr().err
 
 
 def test_similarity_measures_example_runs():

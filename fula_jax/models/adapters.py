@@ -17,6 +17,15 @@ How the pieces run, without rewriting the model:
 A point must cut the network: everything after it may depend on the input only
 through the point's output (true of every sequential backbone; not of a model that
 reads the raw input again after the point). Only a module's first call counts.
+
+Where a point sits. ``"conv_a"`` is the submodule's *output*: for an ``nn.Conv``
+followed by ``nn.relu`` in the parent's code, that is before the ReLU. ``"conv_b:input"``
+is the activation *entering* submodule conv_b (its first argument): everything before
+it, activation functions and pooling included, so after conv_a's ReLU. The zoo's points
+are after their activations (``models.get_model('cnn')``'s conv1 is a ReLU output), so
+compare a zoo model with ``":input"`` points of the modules that follow the activations.
+Running from an input point hands the given activation to that submodule: exact for any
+activation, no assumption about what came before.
 """
 
 from __future__ import annotations
@@ -48,11 +57,24 @@ def glob_match(pattern: str, path: str) -> bool:
   return len(a) == len(b) and all(fnmatch.fnmatchcase(p, q) for q, p in zip(a, b))
 
 
+INPUT_SUFFIX = ":input"
+
+
+def _split_point(point: str) -> tuple[str, bool]:
+  """(submodule path, whether the point is that submodule's input)."""
+  if point.endswith(INPUT_SUFFIX):
+    return point[:-len(INPUT_SUFFIX)], True
+  return point, False
+
+
 def _expand(patterns: Sequence[str], paths: Sequence[str], what: str) -> list[str]:
-  """Points from names or glob patterns, in the order of `paths` (execution order)."""
+  """Points from names or glob patterns, in the order of `paths` (execution order); a
+  pattern ending in ':input' matches only input points, any other only outputs."""
   chosen = set()
   for pat in patterns:
-    hits = [p for p in paths if glob_match(pat, p)]
+    base, is_input = _split_point(pat)
+    hits = [p for p in paths if _split_point(p)[1] == is_input
+            and glob_match(base, _split_point(p)[0])]
     if not hits:
       raise registry.unknown(f"submodule path of {what}", pat, paths)
     chosen.update(hits)
@@ -148,6 +170,11 @@ class FlaxModel(_Points):
       if ctx.method_name != "__call__":
         return next_fun(*args, **kwargs)
       path = "/".join(ctx.module.path)
+      entry = path + INPUT_SUFFIX
+      if entry in order and entry not in seen and args:
+        seen.add(entry)
+        args = (_at_point(entry, order[entry], lambda: args[0], first, last, given,
+                          acts if capture else None), *args[1:])
       if path not in order or path in seen:
         return next_fun(*args, **kwargs)
       seen.add(path)
@@ -169,16 +196,21 @@ class FlaxModel(_Points):
 
 
 def module_paths(module: Any, variables: Any, input_shape: Sequence[int],
-                 call_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+                 call_kwargs: Mapping[str, Any] | None = None,
+                 inputs: bool = False) -> list[str]:
   """Every submodule path of a Linen module, in the order its forward pass finishes
-  them (a probe with `jax.eval_shape`, nothing computed)."""
+  them (a probe with `jax.eval_shape`, nothing computed); with `inputs`, each
+  submodule's input point ('<path>:input') too, where the submodule is entered."""
   import flax.linen as nn
   done: list[str] = []
 
   def record(next_fun, args, kwargs, ctx):
-    out = next_fun(*args, **kwargs)
     path = "/".join(ctx.module.path)
-    if ctx.method_name == "__call__" and path and path not in done:
+    call = ctx.method_name == "__call__" and path
+    if call and inputs and args and path + INPUT_SUFFIX not in done:
+      done.append(path + INPUT_SUFFIX)
+    out = next_fun(*args, **kwargs)
+    if call and path not in done:
       done.append(path)
     return out
 
@@ -204,7 +236,10 @@ def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
     module: the Linen module (not from the zoo).
     variables: its variables (``{'params': ...}`` and any collections).
     points: submodule paths in execution order (``"encoder/encoderblock_3"``), or glob
-      patterns (``"encoder/encoderblock_*"``); an unknown path lists the valid ones.
+      patterns (``"encoder/encoderblock_*"``): each names the submodule's output; add
+      ``":input"`` for the activation entering it (``"conv_b:input"``: after the
+      activation function between conv_a and conv_b; see the module docstring). An
+      unknown path lists the valid ones.
     input_shape: one example's input shape (H, W, C); the forward pass from a point
       traces the layers before it on zeros of this shape (then XLA drops them).
     input_transform: applied to the [0, 1] images before the module (e.g. ImageNet
@@ -218,7 +253,7 @@ def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
   if isinstance(points, str):
     points = [points]
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
-  paths = module_paths(module, variables, input_shape, call_kwargs)
+  paths = module_paths(module, variables, input_shape, call_kwargs, inputs=True)
   chosen = _expand(points, paths, type(module).__name__)
   model = FlaxModel(
       module, tuple(chosen), tuple(int(d) for d in input_shape),
@@ -263,20 +298,25 @@ class NNXModel(_Points):
     acts: dict[str, jax.Array] = {}
     given = x
 
-    def wrap(path: str, fn):
-      k = index[path]
+    def wrap(point: str, fn):
+      k, is_input = index[point], _split_point(point)[1]
       state = {"done": False}
 
       def call(*args, **kwargs):
         if state["done"]:
           return fn(*args, **kwargs)
         state["done"] = True
-        return _at_point(path, k, lambda: fn(*args, **kwargs), first, last, given,
-                         acts if capture else None)
+        keep = acts if capture else None
+        if is_input:
+          args = (_at_point(point, k, lambda: args[0], first, last, given, keep),
+                  *args[1:])
+          return fn(*args, **kwargs)
+        return _at_point(point, k, lambda: fn(*args, **kwargs), first, last, given, keep)
       return call
 
-    for path in self.points:
-      _replace(module, path, lambda sub, path=path: _Proxy(sub, wrap(path, sub)))
+    for point in self.points:
+      _replace(module, _split_point(point)[0],
+               lambda sub, point=point: _Proxy(sub, wrap(point, sub)))
     if first >= 0:
       inputs = jnp.zeros((x.shape[0],) + self.input_shape, jnp.float32)
     else:
@@ -332,16 +372,15 @@ def from_nnx(module: Any, points: Sequence[str] | str, *,
              prefix_tokens: int | Mapping[str, int] = 0) -> tuple[NNXModel, Any]:
   """Any Flax NNX module as a protocol model: ``(model, variables)``, the variables
   being the module's state. Points are attribute paths (``"blocks/3"``, glob patterns
-  allowed), listed in the order the forward pass runs them."""
+  allowed; ``"blocks/3:input"`` for the activation entering a submodule, as in
+  `from_flax`), listed in the order the forward pass runs them."""
   from flax import nnx
   if isinstance(points, str):
     points = [points]
-  paths = nnx_paths(module)
+  paths = [q for p in nnx_paths(module) for q in (p + INPUT_SUFFIX, p)]
   chosen = []
   for pat in points:
-    hits = [p for p in paths if glob_match(pat, p)]
-    if not hits:
-      raise registry.unknown(f"submodule path of {type(module).__name__}", pat, paths)
+    hits = _expand([pat], paths, type(module).__name__)
     chosen += [h for h in hits if h not in chosen]
   graphdef, state = nnx.split(module)
   model = NNXModel(_Hashable(graphdef), tuple(chosen),
