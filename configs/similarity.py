@@ -49,9 +49,10 @@ def get_config(arg=None):
   config.split = "test"
   config.batch_size = 256          # examples per minibatch (sets minibatch CKA's n)
   config.num_examples = config_dict.placeholder(int)  # None = the whole split, in order
-  # Any of fula_jax.similarity.names(). 'cca' and 'pwcca' are degenerate (every
-  # canonical correlation 1) when a layer has at least as many features as max_examples,
-  # as flattened conv maps usually do; they are left out by default.
+  # Any of fula_jax.similarity.names(). A measure outside its declared valid regime at
+  # the kept n (Measure.invalid_at: 'cca' and 'pwcca' when a layer has as many features
+  # as examples, as flattened conv maps usually do) is left out, and the job says so;
+  # 'svcca' is then limited to (n - 1) // 2 directions per layer (its max_dims).
   config.measures = ("cka_linear_debiased", "cka_linear", "cka_rbf_debiased",
                      "procrustes", "svcca")
   # Linear CKA: 'minibatch' (Nguyen et al. 2021, any layer width) or 'exact' (full-data

@@ -189,3 +189,35 @@ def test_exact_estimator_refuses_statistics_that_do_not_fit():
     job.similarity_matrices(model_a, vars_a, model_b, vars_b, batches,
                             ["cka_linear"], estimator="exact", exact_max_bytes=1000,
                             progress=False)
+
+
+def test_measures_outside_their_valid_regime_are_left_out_or_reduced():
+  """Layers wider than the examples: CCA and PWCCA are left out (with the reason), and
+  SVCCA keeps at most (n - 1) // 2 directions, which equals a direct call with that
+  max_dims and differs from the degenerate default. The registry's own metadata
+  decides, for every measure."""
+  model_a = models.get_model("mlp", widths=(30, 6), num_classes=3)  # fc1: 30 >= n - 1
+  model_b = models.get_model("mlp", widths=(10,), num_classes=3)
+  vars_a = models.init(model_a, jax.random.PRNGKey(0), (1, 4, 4, 1))
+  vars_b = models.init(model_b, jax.random.PRNGKey(1), (1, 4, 4, 1))
+  _, batches = image_batches(n=24, batch=24)
+  left = {}
+  with pytest.warns(SimilarityWarning, match="cca left out"):
+    mats = job.similarity_matrices(model_a, vars_a, model_b, vars_b, batches,
+                                   ["cca", "svcca", "pwcca", "cka_linear"],
+                                   max_examples=24, progress=False, left_out=left)
+  assert set(left) == {"cca", "pwcca"} and "trivially 1" in left["cca"]
+  got = {m.measure: m for m in mats}
+  assert set(got) == {"svcca", "cka_linear"}
+  sv = got["svcca"]
+  assert sv.meta["options"]["max_dims"] == 11 and "reduced" in sv.meta["regime"]
+  _, batches = image_batches(n=24, batch=24)
+  images = np.concatenate([b["image"] for b in batches])
+  acts_a = models.capture(model_a, vars_a, images)[1]
+  acts_b = models.capture(model_b, vars_b, images)[1]
+  a, b = acts_a[sv.rows[0]], acts_b[sv.cols[0]]
+  assert sv.matrix[0, 0] == pytest.approx(float(measures.get("svcca")(a, b, max_dims=11)),
+                                          abs=1e-5)
+  for name in measures.names():  # what the registry declares is what the job applies
+    m = measures.get(name)
+    assert (m.invalid_at is not None) == (name in ("cca", "svcca", "pwcca")), name

@@ -16,8 +16,14 @@ are min(rank X, rank Y) of them.
          centred neuron of X. Asymmetric: the weights come from the first argument.
 
 Ranks are data dependent, so bases keep a fixed shape with unused columns zeroed; this
-keeps everything jittable. With n <= d every canonical correlation is 1 (the sample
-cannot tell the spaces apart): use SVCCA or more examples (`measures.compute` warns).
+keeps everything jittable.
+
+The valid regime (declared in the registry, `Measure.invalid_at`): centred data span at
+most n - 1 directions, so two subspaces of k_x and k_y directions share at least
+k_x + k_y - (n - 1) of them whatever the data, each a canonical correlation of exactly 1.
+CCA and PWCCA use every direction: a layer of d >= n - 1 features makes every
+correlation 1. SVCCA keeps k directions per side: valid while 2k < n, which its
+`max_dims` option (at most (n - 1) // 2 when the job sets it) guarantees.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ class Basis(NamedTuple):
 
 
 def basis(x: jax.Array, keep: float | int | None = None,
-          width: int | None = None) -> Basis:
-  """SVD basis of centred `x`; `keep` as in SVCCA (None = every non-null direction).
+          width: int | None = None, max_dims: int = 0) -> Basis:
+  """SVD basis of centred `x`; `keep` as in SVCCA (None = every non-null direction),
+  at most `max_dims` directions when > 0.
 
   `width` zero-pads the basis to that many columns (so bases of different layers share
   one shape and one compiled `combine`); unused columns are zero either way.
@@ -62,6 +69,8 @@ def basis(x: jax.Array, keep: float | int | None = None,
     else:
       raise ValueError(f"SVCCA keep={keep!r}: give a variance fraction in (0, 1] or a "
                        "positive number of directions.")
+  if max_dims > 0:
+    used = used & (jnp.arange(s.shape[0]) < max_dims)
   w = used.astype(jnp.float32)
   q = cka.pad_columns(u * w, width)
   proj = cka.dot(q.T, xc)
@@ -98,9 +107,11 @@ def cca(x: jax.Array, y: jax.Array) -> jax.Array:
   return cca_combine(basis(x), basis(y))
 
 
-def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99) -> jax.Array:
+def svcca(x: jax.Array, y: jax.Array, keep: float | int = 0.99,
+          max_dims: int = 0) -> jax.Array:
   """Mean canonical correlation after keeping each side's top singular directions."""
-  return svcca_combine(basis(x, keep), basis(y, keep))
+  return svcca_combine(basis(x, keep, max_dims=max_dims),
+                       basis(y, keep, max_dims=max_dims))
 
 
 def pwcca(x: jax.Array, y: jax.Array) -> jax.Array:

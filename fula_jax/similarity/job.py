@@ -85,6 +85,22 @@ def _measure_options(name: str, sigma_frac: float, svcca_keep: float | int) -> d
   return opts
 
 
+def _into_regime(m: measures_lib.Measure, n: int, dims: Mapping[str, int],
+                 opts: dict) -> tuple[dict, dict] | None:
+  """(options to add, metadata saying so) that keep measure `m` inside its declared
+  valid regime at n examples for every layer, or None when nothing does."""
+  bad = m.invalid_layers(n, dims, **opts)
+  if not bad:
+    return {}, {}
+  if m.reduce_for is not None:
+    extra = m.reduce_for(n)
+    if not m.invalid_layers(n, dims, **opts, **extra):
+      layer, why = next(iter(bad.items()))
+      return extra, {"regime": f"reduced to {extra} at n = {n}: as computed by default, "
+                               f"layer {layer} had {why}"}
+  return None
+
+
 def similarity_matrices(
     model_a, vars_a: Mapping[str, Any], model_b=None, vars_b: Mapping[str, Any] | None = None,
     batches: Iterable[Mapping[str, np.ndarray]] | None = None,
@@ -96,8 +112,8 @@ def similarity_matrices(
     model_a_name: str = "model_a", model_b_name: str | None = None,
     num_batches: int | None = None, progress: bool = True,
     progress_every_s: float = 10.0, exact_max_bytes: int = 4 << 30,
-    calibrate: int = 0, bootstrap: int = 0, interval_level: float = 0.9, seed: int = 0
-    ) -> list[results.Matrix]:
+    calibrate: int = 0, bootstrap: int = 0, interval_level: float = 0.9, seed: int = 0,
+    left_out: dict[str, str] | None = None) -> list[results.Matrix]:
   """Every requested measure as an ``L_A x L_B`` :class:`results.Matrix`.
 
   Args:
@@ -120,6 +136,10 @@ def similarity_matrices(
     bootstrap: resamples per cell for a percentile interval at `interval_level` on
       each matrix (0: none); see :mod:`intervals`.
     Both use the first `max_examples` examples and PRNG key `seed`.
+    left_out: filled with {measure: why} for each in-memory measure outside its
+      declared valid regime at the kept n (`Measure.invalid_at`) that no option brings
+      back (the CCA family with layers as wide as the examples); a measure that an
+      option brings back (SVCCA's max_dims) is computed so reduced, said in its meta.
   """
   if batches is None:
     raise ValueError("similarity_matrices needs `batches`: an iterable of dicts with "
@@ -223,13 +243,26 @@ def similarity_matrices(
   if collected:
     acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
     acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
+    n_kept = len(next(iter(acts_a.values())))
+    dims = {f"{k} of {name}": int(np.prod(v.shape[1:]))
+            for acts, name in ((acts_a, model_a_name), (acts_b or {}, model_b_name))
+            for k, v in acts.items()}
     for m in collected:
       opts = _measure_options(m.name, sigma_frac, svcca_keep)
+      regime = _into_regime(m, n_kept, dims, opts)
+      if regime is None:
+        why = next(iter(m.invalid_layers(n_kept, dims, **opts).items()))
+        reason = f"left out: layer {why[0]}: {why[1]}"
+        warnings.warn(f"{m.name} {reason}.", checks.SimilarityWarning)
+        if left_out is not None:
+          left_out[m.name] = reason
+        continue
+      opts.update(regime[0])
       mat, info = measures_lib.matrix(m.name, acts_a, acts_b, label_a=model_a_name,
                                       label_b=model_b_name, **opts)
       meta = dict(base_meta, **describe(m), estimator="in_memory", n=info["n"],
                   options=info["options"], nan_reasons=info["nan_reasons"],
-                  max_examples=max_examples)
+                  max_examples=max_examples, **regime[1])
       out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
                                 meta))
   order = {name: i for i, name in enumerate(measures)}
@@ -298,7 +331,8 @@ def _eval_batches(split, batch_size: int):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Load models and data as `config` says, write every matrix under `workdir`/results.
 
-  Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``.
+  Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``, and for a measure
+  left out because it is degenerate at this n ``{measure: {'left_out': why}}``.
   """
   from fula_jax import donors
   a = donors.load(config, "a")
@@ -336,8 +370,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_batches=num_batches, progress_every_s=float(config.get("progress_every_s", 10.)),
       calibrate=int(config.get("calibrate", 0)), bootstrap=int(config.get("bootstrap", 0)),
       interval_level=float(config.get("interval_level", 0.9)),
-      seed=int(config.get("seed", 0)))
-  summary = {}
+      seed=int(config.get("seed", 0)), left_out=(left_out := {}))
+  summary: dict[str, dict] = {m: {"left_out": why} for m, why in left_out.items()}
+  for name, why in left_out.items():
+    print(f"similarity: {name} {why}", flush=True)
   for m in mats:
     m.meta.update(split=config.split, data=getattr(split, "name", ""))
     results.save(workdir, m.measure, m, png=bool(config.get("png", True)))

@@ -13,6 +13,10 @@ Each :class:`Measure` is split into ``prepare`` (per activation, done once per l
   option (shape_metric's alpha, rsa's rdm), :meth:`Measure.invariant_to` gives them for
   any options;
 * ``needs_min_n``: fewer examples give NaN with a warning;
+* ``invalid_at(n, d, options)``: why the measure is degenerate for a layer of d
+  features at n examples ('' where it is valid), e.g. the CCA family when features do
+  not fall short of examples; `matrix` warns, and the similarity job leaves such a
+  measure out or reduces it (`reduce_for`) and says which and why;
 * ``ideal``: the value of identical representations (1 for a similarity, 0 for a
   distance unless declared), the top of the scale `calibration` maps to 1.
 
@@ -67,6 +71,10 @@ class Measure:
   ideal: float | None = None
   # Invariances as a function of the resolved options, where they depend on them.
   invariances_at: Callable[[Mapping[str, Any]], frozenset[str]] | None = None
+  # The valid regime: why a layer of d features at n examples is out of it ('' = in).
+  invalid_at: Callable[[int, int, Mapping[str, Any]], str] | None = None
+  # Options that bring the measure back into its regime at n examples (None: none do).
+  reduce_for: Callable[[int], dict[str, Any]] | None = None
 
   def __post_init__(self):
     assert self.kind in ("similarity", "distance"), self.kind
@@ -85,6 +93,15 @@ class Measure:
     if self.resolve is not None and n is not None:
       opts = self.resolve(n, dims_x, dims_y, opts)
     return opts
+
+  def invalid_layers(self, n: int, dims: Mapping[str, int], **overrides: Any
+                     ) -> dict[str, str]:
+    """{layer: why} for the layers (name -> features) outside the valid regime."""
+    if self.invalid_at is None:
+      return {}
+    opts = self.options(**overrides)
+    out = {k: self.invalid_at(n, d, opts) for k, d in dims.items()}
+    return {k: v for k, v in out.items() if v}
 
   def invariant_to(self, **overrides: Any) -> frozenset[str]:
     """The transforms that leave the value unchanged at these options."""
@@ -185,8 +202,31 @@ def _cka(name: str, kernel: str, debiased: bool) -> Measure:
 
 def _basis_prepare(keep_key: str | None):
   def prepare(x, opts):
-    return cca_lib.basis(x, opts[keep_key] if keep_key else None, opts.get("width"))
+    return cca_lib.basis(x, opts[keep_key] if keep_key else None, opts.get("width"),
+                         int(opts.get("max_dims", 0)))
   return prepare
+
+
+def _cca_invalid(n: int, d: int, opts: Mapping[str, Any]) -> str:
+  if d >= n - 1:
+    return (f"{d} features >= n - 1 = {n - 1}: every canonical correlation is "
+            "trivially 1 (use svcca, or more examples than features)")
+  return ""
+
+
+def _svcca_invalid(n: int, d: int, opts: Mapping[str, Any]) -> str:
+  """SVCCA keeps k <= min(d, n - 1) directions (fewer by `keep` or `max_dims`); two
+  sides of k directions share trivial correlations of 1 once 2k >= n."""
+  k = min(d, n - 1)
+  if isinstance(opts["keep"], int) and not isinstance(opts["keep"], bool):
+    k = min(k, opts["keep"])
+  if opts.get("max_dims", 0) > 0:
+    k = min(k, opts["max_dims"])
+  if 2 * k >= n:
+    return (f"up to {k} kept directions of {d} features at n = {n}: two sides of k "
+            "directions share trivial canonical correlations of 1 once 2k >= n (set "
+            f"max_dims <= {(n - 1) // 2})")
+  return ""
 
 
 _ROT = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
@@ -206,19 +246,20 @@ MEASURES: dict[str, Measure] = {
         "cca", "similarity", True, _ROT | {"invertible_linear"}, 2,
         "Mean squared canonical correlation (R^2_CCA).",
         _basis_prepare(None), lambda a, b, o: cca_lib.cca_combine(a, b),
-        resolve=_resolve_width),
+        resolve=_resolve_width, invalid_at=_cca_invalid),
     "svcca": Measure(
         "svcca", "similarity", True, _ROT, 2,
-        "SVCCA: top singular directions (keep = variance fraction or count), then mean "
-        "canonical correlation.",
+        "SVCCA: top singular directions (keep = variance fraction or count, at most "
+        "max_dims when > 0), then mean canonical correlation.",
         _basis_prepare("keep"), lambda a, b, o: cca_lib.svcca_combine(a, b),
-        defaults={"keep": 0.99}, resolve=_resolve_width),
+        defaults={"keep": 0.99, "max_dims": 0}, resolve=_resolve_width,
+        invalid_at=_svcca_invalid, reduce_for=lambda n: {"max_dims": (n - 1) // 2}),
     "pwcca": Measure(
         "pwcca", "similarity", False,
         frozenset({"isotropic_scaling", "translation", "permutation"}), 2,
         "Projection-weighted CCA (Morcos et al. 2018); weights from model A's side.",
         _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b),
-        resolve=_resolve_width),
+        resolve=_resolve_width, invalid_at=_cca_invalid),
 }
 
 
@@ -398,17 +439,13 @@ def _all_pairs(name: str, frozen: tuple, sa: dict, sb: dict, rows, cols, within:
   return out
 
 
-def _degenerate_cca(m: Measure, n: int, dims_x: Sequence[int], dims_y: Sequence[int],
-                    rows: Sequence[str], cols: Sequence[str]) -> None:
-  if m.name not in ("cca", "pwcca"):
-    return
-  wide = [r for r, d in zip(rows, dims_x) if d >= n - 1]
-  wide += [c for c, d in zip(cols, dims_y) if d >= n - 1 and c not in wide]
-  if wide:
-    warnings.warn(
-        f"{m.name}: layer(s) {', '.join(wide)} have at least n - 1 = {n - 1} features, "
-        "so their canonical correlations are trivially 1; use svcca or more examples.",
-        checks.SimilarityWarning, stacklevel=3)
+def _warn_invalid(m: Measure, n: int, dims: Mapping[str, int], opts: Mapping) -> None:
+  """Warn, naming the layers, where measure `m` is outside its declared valid regime."""
+  bad = m.invalid_layers(n, dims, **{k: v for k, v in opts.items() if k in m.defaults})
+  if bad:
+    why = next(iter(bad.values()))
+    warnings.warn(f"{m.name} is degenerate for layer(s) {', '.join(bad)}: {why}.",
+                  checks.SimilarityWarning, stacklevel=3)
 
 
 def map_cells(name: str, acts_a: Mapping[str, Any], acts_b: Mapping[str, Any] | None,
@@ -457,7 +494,8 @@ def matrix(name: str, acts_a: Mapping[str, jax.Array],
   prob_a = {r: checks.layer_problem(v, m.needs_min_n) for r, v in acts_a.items()}
   prob_b = prob_a if within else {
       c: checks.layer_problem(v, m.needs_min_n) for c, v in acts_b.items()}
-  _degenerate_cca(m, n, dims_a, dims_b, rows, cols)
+  _warn_invalid(m, n, {**{f"{r} of {label_a}": d for r, d in zip(rows, dims_a)},
+                       **{f"{c} of {label_b}": d for c, d in zip(cols, dims_b)}}, opts)
 
   def states(acts, probs):
     return {k: None if probs[k] else prepare_layer(name, frozen, jnp.asarray(v))
