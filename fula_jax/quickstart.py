@@ -172,11 +172,15 @@ def write_report(workdir, summary: dict[str, Any], saved: dict[str, results.Matr
               ""]
   rows = [[f"`{r['matrix']}`", "x".join(map(str, r["shape"])), reporting.fmt(r["mean"], ".3f"),
            reporting.fmt(r["depth_matched_mean"], ".3f"), str(r["nan_cells"]),
+           "" if r.get("unconverged_cells") is None else str(r["unconverged_cells"]),
            _meaning(r["matrix"])] for r in summary["matrices"]]
   lines += ["## Matrices", ""]
   lines += reporting.md_table(["matrix", "shape", "mean", "depth-matched mean", "NaN",
-                               "what it says"], rows)
-  lines += ["", "Depth-matched mean: the mean over cells at the same relative depth in "
+                               "not converged", "what it says"], rows)
+  lines += ["", "Not converged: trained stitches whose loss still fell at the end of "
+            "training (`stitch_<objective>/converged`, framed in red in the figures); "
+            "their accuracy understates the stitch. Depth-matched mean: the mean over "
+            "cells at the same relative depth in "
             "both models. Every matrix is in `results/` as `.npz`, `.csv` and `.png`; "
             "load them with `fula_jax.results.load(workdir)`.", ""]
   io.write_text(workdir / REPORT_FILE, "\n".join(lines))
@@ -190,6 +194,8 @@ def _summary(saved, sum_a, sum_b, name_a, name_b) -> dict[str, Any]:
     rows.append({"matrix": key, "mean": float(np.nanmean(m.matrix)),
                  "depth_matched_mean": analysis.depth_matched_mean(m),
                  "nan_cells": int(np.isnan(m.matrix).sum()),
+                 "unconverged_cells": (len(m.meta.get("unconverged") or {})
+                                       if key.startswith("stitch_") else None),
                  "shape": list(m.matrix.shape)})
   return {"model_a": {"name": name_a, "test_accuracy": sum_a["test_accuracy"]},
           "model_b": {"name": name_b, "test_accuracy": sum_b["test_accuracy"]},
@@ -200,8 +206,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
   a, b = summary["model_a"], summary["model_b"]
   print(f"\nModel A: {a['name']:16s} test accuracy {a['test_accuracy']:.4f}")
   print(f"Model B: {b['name']:16s} test accuracy {b['test_accuracy']:.4f}\n")
-  print(f"{'matrix':40s} {'shape':>7s} {'mean':>7s} {'depth-matched':>14s} {'NaN':>4s}")
+  print(f"{'matrix':40s} {'shape':>7s} {'mean':>7s} {'depth-matched':>14s} {'NaN':>4s} "
+        f"{'not converged':>13s}")
+  late = 0
   for r in summary["matrices"]:
     shape = "x".join(map(str, r["shape"]))
+    count = r.get("unconverged_cells")
+    late += count or 0
     print(f"{r['matrix']:40s} {shape:>7s} {r['mean']:7.3f} {r['depth_matched_mean']:14.3f} "
-          f"{r['nan_cells']:4d}")
+          f"{r['nan_cells']:4d} {'' if count is None else count:>13}")
+  print("\nEvery trained stitch converged." if not late else
+        f"\n{late} trained stitch cells did not converge (framed in red in the figures): "
+        "raise stitch.epochs or stitch.min_steps.")

@@ -105,7 +105,8 @@ class Matrix:
   def plot(self, ax=None, annotate: bool | None = None, *, cmap: str = "viridis",
            vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f",
            title: str | None = None, colorbar: bool = True):
-    """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey.
+    """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey,
+    trained stitches that did not converge (``meta['unconverged']``) framed in red.
 
     `annotate` None writes the values when there are at most 400 cells (with their
     interval underneath when the matrix has one, up to 100 cells). `title` None
@@ -130,6 +131,16 @@ class Matrix:
     for i, j in np.argwhere(~np.isfinite(self.matrix)):
       ax.add_patch(mpl.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
                                          hatch="///", edgecolor="0.5", linewidth=0))
+    late = [key.partition("->")[::2] for key in self.meta.get("unconverged") or {}]
+    late = [(self.rows.index(r), self.cols.index(c)) for r, c in late
+            if r in self.rows and c in self.cols]
+    for i, j in late:  # a trained stitch that did not converge: a dashed red frame
+      ax.add_patch(mpl.patches.Rectangle((j - 0.42, i - 0.42), 0.84, 0.84, fill=False,
+                                         edgecolor="red", linewidth=1.4, linestyle="--"))
+    if late:
+      ax.annotate(f"dashed red: {len(late)} cell(s) did not converge", (0, 0),
+                  xytext=(0, -2), xycoords="axes fraction", textcoords="offset points",
+                  va="top", fontsize=7, color="red")
     if annotate is None:
       annotate = nr * nc <= 400
     if annotate:

@@ -50,3 +50,8 @@ def test_compare_your_models_notebook(tmp_path, run_notebook):
   # Trained for seconds, both models are far above chance (0.1) on the held-out digits.
   accuracies = [float(a) for a in re.findall(r"test accuracy ([0-9.]+)", text)]
   assert len(accuracies) == 2 and min(accuracies) > 0.4, accuracies
+  # And so is the FuLA panel: every row has a cell far above chance, and every trained
+  # cell converged under the default protocol.
+  best = ast.literal_eval(re.search(r"FuLA best cell per row: (\{.*?\})", text).group(1))
+  assert set(best) == {"conv_a", "conv_b", "hidden"} and min(best.values()) > 0.5, best
+  assert "cells that did not converge: none" in text
