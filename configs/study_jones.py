@@ -144,7 +144,7 @@ def get_config(arg=None):
   scale = "tiny" if arg.tiny else "runlocal" if arg.runlocal else "paper"
   config.models = defaults.study_models(
       train, candidates, data=config.data, seed=arg.seed, scale=scale,
-      eval_batch_size=config.eval_batch_size, tiny_steps=25,
+      eval_batch_size=config.eval_batch_size, tiny_steps=200,
       tiny_kwargs={"cnn": dict(widths=(8, 16)), "mlp": dict(widths=(64, 32))})
   if arg.runlocal:  # 16 tokens of 2x2 patches on 8x8 images
     vit = config.models.vit_tiny

@@ -150,6 +150,31 @@ def trend(eps: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
           "last": float(y[-1]) if y.size else float("nan")}
 
 
+def donor_problems(model_rows: Sequence[Mapping[str, Any]], num_classes: int
+                   ) -> list[str]:
+  """Why this run's models cannot carry a verdict on the trend, or [] when they can:
+  a model whose clean accuracy is under twice chance learned nothing, and a robust
+  model whose accuracy under its own eps is under 1.5x chance is not robust, so a
+  trend over eps would compare models that are not what the study is about."""
+  chance = 1.0 / num_classes
+  out = []
+  for r in model_rows:
+    tag = f"{r['arch']} at eps {r['eps']:g}"
+    if r["clean"] < 2 * chance:
+      out.append(f"{tag}: clean accuracy {r['clean']:.3f} (chance {chance:.2f})")
+    elif r["eps"] > 0 and r.get("robust_own") is not None and (
+        r["robust_own"] < 1.5 * chance):
+      out.append(f"{tag}: accuracy {r['robust_own']:.3f} under its own attack "
+                 f"(chance {chance:.2f}): not robust")
+  return out
+
+
+def no_verdict(problems: Sequence[str]) -> str:
+  return ("No verdict on the trend: the models are near chance, so the matrices say "
+          "nothing about robustness (" + "; ".join(problems) + "). Train them longer "
+          "(config.models.<arch>.train) or use a smaller eps.")
+
+
 def _finding(measure_words: str, eps: Sequence[float], tr: Mapping[str, Any]) -> str:
   verb = "rises" if tr["rises"] else "does not rise"
   mono = ", rising at every step" if tr["monotone"] else ""
@@ -232,7 +257,7 @@ def curve_figure(eps: Sequence[float], offdiag: Mapping[str, Sequence[float]],
 def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
                  archs: Sequence[str], eps: Sequence[float], model_rows: Sequence[dict],
                  per_eps: Sequence[dict], trends: Mapping[str, dict], eval_eps: float,
-                 figures: Sequence[str], elapsed_s: float) -> str:
+                 figures: Sequence[str], elapsed_s: float, num_classes: int) -> str:
   inv = config.inversion
   lines = [
       "# Jones et al. study: inter-architecture inverted-image CKA vs adversarial ε", "",
@@ -245,10 +270,7 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
       f"{'the seed images' if config.natural == 'seeds' else 'the whole test split'}. "
       f"Both measures are biased linear CKA of the penultimate representations. "
       f"Run time: {elapsed_s:.0f} s.", "",
-      "**Finding (computed from this run's matrices).** "
-      + _finding("inverted-image CKA", eps, trends["inverted_cka"]) + " "
-      + _finding("plain CKA on natural images", eps, trends["natural_cka"]), "",
-      "## Models", ""]
+      "## Models (read these first)", ""]
   lines += md_table(
       ["architecture", "ε", "clean accuracy", "robust accuracy @ own ε",
        f"robust accuracy @ ε={eps_label(eval_eps, eps)}", "this run"],
@@ -256,6 +278,11 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
         fmt(r["robust_own"]), fmt(r["robust_eval"]),
         "trained" if r["trained"] else "reused"]
        for r in sorted(model_rows, key=lambda r: (archs.index(r["arch"]), r["eps"]))])
+  problems = donor_problems(model_rows, num_classes)
+  lines += ["", "**Finding (computed from this run's matrices).** " + (
+      no_verdict(problems) if problems else
+      _finding("inverted-image CKA", eps, trends["inverted_cka"]) + " "
+      + _finding("plain CKA on natural images", eps, trends["natural_cka"]))]
   lines += ["", "## Similarity by ε", "",
             "Mean off-diagonal = mean over ordered pairs A ≠ B (inter-architecture). "
             "Loss: Jones et al.'s ‖rep(x) − rep(t)‖/‖rep(t)‖, mean over the pairs and "
@@ -435,16 +462,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   figures = write_figures(workdir, eps, per_eps, test, pairs, model_rows, archs, eval_eps)
   elapsed = time.perf_counter() - t0
   write_report(workdir, config, archs, eps, model_rows, per_eps, trends, eval_eps,
-               figures, elapsed)
+               figures, elapsed, test.num_classes)
+  problems = donor_problems(model_rows, test.num_classes)
   out = {"workdir": str(workdir), "architectures": archs, "eps": eps,
          "eval_eps": eval_eps, "models": model_rows, "trained": trained,
          "reused": reused, "offdiag": offdiag, "trend": trends,
          "loss_reduction": [p["loss_reduction"] for p in per_eps],
-         "figures": figures, "elapsed_s": elapsed}
+         "figures": figures, "elapsed_s": elapsed, "donor_problems": problems}
   if io.is_writer():
     io.write_json(workdir / "summary.json", out)
-  print("\n" + _finding("inverted-image CKA", eps, trends["inverted_cka"]), flush=True)
-  print(_finding("plain CKA on natural images", eps, trends["natural_cka"]), flush=True)
+  print("\nModels (clean / robust accuracy at their own eps):", flush=True)
+  for r in model_rows:
+    robust = "" if r.get("robust_own") is None else f" / {r['robust_own']:.3f}"
+    print(f"  {r['arch']:12s} eps {r['eps']:<8g} {r['clean']:.3f}{robust}", flush=True)
+  if problems:
+    print(no_verdict(problems), flush=True)
+  else:
+    print(_finding("inverted-image CKA", eps, trends["inverted_cka"]), flush=True)
+    print(_finding("plain CKA on natural images", eps, trends["natural_cka"]), flush=True)
   print(f"Report: {workdir / REPORT_FILE} ({elapsed:.0f} s)", flush=True)
   return out
 

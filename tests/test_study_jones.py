@@ -77,6 +77,31 @@ def test_trains_every_model_with_its_attack(tiny_run):
       assert cfg.data.to_dict() == config.data.to_dict()
 
 
+def test_tiny_models_learned_and_the_robust_ones_are_robust(tiny_run):
+  """The smallest scale still trains every model, robust ones included, well above
+  chance (0.1), so its finding is about models that learned; the report lists them
+  before the finding."""
+  config, workdir, out = tiny_run
+  for r in out["models"]:
+    assert r["clean"] > 0.6, r
+    if r["eps"] > 0:
+      assert r["robust_own"] > 0.3, r
+  assert out["donor_problems"] == []
+  report = (workdir / "report.md").read_text()
+  assert report.index("## Models") < report.index("**Finding")
+
+
+def test_no_verdict_from_models_near_chance():
+  rows = [{"arch": "cnn", "eps": 0.0, "clean": 0.35, "robust_own": None},
+          {"arch": "mlp", "eps": 0.0, "clean": 0.178, "robust_own": None},
+          {"arch": "cnn", "eps": 0.1, "clean": 0.5, "robust_own": 0.0}]
+  problems = study.donor_problems(rows, 10)
+  assert len(problems) == 2 and "mlp at eps 0" in problems[0]
+  assert "not robust" in problems[1]
+  assert study.no_verdict(problems).startswith("No verdict on the trend")
+  assert study.donor_problems(rows[:1], 10) == []
+
+
 def test_outputs_exist(tiny_run):
   config, workdir, _ = tiny_run
   assert (workdir / "report.md").stat().st_size > 0
@@ -197,6 +222,9 @@ def test_reproduce_jones_notebook_draws_this_run_beside_the_paper(tiny_run, run_
   config, workdir, _ = tiny_run
   nb = run_notebook("reproduce_jones", workdir.parent, WORKDIR=str(workdir),
                     RUN_IF_MISSING=False)
+  printed = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+  for r in tiny_run[2]["models"]:  # the models' accuracies come first
+    assert f"clean accuracy {r['clean']:.3f}" in printed, printed
   mats = results.load(workdir)
   table = next(o["data"]["text/plain"] for c in nb.cells for o in c.get("outputs", [])
                if "inverted_cka" in o.get("data", {}).get("text/plain", ""))
