@@ -61,3 +61,29 @@ def test_config_variants():
   assert cfg.job == "stitch"
   with pytest.raises(registry.UnknownNameError, match="'self'"):
     mod.get_config("variant=selff")
+
+
+def test_self_variant_at_runlocal_recovers_the_model_and_converges(tmp_path, capsys):
+  """configs/stitch.py:variant=self,runlocal as shipped, on a CNN trained by
+  configs/train.py:runlocal (fewer epochs): every objective recovers at least 0.95 of
+  the model's own accuracy at every point, and every trained cell converged."""
+  from fula_jax.train import loop
+  train_cfg = defaults.load_config(ROOT / "configs" / "train.py", "model=cnn,runlocal")
+  train_cfg.train.num_epochs = 6.0
+  train_cfg.train.progress_every_s = 1e9
+  loop.run(train_cfg, str(tmp_path / "cnn"))
+  config = _config_module("stitch").get_config("variant=self,runlocal")
+  config.model_a_workdir = str(tmp_path / "cnn")
+  config.png = False
+  config.stitch.progress = False
+  out = job.run(config, str(tmp_path / "self"))
+  mats = results.load(tmp_path / "self")
+  own = out["end_accuracy"]
+  assert own > 0.9
+  for obj in ("tlm", "slm", "dm", "fula"):
+    acc = np.diag(mats[f"stitch_{obj}/accuracy"].matrix)
+    assert np.all(acc >= 0.95 * own), (obj, acc, own)
+    conv = np.diag(mats[f"stitch_{obj}/converged"].matrix)
+    assert np.all(conv == 1.0) if obj != "dm" else np.all(np.isnan(conv)), (obj, conv)
+  assert out["unconverged"] == {}
+  assert "every trained stitch converged" in capsys.readouterr().out
