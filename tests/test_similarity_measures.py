@@ -493,6 +493,25 @@ def test_every_claim_of_every_measure_holds(name, opts):
   assert claim_violations(measures.get(name), opts, claim_pairs(name, opts)) == []
 
 
+@pytest.mark.parametrize("name,opts", CLAIM_CASES)
+def test_values_stay_in_the_declared_range_and_identical_inputs_are_ideal(name, opts):
+  """On related, noisy, independent and identical inputs (and one negatively related,
+  where a similarity can go below 0) every value lies in `value_range`; identical
+  inputs give `ideal` (cycle kNN and ridge predictivity excepted, see
+  test_self_similarity)."""
+  m = measures.get(name)
+  x, y = claim_pairs(name, opts)[1]
+  rng = np.random.default_rng(40)
+  cases = [(x, y), (x, rng.normal(size=y.shape).astype(np.float32)), (x, -x), (x, x)]
+  lo, hi = m.value_range or (-np.inf, np.inf)
+  for a, b in cases:
+    v = float(m(a, b, **opts))
+    assert lo - 1e-5 <= v <= hi + 1e-5, (name, opts, v, m.value_range)
+  if name not in ("cycle_knn", "linear_predictivity"):
+    tol = 2e-3 if name in ("shape_metric", "cka_angular") else 1e-4
+    assert float(m(x, x, **opts)) == pytest.approx(m.ideal, abs=tol), (name, opts)
+
+
 def test_the_claim_check_catches_false_claims():
   """The property test can fail: the same functions registered with a false claim."""
   shape_metric, cknna = measures.get("shape_metric"), measures.get("cknna")

@@ -222,7 +222,7 @@ def similarity_matrices(
 
   def describe(m: measures_lib.Measure) -> dict:
     return dict(kind=m.kind, symmetric=m.symmetric, invariances=sorted(m.invariances),
-                description=m.description)
+                ideal=m.ideal, value_range=m.value_range, description=m.description)
 
   if streaming:
     finals = minibatch.finalize(acc, rows, cols, label_a=model_a_name,

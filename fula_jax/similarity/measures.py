@@ -18,7 +18,9 @@ Each :class:`Measure` is split into ``prepare`` (per activation, done once per l
   not fall short of examples; `matrix` warns, and the similarity job leaves such a
   measure out or reduces it (`reduce_for`) and says which and why;
 * ``ideal``: the value of identical representations (1 for a similarity, 0 for a
-  distance unless declared), the top of the scale `calibration` maps to 1.
+  distance unless declared), the top of the scale `calibration` maps to 1;
+* ``value_range``: the values the measure can take, (low, high) (None: no bound
+  claimed, e.g. CKNNA's masked HSIC ratio).
 
 Global and spectral measures live in cka, procrustes, cca and shape; local-neighbourhood
 ones in neighbours; rsa and predictivity have modules of their own.
@@ -75,6 +77,7 @@ class Measure:
   invalid_at: Callable[[int, int, Mapping[str, Any]], str] | None = None
   # Options that bring the measure back into its regime at n examples (None: none do).
   reduce_for: Callable[[int], dict[str, Any]] | None = None
+  value_range: tuple[float, float] | None = (0.0, 1.0)
 
   def __post_init__(self):
     assert self.kind in ("similarity", "distance"), self.kind
@@ -189,10 +192,12 @@ def _cka(name: str, kernel: str, debiased: bool) -> Measure:
   if kernel == "linear":
     return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
                    f"Linear CKA, {est}.", prepare, combine,
-                   defaults={"method": "auto"}, streaming=True, resolve=_resolve_linear)
+                   defaults={"method": "auto"}, streaming=True, resolve=_resolve_linear,
+                   value_range=(-1.0, 1.0) if debiased else (0.0, 1.0))
   return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
                  f"RBF CKA, bandwidth sigma_frac x median pairwise distance, {est}.",
-                 prepare, combine, defaults={"sigma_frac": 1.0})
+                 prepare, combine, defaults={"sigma_frac": 1.0},
+                 value_range=(-1.0, 1.0) if debiased else (0.0, 1.0))
 
 
 # ----------------------------------------------------------------------------
@@ -241,7 +246,8 @@ MEASURES: dict[str, Measure] = {
         "Squared orthogonal Procrustes distance 2 - 2||X^T Y||_* of centred, "
         "unit-Frobenius activations, in [0, 2].",
         lambda x, o: procrustes_lib.prepare(x, o.get("width")),
-        lambda a, b, o: procrustes_lib.combine(a, b), resolve=_resolve_width),
+        lambda a, b, o: procrustes_lib.combine(a, b), resolve=_resolve_width,
+        value_range=(0.0, 2.0)),
     "cca": Measure(
         "cca", "similarity", True, _ROT | {"invertible_linear"}, 2,
         "Mean squared canonical correlation (R^2_CCA).",
@@ -270,7 +276,8 @@ def _cka_angular() -> Measure:
       "arccos of linear CKA (biased HSIC): the angle between the centred Grams, a "
       "metric (Williams et al. 2021).", prepare,
       lambda a, b, o: jnp.arccos(jnp.clip(combine(a, b, o), -1.0, 1.0)),
-      defaults={"method": "auto"}, resolve=_resolve_linear)
+      defaults={"method": "auto"}, resolve=_resolve_linear,
+      value_range=(0.0, np.pi / 2))
 
 
 def _shape_invariances(opts: Mapping[str, Any]) -> frozenset[str]:
@@ -297,10 +304,11 @@ _KNN_INV = frozenset({"orthogonal", "isotropic_scaling", "permutation"})
 
 
 def _knn(name: str, combine, description: str, symmetric: bool = True,
-         prepare=neighbours.prepare) -> Measure:
+         prepare=neighbours.prepare,
+         value_range: tuple[float, float] | None = (0.0, 1.0)) -> Measure:
   return Measure(name, "similarity", symmetric, _KNN_INV, 4,
                  f"{description} k nearest neighbours by cosine similarity.", prepare,
-                 combine, defaults={"k": 10})
+                 combine, defaults={"k": 10}, value_range=value_range)
 
 
 MEASURES.update({
@@ -310,7 +318,7 @@ MEASURES.update({
     "cknna": _knn("cknna", neighbours.cknna,
                   "CKNNA (Huh et al. 2024): CKA restricted to pairs among both sides' "
                   "(asymmetric, as platonic-rep's: the masked Grams are not symmetric)",
-                  symmetric=False, prepare=neighbours.cknna_prepare),
+                  symmetric=False, prepare=neighbours.cknna_prepare, value_range=None),
     "cycle_knn": _knn("cycle_knn", neighbours.cycle_knn,
                       "Cycle kNN (Huh et al. 2024): an example is found again among the "
                       "X-neighbours of its Y-neighbours;", symmetric=False),
@@ -321,7 +329,7 @@ MEASURES.update({
     "second_order_cosine": _knn(
         "second_order_cosine", neighbours.second_order_cosine,
         "Second-order cosine similarity (ReSi; Hamilton et al. 2016) over the union of "
-        "the"),
+        "the", value_range=(-1.0, 1.0)),
     "rsa": Measure(
         "rsa", "similarity", True, frozenset({"isotropic_scaling", "permutation"}), 3,
         "RSA: correlation of the representational dissimilarity matrices (options rdm: "
@@ -329,18 +337,20 @@ MEASURES.update({
         rsa_lib.prepare, rsa_lib.combine,
         defaults={"rdm": "correlation", "compare": "spearman"}, resolve=_resolve_rsa,
         invariances_at=lambda o: frozenset({"isotropic_scaling", "permutation"}) | (
-            {"translation", "orthogonal"} if o["rdm"] == "euclidean" else set())),
+            {"translation", "orthogonal"} if o["rdm"] == "euclidean" else set()),
+        value_range=(-1.0, 1.0)),
     "linear_predictivity": Measure(
         "linear_predictivity", "similarity", False, _ROT, 4,
         "Cross-validated ridge R^2 of Y from X (folds contiguous; ridge relative to X's "
         "scale).", predictivity.prepare, predictivity.combine,
-        defaults={"folds": 5, "ridge": 1.0}, resolve=_resolve_width),
+        defaults={"folds": 5, "ridge": 1.0}, resolve=_resolve_width,
+        value_range=(-np.inf, 1.0)),
     "shape_metric": Measure(
         "shape_metric", "distance", True, _ROT, 2,
         "Angular generalised shape metric (Williams et al. 2021), partial whitening "
         "alpha in [0, 1] (1: angular Procrustes; 0: CCA); a metric.",
         shape.prepare, shape.combine, defaults={"alpha": 1.0}, resolve=_resolve_width,
-        invariances_at=_shape_invariances),
+        invariances_at=_shape_invariances, value_range=(0.0, np.pi / 2)),
 })
 
 
