@@ -9,6 +9,7 @@ returns pandas DataFrames, so a notebook reads the API and never a file::
   analysis.depth_profile(mats["stitch_fula/accuracy"])  # the depth-matched diagonal
   analysis.joint(mats["cka_linear_debiased"], mats["stitch_fula/accuracy"])
   analysis.nan_cells(mats["stitch_fula/accuracy"])      # every NaN cell and its reason
+  analysis.relative_to_baseline(mats["stitch_fula/accuracy"])  # over g's self-stitch
   analysis.diff(mats, results.load("workdirs/other"))   # per shared matrix
 """
 
@@ -158,6 +159,26 @@ def all_nan_cells(mats: Mapping[str, Matrix]) -> pd.DataFrame:
   if not frames:
     return pd.DataFrame(columns=["matrix", "layer_a", "layer_b", "reason"])
   return pd.concat(frames, ignore_index=True)[["matrix", "layer_a", "layer_b", "reason"]]
+
+
+def relative_to_baseline(m: Matrix) -> Matrix:
+  """A stitching accuracy matrix read against its baselines: each cell over the end
+  model's own self-stitch accuracy at that column (`meta['baseline']`, the ceiling a
+  stitch into that point can reach), so 1 = as good as g stitched into itself; the
+  end model's accuracy and chance travel in the meta."""
+  base = m.meta.get("baseline") or {}
+  missing = [c for c in m.cols if c not in base]
+  if missing:
+    raise ValueError(f"{m.measure}: no baseline for columns {missing}; run the sweep "
+                     "with stitch.baselines=True (the default).")
+  ceiling = np.asarray([base[c] for c in m.cols], np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    rel = np.where(ceiling > 0, m.matrix / ceiling, np.nan)
+  return Matrix(matrix=rel, rows=list(m.rows), cols=list(m.cols),
+                measure=f"{m.measure} / self-stitch baseline", model_a=m.model_a,
+                model_b=m.model_b, meta={"relative_to": "baseline", "baseline": base,
+                                         "end_accuracy": m.meta.get("end_accuracy"),
+                                         "chance": m.meta.get("chance")})
 
 
 def difference(a: Matrix, b: Matrix, labels: tuple[str, str] = ("A", "B")) -> Matrix:

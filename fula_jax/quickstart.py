@@ -174,6 +174,7 @@ def write_report(workdir, summary: dict[str, Any], saved: dict[str, results.Matr
            reporting.fmt(r["depth_matched_mean"], ".3f"), str(r["nan_cells"]),
            "" if r.get("unconverged_cells") is None else str(r["unconverged_cells"]),
            _meaning(r["matrix"])] for r in summary["matrices"]]
+  lines += _baseline_lines(saved)
   lines += ["## Matrices", ""]
   lines += reporting.md_table(["matrix", "shape", "mean", "depth-matched mean", "NaN",
                                "not converged", "what it says"], rows)
@@ -184,6 +185,29 @@ def write_report(workdir, summary: dict[str, Any], saved: dict[str, results.Matr
             "both models. Every matrix is in `results/` as `.npz`, `.csv` and `.png`; "
             "load them with `fula_jax.results.load(workdir)`.", ""]
   io.write_text(workdir / REPORT_FILE, "\n".join(lines))
+
+
+def _baseline_lines(saved: dict[str, results.Matrix]) -> list[str]:
+  """How to read the stitching cells: B's own accuracy, chance, and per objective the
+  mean of B's self-stitch at its points (the ceiling) and of the cells relative to it."""
+  from fula_jax import reporting
+  rows = []
+  for key, m in sorted(saved.items()):
+    if not (key.startswith("stitch_") and key.endswith("/accuracy")) or not (
+        m.meta.get("baseline")):
+      continue
+    rel = analysis.relative_to_baseline(m).matrix
+    rows.append([f"`{key}`", reporting.fmt(m.meta.get("end_accuracy"), ".3f"),
+                 reporting.fmt(m.meta.get("chance"), ".2f"),
+                 reporting.fmt(float(np.mean(list(m.meta["baseline"].values()))), ".3f"),
+                 reporting.fmt(float(np.nanmean(rel)), ".3f")])
+  if not rows:
+    return []
+  return (["## Baselines", "", "Read a stitching cell against B's own accuracy, chance, "
+           "and B stitched into itself at that column's point (the ceiling; "
+           "`analysis.relative_to_baseline`).", ""]
+          + reporting.md_table(["matrix", "B's accuracy", "chance", "mean self-stitch of B",
+                          "mean cell / self-stitch"], rows) + [""])
 
 
 def _summary(saved, sum_a, sum_b, name_a, name_b) -> dict[str, Any]:

@@ -92,3 +92,31 @@ def test_library_defaults_recover_a_self_stitch_and_converge(donor):
     assert np.all(diag >= 0.95 * own), (obj, diag, own)
     conv = np.diag(mats[f"stitch_{obj}/converged"].matrix)
     assert np.all(conv == 1.0) if obj != "dm" else np.all(np.isnan(conv)), (obj, conv)
+
+
+def test_every_sweep_carries_its_baselines(donor):
+  """B's own accuracy, chance, and B's self-stitch at each of its points (a sub-sweep
+  with the same settings, equal to running that self-stitch directly); cells read
+  relative to it through `analysis.relative_to_baseline`. Opt out with baselines=False."""
+  from fula_jax import analysis
+  model, v, train, test = donor
+  other = testing.train_donor(model, train, steps=300, seed=1)
+  cfg = dict(objectives=["tlm", "dm"], steps=10, progress=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", stitching.ConvergenceWarning)
+    mats = stitching.sweep(model, v, model, other, train, test, cfg)
+    alone = stitching.sweep(model, other, model, other, train, test,
+                            dict(cfg, pairs="diagonal"))
+    off = stitching.sweep(model, v, model, other, train, test, dict(cfg, baselines=False))
+  for obj in ("tlm", "dm"):
+    m = mats[f"stitch_{obj}/accuracy"]
+    assert m.meta["chance"] == pytest.approx(0.1)
+    assert m.meta["end_accuracy"] == pytest.approx(testing.accuracy(model, other, test))
+    want = np.diag(alone[f"stitch_{obj}/accuracy"].matrix)
+    np.testing.assert_allclose([m.meta["baseline"][c] for c in m.cols], want, atol=1e-6)
+    rel = analysis.relative_to_baseline(m)
+    np.testing.assert_allclose(rel.matrix, m.matrix / want[None, :], rtol=1e-6)
+    assert off[f"stitch_{obj}/accuracy"].meta["baseline"] == {}
+    np.testing.assert_array_equal(off[f"stitch_{obj}/accuracy"].matrix, m.matrix)
+  with pytest.raises(ValueError, match="baselines=True"):
+    analysis.relative_to_baseline(off["stitch_tlm/accuracy"])

@@ -63,12 +63,27 @@ class SweepResult:
         name = f"stitch_{obj}/{measure}"
         meta = dict(self.meta, objective=obj, end_accuracy=self.end_accuracy,
                     reasons=self._reasons(obj, measure, m),
-                    unconverged=self.unconverged().get(obj, {}))
+                    unconverged=self.unconverged().get(obj, {}),
+                    baseline=self.baseline(obj))
         out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
                                    cols=list(self.cols), measure=name, model_a=model_a,
                                    model_b=model_b, meta=meta)
     return out
 
+
+  def baseline(self, obj: str) -> dict[str, float]:
+    """{end point: the end model's self-stitch accuracy there} for objective `obj`:
+    the ceiling of each column (from the baseline sub-sweep, or this sweep's own
+    diagonal when the front model is the end model); {} when not computed."""
+    own = self.meta.get("baseline_accuracy", {}).get(obj)
+    if own is not None:
+      return dict(own)
+    if not self.meta.get("self_stitch"):
+      return {}
+    acc = self.values.get(obj, {}).get("accuracy")
+    return {c: float(acc[self.rows.index(c), j]) for j, c in enumerate(self.cols)
+            if acc is not None and c in self.rows
+            and np.isfinite(acc[self.rows.index(c), j])}
 
   def unconverged(self) -> dict[str, dict[str, str]]:
     """objective -> {'a->b': why} for every trained cell that did not converge
@@ -258,13 +273,35 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
            "stitches_resumed": resumed, "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
            "phase_seconds": dict(sw.seconds)}
+  same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
+  baseline = {}
+  if ex.baselines and not same:
+    baseline = _baselines(model_b, vars_b, train_b or train, test_b or test, cfg, cols,
+                          workdir, name_b, mesh)
+  num_classes = getattr(train, "num_classes", None)
   meta = {"settings": settings.resolve(_named(cfg)), "n_train": len(train),
+          "chance": 1.0 / num_classes if num_classes else None,
+          "self_stitch": same, "baseline_accuracy": baseline,
           "n_test": len(test), "train": train.name, "test": test.name,
           "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
           "end_accuracy_sets": {k: v for k, v in sw.end_accuracy.items() if k},
           "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n}}
   return SweepResult(rows, cols, values, reasons, sw.end_accuracy.get("", float("nan")),
                      stats, meta, sw.kept_params)
+
+
+def _baselines(model_b: Any, vars_b: Any, train, test, cfg: Any, cols: list[str],
+               workdir: str | None, name_b: str, mesh: Mesh | None
+               ) -> dict[str, dict[str, float]]:
+  """objective -> {point: accuracy of g stitched into itself at that point}, by a
+  diagonal sub-sweep with the same science (resumable under <workdir>/baseline)."""
+  sub = dict(settings.resolve(cfg), pairs="diagonal", rows=cols, cols=cols,
+             baselines=False)
+  res = run_sweep(model_b, vars_b, model_b, vars_b, train, test, sub,
+                  None if workdir is None else f"{workdir}/baseline", name_a=name_b,
+                  name_b=name_b, mesh=mesh)
+  return {obj: {c: float(v["accuracy"][k, k]) for k, c in enumerate(res.cols)}
+          for obj, v in res.values.items()}
 
 
 def _named(cfg: Any) -> Any:

@@ -132,6 +132,10 @@ class Execution:
   ood_examples: int = 0
   ood_quantile: float = 0.95   # energy threshold: this quantile of g's own energies
   ood_ridge: float = 1e-3      # Gaussian at j: ridge x the mean variance
+  # The end model's self-stitch at each of its points (g into g, same objectives and
+  # protocol), the ceiling each column is read against: a sub-sweep of its own,
+  # skipped when the front model is the end model (the diagonal is then that ceiling).
+  baselines: bool = True
 
 
 def default_config() -> ml_collections.ConfigDict:
