@@ -134,7 +134,7 @@ def get_config(arg=None):
   scale = "tiny" if arg.tiny else "runlocal" if arg.runlocal else "paper"
   config.models = defaults.study_models(
       train, candidates, data=config.data, seed=arg.seed, scale=scale,
-      eval_batch_size=config.eval_batch_size, tiny_steps=40,
+      eval_batch_size=config.eval_batch_size, tiny_steps=200,
       tiny_kwargs={"cnn": dict(widths=(8, 16))})
   if arg.runlocal:
     # At quarter width the first stage has 4 channels, too few for two seeds to be

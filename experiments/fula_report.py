@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fula_jax import io
+from fula_jax import data, io
 from fula_jax.reporting import fmt, md_table
 from fula_jax.stitching import ladder
 from fula_jax.stitching import settings as sweep_settings
@@ -80,6 +80,26 @@ def display(objective: str) -> str:
 
 def _names(values: Mapping[str, float], spec: str = ".3f") -> str:
   return ", ".join(f"{display(o)} {fmt(v, spec)}" for o, v in values.items())
+
+
+def model_problems(model_rows: Sequence[Mapping[str, Any]], num_classes: int
+                   ) -> list[str]:
+  """Why this run's models cannot carry the findings ([] when they can): a model whose
+  accuracy is under twice chance learned nothing (a shortcut model's with its cue
+  present: without the cue it is meant to fail); a robust model under 1.5x chance
+  against its own attack is not robust."""
+  chance = 1.0 / num_classes
+  out = []
+  for row in model_rows:
+    best = max(row["clean"], row.get("cue_present") or 0.0) if str(row["id"]).endswith(
+        "shortcut") else row["clean"]
+    if best < 2 * chance:
+      out.append(f"{row['id']}: accuracy {best:.3f} (chance {chance:.2f})")
+    elif row.get("robust") is not None and str(row["id"]).endswith("robust") and (
+        row["robust"] < 1.5 * chance):
+      out.append(f"{row['id']}: PGD accuracy {row['robust']:.3f} (chance {chance:.2f}): "
+                 "not robust")
+  return out
 
 
 def compare_verdict(fula: float, tlm: float, n_test: int) -> str:
@@ -375,10 +395,7 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
       "A similarity measure should rate two models that are known to differ lower than "
       "two seeds of the same standard model (the control, second_seed->standard). "
       "Ratings below are mean stitched accuracies over the depth cells.", "",
-      "## Findings (computed from this run)", ""]
-  for arch in archs:
-    lines += [f"- {line}" for line in finding_lines[arch]]
-  lines += ["", "## Models", ""]
+      "## Models (read these first)", ""]
   cue_cols = [f"cue {m}" for m in modes] if "shortcut" in testbeds else []
   lines += md_table(
       ["model", "clean accuracy", f"PGD accuracy @ ε={float(r.eps):.4g}", *cue_cols,
@@ -386,6 +403,15 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
       [[row["id"], fmt(row["clean"], ".3f"), fmt(row["robust"], ".3f"),
         *(fmt(row.get(f"cue_{m}"), ".3f") for m in modes if cue_cols),
         "trained" if row["trained"] else "reused"] for row in model_rows])
+  lines += ["", "## Findings (computed from this run)", ""]
+  problems = model_problems(model_rows, data.num_classes(config.data))
+  if problems:
+    lines += ["No findings: the models are near chance, so the stitching matrices say "
+              "nothing about how they differ (" + "; ".join(problems) + "). Train them "
+              "longer (config.models.<arch>.train) or use a smaller eps."]
+  else:
+    for arch in archs:
+      lines += [f"- {line}" for line in finding_lines[arch]]
   for arch in archs:
     if "robust" in testbeds:
       pairs = [pair_name(p) for p in TESTBEDS["robust"]]

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from configs import study_fula as study_config
+from experiments import fula_report
 from experiments import study_fula as study
 from fula_jax import models, registry, results
 from fula_jax.train import checkpoint, zoo
@@ -104,6 +105,24 @@ def test_cue_modes_are_scored_on_the_right_images(tiny_run):
         assert float(stored.iloc[0]) == pytest.approx(acc, abs=1.01 / len(split.labels))
         checked += 1
   assert checked == 2 * len(mf.point_names) * 3
+
+
+def test_models_learned_and_no_findings_come_from_models_near_chance(tiny_run):
+  """The tiny models are well above chance (the robust one against its own attack, the
+  shortcut one with its cue), listed before the findings; rows near chance would give
+  no findings at all."""
+  config, workdir, out = tiny_run
+  rows = {r["role"]: r for r in out["models"]}
+  for role in ("standard", "second_seed", "robust"):
+    assert rows[role]["clean"] > 0.6, rows[role]
+  assert rows["robust"]["robust"] > 0.3 and rows["shortcut"]["cue_present"] > 0.9
+  report = (workdir / study.REPORT_FILE).read_text()
+  assert report.index("## Models") < report.index("## Findings") < report.index(
+      "**Robust vs standard")
+  near = [dict(rows["standard"], clean=0.18), dict(rows["robust"], robust=0.05)]
+  problems = fula_report.model_problems(near, 10)
+  assert len(problems) == 2 and "not robust" in problems[1]
+  assert fula_report.model_problems(list(rows.values()), 10) == []
 
 
 def test_findings_agree_with_an_independent_aggregation(tiny_run):
