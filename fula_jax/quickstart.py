@@ -206,8 +206,9 @@ def _baseline_lines(saved: dict[str, results.Matrix]) -> list[str]:
   return (["## Baselines", "", "Read a stitching cell against B's own accuracy, chance, "
            "and B stitched into itself at that column's point (the ceiling; "
            "`analysis.relative_to_baseline`).", ""]
-          + reporting.md_table(["matrix", "B's accuracy", "chance", "mean self-stitch of B",
-                          "mean cell / self-stitch"], rows) + [""])
+          + reporting.md_table(["matrix", "B's accuracy", "chance",
+                                "mean self-stitch of B", "mean cell / self-stitch"], rows)
+          + [""])
 
 
 def _summary(saved, sum_a, sum_b, name_a, name_b) -> dict[str, Any]:

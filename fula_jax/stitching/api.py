@@ -70,7 +70,6 @@ class SweepResult:
                                    model_b=model_b, meta=meta)
     return out
 
-
   def baseline(self, obj: str) -> dict[str, float]:
     """{end point: the end model's self-stitch accuracy there} for objective `obj`:
     the ceiling of each column (from the baseline sub-sweep, or this sweep's own

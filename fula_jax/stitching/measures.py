@@ -284,8 +284,9 @@ class MahalanobisRatio(Measure):
 
 
 MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLoss(),
-                                 LossTrend(), Converged(), DMError(), PGDAccuracy(), Disagreement(), JSD(),
-                                 ErrorConsistency(), EnergyOOD(), MahalanobisRatio())
+                                 LossTrend(), Converged(), DMError(), PGDAccuracy(),
+                                 Disagreement(), JSD(), ErrorConsistency(), EnergyOOD(),
+                                 MahalanobisRatio())
 NAMES = tuple(m.name for m in MEASURES)
 FIT = "fit"          # evaluation set: the first fit_gap_examples of the fitting split
 FIT_GAP = "fit_gap"  # accuracy@fit - accuracy: the stitch's generalisation gap
