@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class UserError(Exception):
@@ -18,6 +19,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config value that is missing, of the wrong kind, or out of range."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during a resumable job; the message says what was kept and how to resume.
+  A KeyboardInterrupt, so library code unwinds as it would for a plain one."""
 
 
 def one_line(message: str) -> str:

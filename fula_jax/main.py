@@ -9,6 +9,8 @@ made absolute here, once (bucket URLs such as ``gs://...`` are left as they are)
 mistake in what was asked for (an unknown name or config key, a missing checkpoint, a
 dataset that is not prepared, points that cannot be stitched) ends with one line on
 stderr and exit status 2; ``--verbose`` (or ``FULA_JAX_VERBOSE=1``) adds the traceback.
+Ctrl-C ends with one line (what was kept, and that rerunning the same command resumes)
+and exit status 130.
 """
 
 from __future__ import annotations
@@ -207,6 +209,14 @@ def main(argv, job: Callable[..., Any] | None = None):
     if verbose:
       raise
     fail(str(e))
+  except KeyboardInterrupt as e:
+    if verbose:
+      raise
+    message = str(e) if isinstance(e, errors.Interrupted) else (
+        "interrupted; what finished is kept in the workdir: rerun the same command to "
+        "resume")
+    print(f"fula_jax: {message}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_INTERRUPTED)
 
 
 def script(job: Callable[..., Any]) -> None:

@@ -87,3 +87,48 @@ def test_self_variant_at_runlocal_recovers_the_model_and_converges(tmp_path, cap
     assert np.all(conv == 1.0) if obj != "dm" else np.all(np.isnan(conv)), (obj, conv)
   assert out["unconverged"] == {}
   assert "every trained stitch converged" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_with_one_line_and_a_rerun_resumes(tmp_path, model_workdir):
+  """SIGINT during a stitching job: exit status 130, no traceback, one line saying what
+  was kept and that the same command resumes; the same command then resumes."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  a = model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, 1, 0)
+  wd = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "fula_jax.main",
+         "--config=configs/stitch.py:variant=self,runlocal,objectives=tlm",
+         f"--workdir={wd}", f"--config.model_a_workdir={a}", "--config.png=False",
+         "--config.num_train=256", "--config.num_test=128", "--config.stitch.steps=400",
+         "--config.stitch.grouping=single", "--config.stitch.max_stitches_per_wave=1",
+         "--config.stitch.progress=False", "--config.stitch.baselines=False"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while not list(wd.glob("stitch/*/*.json")):
+      assert proc.poll() is None, proc.communicate()
+      assert time.time() < deadline, "no unit finished"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, (out, err)
+  assert "Traceback" not in err, err
+  line = [l for l in err.splitlines() if "interrupted" in l]
+  assert len(line) == 1 and "rerun the same command to resume" in line[0], err
+  done = int(line[0].split("interrupted: ")[1].split(" of ")[0])
+  assert 1 <= done < 3
+  kept = {p: p.stat().st_mtime_ns for p in wd.glob("stitch/*/*.json")}
+  assert len(kept) == done
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed, not recomputed
+  assert len(list(wd.glob("stitch/*/*.json"))) == 3

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fula_jax import registry
+from fula_jax import errors, registry
 from fula_jax.errors import ConfigError
 from fula_jax.progress import Progress
 from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
@@ -235,8 +235,16 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
           f"processes).", flush=True)
   records = dict(finished)
-  for w in waves:
-    records.update(w.run(progress))
+  try:
+    for w in waves:
+      records.update(w.run(progress))
+  except KeyboardInterrupt:
+    total = len(stitchable) * len(sci.objectives)
+    kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if
+            sw.workdir else "; with a workdir, a rerun would resume them")
+    raise errors.Interrupted(
+        f"interrupted: {sum(1 for (_, r, c) in records if (r, c) in wanted)} of {total} "
+        f"(objective, cell) results done{kept}") from None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fula_jax.stitching done")
