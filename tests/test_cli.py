@@ -3,6 +3,7 @@ working directory, and user errors that end in one line and exit status 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -152,7 +153,15 @@ def broken_workdirs(tmp_path_factory, model_workdir):
   for f in (Path(damaged) / "checkpoints").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"\x00garbage")
-  return {"cnn": cnn, "mlp": mlp, "damaged": damaged, "root": root}
+  results = root / "sim"  # a similarity job's workdir
+  results.mkdir()
+  (results / "config.json").write_text(json.dumps({"job": "similarity"}))
+  failed = root / "failed"  # a train job that stopped before its first checkpoint
+  failed.mkdir()
+  (failed / "config.json").write_text(json.dumps({"job": "train",
+                                                  "model": {"name": "resnet21"}}))
+  return {"cnn": cnn, "mlp": mlp, "damaged": damaged, "root": root,
+          "results": str(results), "failed": str(failed)}
 
 
 def test_user_errors_end_with_one_line_and_status_2(tmp_path, broken_workdirs):
@@ -177,6 +186,12 @@ def test_user_errors_end_with_one_line_and_status_2(tmp_path, broken_workdirs):
       "missing checkpoint": (stitch + [f"--config.model_a_workdir={w['root']}/none"],
                              ["No trained model", "config.json is missing",
                               "configs/train.py"]),
+      "not a trained model": (stitch + [f"--config.model_a_workdir={w['results']}"],
+                              ["is not a trained model", "job='similarity'",
+                               "configs/train.py"]),
+      "training that failed": (stitch + [f"--config.model_a_workdir={w['failed']}"],
+                               ["No trained model", "before its first checkpoint",
+                                "Rerun its training command"]),
       "damaged checkpoint": (stitch + [f"--config.model_a_workdir={w['damaged']}"],
                              ["could not be read", "Delete that step"]),
       "dataset not prepared": (train + ["--config=configs/train.py:dataset=cifar10",
@@ -201,6 +216,22 @@ def test_user_errors_end_with_one_line_and_status_2(tmp_path, broken_workdirs):
     assert len(lines) == 1 and err.rstrip().endswith(lines[0]), (name, err[-3000:])
     for text in wanted:
       assert text in lines[0], (name, text, lines[0])
+
+
+def test_the_suggested_training_command_works_as_printed(tmp_path, broken_workdirs):
+  """The missing-model error suggests a command; run as printed it trains a model."""
+  import shlex
+  out = tmp_path / "model"
+  proc = _start(["-m", "fula_jax.main", "--config=configs/stitch.py:runlocal",
+                 f"--workdir={tmp_path / 'out'}", f"--config.model_a_workdir={out}"], REPO)
+  _, err = proc.communicate(timeout=300)
+  suggested = err.split("`")[1]
+  assert suggested.startswith("python -m fula_jax.main --config=configs/train.py"), err
+  args = shlex.split(suggested)[1:]
+  train = _start(args, REPO)
+  _, terr = train.communicate(timeout=600)
+  assert train.returncode == 0, terr[-3000:]
+  assert list((out / "checkpoints").iterdir())
 
 
 def test_verbose_shows_user_error_tracebacks_and_bugs_keep_theirs(tmp_path):

@@ -68,12 +68,20 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
   path = io.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(
-        f"No trained model in {workdir}: {path} is missing. Train one with "
-        f"`python -m fula_jax.main --config=configs/train.py --workdir={workdir}`.")
+        f"No trained model in {workdir}: {path} is missing. Train one on the embedded "
+        f"digits (about a minute on a CPU) with `python -m fula_jax.main "
+        f"--config=configs/train.py:model=cnn,runlocal --workdir={workdir}`.")
   try:
-    return ml_collections.ConfigDict(io.read_json(path))
+    config = ml_collections.ConfigDict(io.read_json(path))
   except ValueError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+  job = config.get("job", "train")
+  if job != "train" or "model" not in config:
+    raise CheckpointError(
+        f"{workdir} is not a trained model: it holds the results of a job={job!r} run "
+        f"(its config.json). Pass the workdir of a configs/train.py run, e.g. "
+        f"workdirs/quickstart/models/a_cnn after the quickstart.")
+  return config
 
 
 def _read_variables(ckpt_dir: epath.Path) -> tuple[int, dict]:
@@ -112,10 +120,12 @@ def load_trained(workdir: str | epath.Path):
   from fula_jax.train import build
 
   config = read_config(workdir)
-  model = build.build_model(config)
   ckpt_dir = io.path(workdir) / CHECKPOINT_DIR
-  if not ckpt_dir.exists():
-    raise CheckpointError(f"No checkpoints in {workdir}: {ckpt_dir} does not exist.")
+  if not ckpt_dir.exists():  # before the config is trusted: a train job that failed
+    raise CheckpointError(
+        f"No trained model in {workdir}: {ckpt_dir} does not exist (a train job that "
+        "stopped before its first checkpoint?). Rerun its training command.")
+  model = build.build_model(config)
   step, variables = _read_variables(ckpt_dir)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   expected = jax.eval_shape(
