@@ -137,10 +137,6 @@ class Matrix:
     for i, j in late:  # a trained stitch that did not converge: a dashed red frame
       ax.add_patch(mpl.patches.Rectangle((j - 0.42, i - 0.42), 0.84, 0.84, fill=False,
                                          edgecolor="red", linewidth=1.4, linestyle="--"))
-    if late:
-      ax.annotate(f"dashed red: {len(late)} cell(s) did not converge", (0, 0),
-                  xytext=(0, -2), xycoords="axes fraction", textcoords="offset points",
-                  va="top", fontsize=7, color="red")
     if annotate is None:
       annotate = nr * nc <= 400
     if annotate:
@@ -165,7 +161,10 @@ class Matrix:
     else:
       ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
       ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
-    ax.set_title(self.title() if title is None else title, fontsize=9)
+    text = self.title() if title is None else title
+    if late:
+      text += f"\n(dashed red: {len(late)} did not converge)"
+    ax.set_title(text, fontsize=9)
     if colorbar:
       ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return ax
