@@ -246,3 +246,30 @@ def test_sweep_between_a_zoo_cnn_and_an_adapted_cls_vit_fills_every_stitchable_c
     own = float(np.mean(np.argmax(logits, -1) == test.labels))
     got = res.values["dm"]["accuracy"][res.rows.index(r), res.cols.index(c)]
     assert got == pytest.approx(own, abs=1.01 / len(test.labels))
+
+
+def test_a_wrong_input_shape_names_input_shape_and_point_shapes_takes_adapters(
+    linen_resnet):
+  """Without input_shape the probe runs on 224 x 224 x 3; a module that cannot take it
+  fails with a message naming input_shape. point_shapes works on adapted and zoo models
+  alike, with one example's shape or a batch's."""
+  from fula_jax import errors, models
+  model, v, module, raw = linen_resnet
+
+  class Digits(nn.Module):  # reshapes to 8 x 8: fails on any other input
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name="fc")(x.reshape(x.shape[0], 4, 2, 4, 2, 1).mean((2, 4)))
+
+  params = Digits().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(errors.ConfigError, match="input_shape"):
+    adapters.from_flax(Digits(), params, ["fc"])
+  shapes = models.point_shapes(model, variables=v)  # the adapter's own input shape
+  _, acts = model.apply(v, jnp.zeros((1, 8, 8, 1)), capture=True)
+  assert {p: s.shape for p, s in shapes.items() if p != "logits"} == {
+      p: a.shape for p, a in acts.items()}
+  zoo = models.get_model("cnn", widths=(4, 6))
+  assert models.point_shapes(zoo, (8, 8, 1)) == models.point_shapes(zoo, (1, 8, 8, 1))
+  assert models.point_shapes(zoo, (8, 8, 1))["pool"].shape == (1, 6)
+  with pytest.raises(ValueError, match="variables"):
+    models.point_shapes(model, (8, 8, 1))

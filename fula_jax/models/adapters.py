@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fula_jax import registry
+from fula_jax import errors, registry
 from fula_jax.errors import ConfigError
 from fula_jax.models.base import INPUT, LOGITS
 
@@ -220,7 +220,13 @@ def module_paths(module: Any, variables: Any, input_shape: Sequence[int],
     with nn.intercept_methods(record):
       return module.apply(v, x, **dict(call_kwargs or {}))
 
-  jax.eval_shape(probe, variables, x)
+  try:
+    jax.eval_shape(probe, variables, x)
+  except Exception as e:  # the user's module rejected the probe input: say which
+    raise ConfigError(
+        f"Tracing {type(module).__name__} on an input of shape {x.shape} failed "
+        f"({type(e).__name__}: {errors.one_line(str(e))[:300]}). Pass input_shape=(H, W, "
+        "C), the shape of one of its examples, e.g. input_shape=(8, 8, 1).") from e
   return done
 
 

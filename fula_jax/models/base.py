@@ -152,11 +152,28 @@ def capture(model: StagedModel, variables: Mapping[str, Any], x: jax.Array
   return model.apply(variables, x, train=False, capture=True)
 
 
-def point_shapes(model: StagedModel, input_shape: Sequence[int]
+def point_shapes(model: StagedModel, input_shape: Sequence[int] | None = None,
+                 variables: Mapping[str, Any] | None = None
                  ) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shape of every stitch point (and 'logits') for `input_shape`, without running."""
-  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-  variables = jax.eval_shape(lambda: init(model, jax.random.PRNGKey(0), input_shape))
+  """Shape of every stitch point (and 'logits'), without running.
+
+  `input_shape` is a batch's shape (B, H, W, C) or one example's (H, W, C), the
+  convention of `from_flax`; an adapted model knows its own, so it may be left out.
+  `variables` are the model's (needed for an adapted model, which has no `init`; a zoo
+  model's are made up from its init)."""
+  if input_shape is None:
+    if not hasattr(model, "input_shape"):
+      raise ValueError("point_shapes needs input_shape, e.g. (1, 32, 32, 3).")
+    input_shape = model.input_shape
+  input_shape = tuple(input_shape)
+  if len(input_shape) == 3:  # one example: add the batch axis
+    input_shape = (1,) + input_shape
+  x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+  if variables is None:
+    if not hasattr(model, "init"):
+      raise ValueError(f"{type(model).__name__} has no init: pass its variables, "
+                       "point_shapes(model, input_shape, variables).")
+    variables = jax.eval_shape(lambda: init(model, jax.random.PRNGKey(0), input_shape))
   logits, acts = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=False, capture=True), variables, x)
   # pytrees sort dict keys; give them back in stitch-point order.
