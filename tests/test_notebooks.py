@@ -55,3 +55,17 @@ def test_compare_your_models_notebook(tmp_path, run_notebook):
   best = ast.literal_eval(re.search(r"FuLA best cell per row: (\{.*?\})", text).group(1))
   assert set(best) == {"conv_a", "conv_b", "hidden"} and min(best.values()) > 0.5, best
   assert "cells that did not converge: none" in text
+
+
+def test_install_cell_says_what_to_set_instead_of_failing_in_git(tmp_path, monkeypatch):
+  """On a fresh runtime with the placeholder REPO_URL, the first cell stops with one
+  line naming REPO_URL, not git's exit status 128."""
+  import importlib.util
+  import pytest
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+  for path in NOTEBOOKS:
+    nb = nbformat.read(path, as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code").source
+    with pytest.raises(SystemExit, match="Set REPO_URL"):
+      exec(compile(first, path.name, "exec"), {})
