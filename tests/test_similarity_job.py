@@ -175,6 +175,8 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
   assert summary["procrustes"]["n"] == 36 and summary["procrustes"]["nan_cells"] == 0
   loaded = results.load(tmp_path)
   assert set(loaded) == set(summary)
+  import json
+  assert json.loads((tmp_path / "summary.json").read_text()) == summary
   m = loaded["cka_linear_debiased"]
   assert (m.rows, m.cols, m.model_a, m.model_b) == (["fc1", "fc2"], ["fc1"], "wa", "wb")
   assert m.meta["estimator"] == "minibatch" and m.meta["n"] == 36

@@ -1,5 +1,6 @@
 """The stitch job end to end: two model workdirs -> configs/stitch.py -> results files."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -43,7 +44,12 @@ def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir, caps
   assert np.isnan(mats["stitch_dm/converged"].matrix[2, 0])  # closed form: not trained
   assert "raise the training budget" in mats["stitch_fula/accuracy"].meta["unconverged"][
       "pool->fc1"]
-  assert "1 of 1 trained stitches did not converge (fula 1; 3 steps" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "1 of 1 trained stitches did not converge (fula 1; 3 steps" in printed
+  assert f"Results: {tmp_path / 'sweep'}/results" in printed  # and where to go next
+  assert "explore_results.ipynb" in printed
+  saved = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+  assert saved["unconverged"] == {"fula": 1} and saved["stats"]["stitches_computed"] == 2
   again = job.run(config, str(tmp_path / "sweep"))
   assert again["stats"]["stitches_computed"] == 0
   np.testing.assert_array_equal(results.load(tmp_path / "sweep")[

@@ -380,4 +380,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary[m.measure] = dict(shape=list(m.matrix.shape), n=m.meta.get("n"),
                               nan_cells=int(np.isnan(m.matrix).sum()),
                               estimator=m.meta.get("estimator"))
+  from fula_jax import io
+  if io.is_writer():
+    io.write_json(f"{workdir}/summary.json", summary)
+  print(f"Results: {workdir}/results (fula_jax.results.load({str(workdir)!r}); "
+        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
   return summary

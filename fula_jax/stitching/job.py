@@ -81,5 +81,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   unconverged = res.unconverged()
   line = res.convergence_summary()
   print(line or "stitch sweep: every trained stitch converged.", flush=True)
-  return {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
-          "unconverged": {o: len(v) for o, v in unconverged.items()}}
+  out = {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
+         "unconverged": {o: len(v) for o, v in unconverged.items()}}
+  from fula_jax import io
+  if io.is_writer():
+    io.write_json(f"{workdir}/summary.json", out)
+  print(f"Results: {workdir}/results (fula_jax.results.load({str(workdir)!r}); "
+        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
+  return out
