@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from fula_jax import data, io
-from fula_jax.reporting import fmt, md_table
+from fula_jax.reporting import fmt, md_table, model_problem, no_finding
 from fula_jax.stitching import ladder
 from fula_jax.stitching import settings as sweep_settings
 
@@ -84,22 +84,17 @@ def _names(values: Mapping[str, float], spec: str = ".3f") -> str:
 
 def model_problems(model_rows: Sequence[Mapping[str, Any]], num_classes: int
                    ) -> list[str]:
-  """Why this run's models cannot carry the findings ([] when they can): a model whose
-  accuracy is under twice chance learned nothing (a shortcut model's with its cue
-  present: without the cue it is meant to fail); a robust model under 1.5x chance
-  against its own attack is not robust."""
-  chance = 1.0 / num_classes
-  out = []
+  """Why this run's models cannot carry the findings ([] when they can), by
+  `reporting.model_problem`; a shortcut model is judged with its cue present (without
+  it, it is meant to fail)."""
+  problems = []
   for row in model_rows:
-    best = max(row["clean"], row.get("cue_present") or 0.0) if str(row["id"]).endswith(
-        "shortcut") else row["clean"]
-    if best < 2 * chance:
-      out.append(f"{row['id']}: accuracy {best:.3f} (chance {chance:.2f})")
-    elif row.get("robust") is not None and str(row["id"]).endswith("robust") and (
-        row["robust"] < 1.5 * chance):
-      out.append(f"{row['id']}: PGD accuracy {row['robust']:.3f} (chance {chance:.2f}): "
-                 "not robust")
-  return out
+    shortcut, robust = (str(row["id"]).endswith(k) for k in ("shortcut", "robust"))
+    accuracy = max(row["clean"], row.get("cue_present") or 0.0) if shortcut else (
+        row["clean"])
+    problems.append(model_problem(row["id"], accuracy, row.get("robust") if robust
+                                  else None, num_classes))
+  return [p for p in problems if p]
 
 
 def compare_verdict(fula: float, tlm: float, n_test: int) -> str:
@@ -406,9 +401,7 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
   lines += ["", "## Findings (computed from this run)", ""]
   problems = model_problems(model_rows, data.num_classes(config.data))
   if problems:
-    lines += ["No findings: the models are near chance, so the stitching matrices say "
-              "nothing about how they differ (" + "; ".join(problems) + "). Train them "
-              "longer (config.models.<arch>.train) or use a smaller eps."]
+    lines += [no_finding(problems, "findings")]
   else:
     for arch in archs:
       lines += [f"- {line}" for line in finding_lines[arch]]

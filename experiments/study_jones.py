@@ -37,7 +37,7 @@ from etils import epath
 
 from fula_jax import attacks, data, errors, io, models, registry, reporting, results
 from fula_jax.progress import Progress
-from fula_jax.reporting import fmt, md_table
+from fula_jax.reporting import fmt, md_table, model_problem, no_finding
 from fula_jax.similarity import inversion
 from fula_jax.train import checkpoint
 from fula_jax.train.zoo import robust_eval, train_or_reuse
@@ -152,27 +152,17 @@ def trend(eps: Sequence[float], values: Sequence[float]) -> dict[str, Any]:
 
 def donor_problems(model_rows: Sequence[Mapping[str, Any]], num_classes: int
                    ) -> list[str]:
-  """Why this run's models cannot carry a verdict on the trend, or [] when they can:
-  a model whose clean accuracy is under twice chance learned nothing, and a robust
-  model whose accuracy under its own eps is under 1.5x chance is not robust, so a
-  trend over eps would compare models that are not what the study is about."""
-  chance = 1.0 / num_classes
-  out = []
-  for r in model_rows:
-    tag = f"{r['arch']} at eps {r['eps']:g}"
-    if r["clean"] < 2 * chance:
-      out.append(f"{tag}: clean accuracy {r['clean']:.3f} (chance {chance:.2f})")
-    elif r["eps"] > 0 and r.get("robust_own") is not None and (
-        r["robust_own"] < 1.5 * chance):
-      out.append(f"{tag}: accuracy {r['robust_own']:.3f} under its own attack "
-                 f"(chance {chance:.2f}): not robust")
-  return out
+  """Why this run's models cannot carry a verdict on the trend ([] when they can),
+  by `reporting.model_problem`: a trend over eps means nothing unless the models
+  learned and the robust ones are robust."""
+  problems = [model_problem(f"{r['arch']} at eps {r['eps']:g}", r["clean"],
+                            r.get("robust_own") if r["eps"] > 0 else None, num_classes)
+              for r in model_rows]
+  return [p for p in problems if p]
 
 
 def no_verdict(problems: Sequence[str]) -> str:
-  return ("No verdict on the trend: the models are near chance, so the matrices say "
-          "nothing about robustness (" + "; ".join(problems) + "). Train them longer "
-          "(config.models.<arch>.train) or use a smaller eps.")
+  return no_finding(problems, "verdict on the trend")
 
 
 def _finding(measure_words: str, eps: Sequence[float], tr: Mapping[str, Any]) -> str:

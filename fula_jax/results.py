@@ -191,6 +191,15 @@ def file_stem(name: str) -> str:
   return stem
 
 
+def finish_job(workdir: str | os.PathLike, summary: dict[str, Any]) -> None:
+  """A job's last step: `summary` to ``<workdir>/summary.json`` (process 0, atomically)
+  and a line saying where the results are and what to open next."""
+  if io.is_writer():
+    io.write_json(io.path(workdir) / "summary.json", summary)
+  print(f"Results: {workdir}/{RESULTS_DIR} (fula_jax.results.load({str(workdir)!r}); "
+        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
+
+
 def _results_dir(workdir: str | os.PathLike) -> epath.Path:
   return io.path(workdir) / RESULTS_DIR
 

@@ -86,19 +86,19 @@ def _measure_options(name: str, sigma_frac: float, svcca_keep: float | int) -> d
 
 
 def _into_regime(m: measures_lib.Measure, n: int, dims: Mapping[str, int],
-                 opts: dict) -> tuple[dict, dict] | None:
-  """(options to add, metadata saying so) that keep measure `m` inside its declared
-  valid regime at n examples for every layer, or None when nothing does."""
+                 opts: dict) -> tuple[dict, dict, str]:
+  """(options to add, metadata saying so, '') that keep measure `m` inside its declared
+  valid regime at n examples for every layer, or ({}, {}, why) when nothing does."""
   bad = m.invalid_layers(n, dims, **opts)
   if not bad:
-    return {}, {}
+    return {}, {}, ""
+  layer, why = next(iter(bad.items()))
   if m.reduce_for is not None:
     extra = m.reduce_for(n)
     if not m.invalid_layers(n, dims, **opts, **extra):
-      layer, why = next(iter(bad.items()))
       return extra, {"regime": f"reduced to {extra} at n = {n}: as computed by default, "
-                               f"layer {layer} had {why}"}
-  return None
+                               f"layer {layer} had {why}"}, ""
+  return {}, {}, f"left out: layer {layer}: {why}"
 
 
 def similarity_matrices(
@@ -249,20 +249,18 @@ def similarity_matrices(
             for k, v in acts.items()}
     for m in collected:
       opts = _measure_options(m.name, sigma_frac, svcca_keep)
-      regime = _into_regime(m, n_kept, dims, opts)
-      if regime is None:
-        why = next(iter(m.invalid_layers(n_kept, dims, **opts).items()))
-        reason = f"left out: layer {why[0]}: {why[1]}"
+      extra, regime, reason = _into_regime(m, n_kept, dims, opts)
+      if reason:
         warnings.warn(f"{m.name} {reason}.", checks.SimilarityWarning)
         if left_out is not None:
           left_out[m.name] = reason
         continue
-      opts.update(regime[0])
+      opts.update(extra)
       mat, info = measures_lib.matrix(m.name, acts_a, acts_b, label_a=model_a_name,
                                       label_b=model_b_name, **opts)
       meta = dict(base_meta, **describe(m), estimator="in_memory", n=info["n"],
                   options=info["options"], nan_reasons=info["nan_reasons"],
-                  max_examples=max_examples, **regime[1])
+                  max_examples=max_examples, **regime)
       out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
                                 meta))
   order = {name: i for i, name in enumerate(measures)}
@@ -380,9 +378,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary[m.measure] = dict(shape=list(m.matrix.shape), n=m.meta.get("n"),
                               nan_cells=int(np.isnan(m.matrix).sum()),
                               estimator=m.meta.get("estimator"))
-  from fula_jax import io
-  if io.is_writer():
-    io.write_json(f"{workdir}/summary.json", summary)
-  print(f"Results: {workdir}/results (fula_jax.results.load({str(workdir)!r}); "
-        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
+  results.finish_job(workdir, summary)
   return summary

@@ -58,12 +58,13 @@ class SweepResult:
     """``{'stitch_<objective>/<measure>': results.Matrix}``."""
     from fula_jax import results
     out = {}
+    unconverged = self.unconverged()
     for obj, measures in self.values.items():
+      late = unconverged.get(obj, {})
       for measure, m in measures.items():
         name = f"stitch_{obj}/{measure}"
         meta = dict(self.meta, objective=obj, end_accuracy=self.end_accuracy,
-                    reasons=self._reasons(obj, measure, m),
-                    unconverged=self.unconverged().get(obj, {}),
+                    reasons=self._reasons(obj, measure, m, late), unconverged=late,
                     baseline=self.baseline(obj))
         out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
                                    cols=list(self.cols), measure=name, model_a=model_a,
@@ -123,13 +124,15 @@ class SweepResult:
             f"stitch can do. Raise {raise_}{lstsq}; matrices '<...>/converged' mark "
             "the cells.")
 
-  def _reasons(self, obj: str, measure: str, m: np.ndarray) -> dict[str, str]:
+  def _reasons(self, obj: str, measure: str, m: np.ndarray,
+               unconverged: Mapping[str, str]) -> dict[str, str]:
     """Why each NaN cell of one matrix is NaN: the cell's own reason, else the
-    measure's (e.g. no training loss for a closed-form map)."""
+    measure's (e.g. no training loss for a closed-form map); the converged matrix also
+    says why each 0 cell did not converge."""
     cell = self.reasons.get(obj, {})
     why = dict(cell)
     if measure == "converged":
-      why.update(self.unconverged().get(obj, {}))
+      why.update(unconverged)
     undefined = measures_lib.UNDEFINED.get(measure) or "not defined for this cell"
     for a, b in np.argwhere(np.isnan(np.asarray(m, np.float64))):
       key = plan_lib.cell_key(self.rows[a], self.cols[b])

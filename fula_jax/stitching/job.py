@@ -83,9 +83,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   print(line or "stitch sweep: every trained stitch converged.", flush=True)
   out = {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
          "unconverged": {o: len(v) for o, v in unconverged.items()}}
-  from fula_jax import io
-  if io.is_writer():
-    io.write_json(f"{workdir}/summary.json", out)
-  print(f"Results: {workdir}/results (fula_jax.results.load({str(workdir)!r}); "
-        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
+  results.finish_job(workdir, out)
   return out
