@@ -15,14 +15,15 @@ from fula_jax.stitching import measures, testing
 def readout(traces):
   """A Readout whose `trend` holds the quarter sums of each stitch's loss trace, as the
   training program accumulates them."""
-  trend = np.zeros((len(traces), 2, 3), np.float32)
+  trend = np.zeros((len(traces), 3, 3), np.float32)
   for s, loss in enumerate(traces):
     loss = np.asarray(loss, np.float64)
     steps = len(loss)
     if not steps:
       continue
     q = max(steps // 4, 1)
-    for slot, part in enumerate((loss[max(steps - 2 * q, 0):steps - q], loss[steps - q:])):
+    quarters = (loss[:q], loss[max(steps - 2 * q, 0):steps - q], loss[steps - q:])
+    for slot, part in enumerate(quarters):
       trend[s, slot] = (len(part), part.sum(), (part ** 2).sum())
   nan = np.full(len(traces), np.nan)
   return measures.Readout({}, 1.0, 1.0, None, None, nan, None, trend)
@@ -38,12 +39,21 @@ def test_the_rule_on_known_traces():
       + 0.5 * rng.normal(size=40),                            # drop well inside the noise
       "near zero": np.linspace(0.004, 0.001, 40),             # FuLA at a self-stitch
       "too short": np.ones(4),
+      # The last quarter's drop against 10% of the first-to-last gain (the relative
+      # and absolute allowances are smaller here): 0.042 < 0.064, 0.055 < 0.061 and
+      # 0.115 > 0.065 (where 5% of the loss is 0.065 too).
+      "1/t (cross-entropy on separable data)": 2.0 / (1.0 + np.arange(100) / 5),
+      "exponential over 4 time constants": 1.0 + np.exp(-np.arange(100) / 25),
+      "exponential over 2 time constants": 1.0 + np.exp(-np.arange(100) / 50),
       "not trained": [],
   }
   got = dict(zip(traces, measures.Converged().value(readout(list(traces.values())))))
   assert got["flat"] == 1.0 and got["falling"] == 0.0
   assert got["noisy, slightly falling"] == 1.0 and got["near zero"] == 1.0
   assert got["too short"] == 0.0 and np.isnan(got["not trained"])
+  assert got["1/t (cross-entropy on separable data)"] == 1.0
+  assert got["exponential over 4 time constants"] == 1.0
+  assert got["exponential over 2 time constants"] == 0.0
   trend = measures.LossTrend().value(readout([falling]))[0]
   want = (falling[20:30].mean() - falling[30:].mean()) / falling[20:30].mean()
   assert trend == pytest.approx(want, rel=1e-5)
@@ -53,7 +63,9 @@ def test_the_rule_on_known_traces():
 def donor():
   train, test = testing.digits_splits(600, 300)
   model = models.get_model("cnn", widths=(6, 8))
-  return model, testing.train_donor(model, train, steps=300), train, test
+  # Trained to its plateau: a self-stitch of a model that can still improve keeps
+  # lowering its TLM loss (it trains the model on), and the flag rightly says so.
+  return model, testing.train_donor(model, train, steps=1000, lr=1e-2), train, test
 
 
 def test_an_under_trained_sweep_is_flagged_and_warned_about(donor):

@@ -44,7 +44,7 @@ class Readout:
   where: Where
   train_loss: np.ndarray          # (S,) mean training loss of the last epoch (NaN: none)
   pgd_accuracy: np.ndarray | None  # (S,) or None when PGD is off
-  trend: np.ndarray | None = None  # (S, 2, 3) see programs.StitchState.trend
+  trend: np.ndarray | None = None  # (S, 3, 3) see programs.StitchState.trend
 
 
 class Measure:
@@ -110,12 +110,13 @@ class TrainLoss(Measure):
 # The convergence rule (`LossTrend`, `Converged`).
 MIN_STEPS = 8          # fewer training steps than this cannot show a plateau
 TREND_RELATIVE = 0.05  # a last quarter may lower the loss by 5% of it ...
-TREND_ABSOLUTE = 0.02  # ... or by 0.02 (nats for TLM/SLM; FuLA's relative error)
+TREND_ABSOLUTE = 0.02  # ... or by 0.02 (nats for TLM/SLM; FuLA's relative error) ...
+TREND_PROGRESS = 0.10  # ... or by 10% of what the whole run gained (first -> last quarter)
 
 
 def _quarters(r: Readout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(steps counted, mean training loss, standard error of that mean) of each stitch
-  over the previous and the last quarter of its training steps: arrays (S, 2)."""
+  over the first, the previous and the last quarter of its training steps: (S, 3)."""
   t = np.asarray(r.trend, np.float64)
   n = t[..., 0]
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -135,37 +136,46 @@ class LossTrend(Measure):
   def value(self, r):
     n, mean, _ = _quarters(r)
     with np.errstate(divide="ignore", invalid="ignore"):
-      out = (mean[:, 0] - mean[:, 1]) / np.abs(mean[:, 0])
-    return np.where(n[:, 0] * 4 >= MIN_STEPS, out, np.nan)
+      out = (mean[:, 1] - mean[:, 2]) / np.abs(mean[:, 1])
+    return np.where(n[:, 1] * 4 >= MIN_STEPS, out, np.nan)
 
 
 class Converged(Measure):
   """1 when a trained stitch reached a plateau, 0 when it did not, NaN when nothing was
   trained (a closed-form map).
 
-  The rule: the mean training loss of the last quarter of the stitch's steps is lower
-  than that of the quarter before by at most TREND_RELATIVE (5%) of it, or at most
-  TREND_ABSOLUTE (0.02, a loss near zero such as a self-stitch's FuLA has no relative
-  scale), or by no more than twice the standard error of that difference (minibatch
-  noise, not progress). So another quarter of training would move the loss by about
-  that much. A stitch trained for fewer than MIN_STEPS steps has not converged: too
-  short to tell a plateau from a start. The rule reads the loss each stitch optimises,
-  so it applies to every objective and map alike. Its limit: a stitch that barely
-  moves from a poor random start (a learning rate far too small) also looks flat;
-  the default init, the least-squares map, does not start there."""
+  The rule compares the mean training loss of the last quarter of the stitch's steps
+  with that of the quarter before. The stitch has converged when that drop is at most
+
+  * TREND_RELATIVE (5%) of the loss, or TREND_ABSOLUTE (0.02; a loss near zero, such as
+    a self-stitch's FuLA, has no relative scale): another quarter would move it little;
+  * TREND_PROGRESS (10%) of what the run gained from its first quarter to its last: the
+    curve has flattened. An exponential approach passes once the run spans about four
+    of its time constants; a cross-entropy that keeps shrinking only by growing the
+    logits of examples already right (about 1/t, as TLM and SLM do on separable data)
+    passes, while a loss still falling in a straight line never does;
+  * or twice the standard error of the difference (minibatch noise, not progress).
+
+  A stitch trained for fewer than MIN_STEPS steps has not converged: too short to tell
+  a plateau from a start. The rule reads the loss each stitch optimises, so it applies
+  to every objective and map alike. Its limit: a stitch that barely moves from a poor
+  random start (a learning rate far too small) also looks flat; the default init, the
+  least-squares map, does not start there."""
   name = "converged"
   undefined = "not trained: the map was fitted in closed form (nothing to converge)"
 
   def value(self, r):
     n, mean, se = _quarters(r)
-    trained = n[:, 1] > 0
+    trained = n[:, 2] > 0
     # The last quarter holds max(steps // 4, 1) steps: steps >= 8 iff it holds >= 2.
-    long_enough = n[:, 1] >= MIN_STEPS // 4
-    drop = mean[:, 0] - mean[:, 1]
-    noise = 2.0 * np.sqrt(se[:, 0] ** 2 + se[:, 1] ** 2)
+    long_enough = n[:, 2] >= MIN_STEPS // 4
+    drop = mean[:, 1] - mean[:, 2]
+    noise = 2.0 * np.sqrt(se[:, 1] ** 2 + se[:, 2] ** 2)
     with np.errstate(invalid="ignore"):
-      allowed = np.maximum(TREND_RELATIVE * np.abs(mean[:, 0]), TREND_ABSOLUTE)
-      flat = drop <= np.maximum(allowed, noise)
+      allowed = np.maximum.reduce([TREND_RELATIVE * np.abs(mean[:, 1]),
+                                   np.full_like(drop, TREND_ABSOLUTE),
+                                   TREND_PROGRESS * (mean[:, 0] - mean[:, 2]), noise])
+      flat = drop <= allowed
     ok = flat & long_enough & np.isfinite(mean).all(1)
     return np.where(trained, ok.astype(np.float64), np.nan)
 

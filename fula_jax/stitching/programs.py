@@ -51,7 +51,8 @@ class StitchState(NamedTuple):
   diverged_step: jax.Array       # (S,) int32, -1 while finite
   loss_sum: jax.Array            # (S,) weighted sum of training losses
   loss_weight: jax.Array         # (S,) sum of the weights
-  trend: jax.Array  # (S, 2, 3) [previous, last] quarter of steps x [n, sum, sum of squares]
+  trend: jax.Array  # (S, 3, 3) [first, previous, last] quarter of steps x [n, sum, sum of
+                    # squares] of the training loss
   bn: Any = None                 # per-stitch copy of g's batch_stats (donor_bn='train')
 
 
@@ -71,7 +72,7 @@ def init_state(params: dict[str, np.ndarray], steps: np.ndarray, lr: np.ndarray,
   return StitchState(params, opt, np.asarray(steps, np.int32), np.asarray(lr, np.float32),
                      np.zeros((s,), bool), np.full((s,), -1, np.int32),
                      np.zeros((s,), np.float32), np.zeros((s,), np.float32),
-                     np.zeros((s, 2, 3), np.float32), {} if bn is None else bn)
+                     np.zeros((s, 3, 3), np.float32), {} if bn is None else bn)
 
 
 def with_bn(vars_b: Any, bn: Any) -> Any:
@@ -266,9 +267,10 @@ def train_step(state: StitchState, vars_b, fronts, shared, window, step, *,
     if ctx.split:
       loss, grads, new_bn = jax.lax.pmean((loss, grads, new_bn), BATCH)
     weight = (step >= state.steps - window).astype(jnp.float32)
-    q = jnp.maximum(state.steps // 4, 1)[:, None]  # the previous and the last quarter
-    start = state.steps[:, None] - q * jnp.array([2, 1])
-    slot = ((step >= start) & (step < start + q)).astype(jnp.float32)  # (S, 2)
+    q = jnp.maximum(state.steps // 4, 1)[:, None]  # the first, previous and last quarter
+    start = jnp.concatenate([jnp.zeros_like(q), state.steps[:, None] - q * jnp.array([2, 1])],
+                            1)
+    slot = ((step >= start) & (step < start + q)).astype(jnp.float32)  # (S, 3)
     updates, opt = jax.vmap(tx.update)(grads, state.opt, state.params)
     new_params = jax.vmap(functools.partial(ladder.project, ctx.form))(
         jax.tree_util.tree_map(
