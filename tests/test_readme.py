@@ -30,7 +30,9 @@ def test_your_own_model_example_runs(tmp_path, monkeypatch, capsys):
   assert np.isfinite(fula[0, :2]).all() and np.isnan(fula[0, 2])  # a map -> the vector
   assert np.isnan(fula[1, :2]).all() and np.isfinite(fula[1, 2])  # the vector -> maps
   assert fula[1, 2] > 0.9  # pooled features stitch into the zoo's pool almost losslessly
-  assert np.nanmax(fula[0]) > 0.4  # first-layer features: far above chance (0.1)
+  # The donors reach about 0.98; under the default protocol the best stitch of each of
+  # my points keeps most of it (chance is 0.1).
+  assert np.nanmax(fula, axis=1).min() >= 0.8
   converged = fits["stitch_fula/converged"].matrix
   assert np.array_equal(np.isfinite(converged), np.isfinite(fula))  # every trained cell
   assert "conv_b:input" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ from fula_jax.data.pipeline import DATASETS
 from fula_jax.data.pipeline import DatasetSpec
 from fula_jax.data.pipeline import SPLITS
 from fula_jax.data.pipeline import default_config
+from fula_jax.data.pipeline import digits_splits
 from fula_jax.data.pipeline import image_shape
 from fula_jax.data.pipeline import load
 from fula_jax.data.pipeline import load_with_cues

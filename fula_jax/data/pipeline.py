@@ -226,6 +226,17 @@ def image_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return (size, size, cfg.channels or ds.native_channels)
 
 
+def digits_splits(image_size: int | None = None, channels: int | None = None
+                  ) -> tuple[Split, Split]:
+  """(train, test): the embedded digits exactly as every job reads them
+  (`data.name='digits'`): scikit-learn's 1,797 8x8 digits, the stratified 80/20 split
+  (1,438 / 359), pixels in [0, 1], at `image_size` (None: the native 8x8; the
+  `:runlocal` configs use 16) with `channels` (None: the native 1; the configs use 3)."""
+  cfg = default_config()
+  cfg.image_size, cfg.channels = image_size, channels
+  return load(cfg, "train"), load(cfg, "test")
+
+
 def load(cfg: ml_collections.ConfigDict, split: str) -> Split:
   """A whole split ('train' | 'test') in host memory, static transforms applied. Only
   for data that fits; jobs read `source`."""
