@@ -106,7 +106,9 @@ class Matrix:
            vmin: float | None = None, vmax: float | None = None, fmt: str = ".2f",
            title: str | None = None, colorbar: bool = True):
     """Heatmap: rows = model A layers, columns = model B layers; NaN cells hatched grey,
-    trained stitches that did not converge (``meta['unconverged']``) framed in red.
+    trained stitches that did not converge (``meta['unconverged']``) framed in red. A
+    distance (``meta['kind']``) is drawn on the reversed colour map, so that more alike
+    looks the same as for a similarity, and its title says "lower = more alike".
 
     `annotate` None writes the values when there are at most 400 cells (with their
     interval underneath when the matrix has one, up to 100 cells). `title` None
@@ -119,7 +121,9 @@ class Matrix:
       nr, nc = self.matrix.shape
       _, ax = plt.subplots(figsize=(min(2 + 0.55 * nc, 20), min(1.5 + 0.45 * nr, 20)))
     data = np.ma.masked_invalid(self.matrix)
-    cm = mpl.colormaps[cmap].with_extremes(bad="0.85")
+    distance = self.meta.get("kind") == "distance"
+    cm = mpl.colormaps[cmap]
+    cm = (cm.reversed() if distance else cm).with_extremes(bad="0.85")
     finite = self.matrix[np.isfinite(self.matrix)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
@@ -149,8 +153,9 @@ class Matrix:
             text = format(v, fmt)
             if ci:
               text += f"\n[{format(self.low[i, j], fmt)}, {format(self.high[i, j], fmt)}]"
+            bright = (1 - shade if distance else shade) > 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=6 if ci else 7,
-                    color="black" if shade > 0.6 else "white")
+                    color="black" if bright else "white")
           else:
             ax.text(j, i, "NaN", ha="center", va="center", fontsize=7, color="0.3")
     ax.set_xticks(range(nc), self.cols, rotation=60, ha="right", fontsize=8)
@@ -159,9 +164,11 @@ class Matrix:
       ax.set_xlabel("model")
       ax.set_ylabel("model")
     else:
-      ax.set_xlabel(f"model B layer ({_short(self.model_b)})")
-      ax.set_ylabel(f"model A layer ({_short(self.model_a)})")
+      ax.set_xlabel(f"model B layer ({display_name(self.model_b)})")
+      ax.set_ylabel(f"model A layer ({display_name(self.model_a)})")
     text = self.title() if title is None else title
+    if distance and "lower = more alike" not in text:
+      text += " (lower = more alike)"
     if late:
       text += f"\n(dashed red: {len(late)} did not converge)"
     ax.set_title(text, fontsize=9)
@@ -175,13 +182,16 @@ class Matrix:
       point = self.meta.get("points") or {}
       at = set(point.values()) if isinstance(point, dict) else set()
       return f"{self.measure}\nmodel x model" + (f" at {at.pop()}" if len(at) == 1 else "")
-    a, b = _short(self.model_a), _short(self.model_b)
-    models = f"A = B = {a}" if a == b else f"A = {a}, B = {b}"
+    a, b = display_name(self.model_a), display_name(self.model_b)
+    models = f"A = B = {a}" if self.model_a == self.model_b else f"A = {a}, B = {b}"
     return f"{self.measure}\n{models}"
 
 
-def _short(s: str, limit: int = 48) -> str:
-  return s if len(s) <= limit else "..." + s[-(limit - 3):]
+def display_name(model: str, limit: int = 32) -> str:
+  """A model's name for a figure: a workdir or weights path gives its last component
+  (never an absolute path), shortened to `limit` characters."""
+  name = str(model).rstrip("/").rsplit("/", 1)[-1] or str(model)
+  return name if len(name) <= limit else name[:limit - 3] + "..."
 
 
 def file_stem(name: str) -> str:
@@ -191,13 +201,18 @@ def file_stem(name: str) -> str:
   return stem
 
 
-def finish_job(workdir: str | os.PathLike, summary: dict[str, Any]) -> None:
+def finish_job(workdir: str | os.PathLike, summary: dict[str, Any], *,
+               report: str | os.PathLike | None = None,
+               notebook: str = "notebooks/explore_results.ipynb") -> None:
   """A job's last step: `summary` to ``<workdir>/summary.json`` (process 0, atomically)
-  and a line saying where the results are and what to open next."""
+  and a closing block: where the results (and the report) are and what to open next."""
   if io.is_writer():
     io.write_json(io.path(workdir) / "summary.json", summary)
-  print(f"Results: {workdir}/{RESULTS_DIR} (fula_jax.results.load({str(workdir)!r}); "
-        f"notebooks/explore_results.ipynb with WORKDIR={str(workdir)!r})", flush=True)
+  print(f"Results: {workdir}/{RESULTS_DIR} (fula_jax.results.load({str(workdir)!r}))",
+        flush=True)
+  if report is not None:
+    print(f"Report:  {report}", flush=True)
+  print(f"Next:    open {notebook} with WORKDIR={str(workdir)!r}", flush=True)
 
 
 def _results_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -206,8 +221,9 @@ def _results_dir(workdir: str | os.PathLike) -> epath.Path:
 
 def overview(matrices: Sequence[Matrix], titles: Sequence[str] | None = None, *,
              vmin: float | None = None, vmax: float | None = None,
-             label: str = "value", suptitle: str | None = None):
-  """Heatmaps of several matrices side by side on ONE colour scale, with one colour bar.
+             label: str = "value", suptitle: str | None = None, columns: int = 3):
+  """Heatmaps of several matrices on ONE colour scale, with one colour bar, in rows of
+  at most `columns` panels.
 
   Use it for measures that share a range (CKA and stitching accuracy both live in
   [0, 1]); `vmin`/`vmax` default to the joint finite range. Returns a matplotlib Figure
@@ -222,15 +238,20 @@ def overview(matrices: Sequence[Matrix], titles: Sequence[str] | None = None, *,
   nr = max(m.matrix.shape[0] for m in matrices)
   nc = max(m.matrix.shape[1] for m in matrices)
   panel_w, panel_h = min(1.6 + 0.42 * nc, 8.0), min(1.8 + 0.38 * nr, 8.0)
-  fig = reporting.figure((panel_w * len(matrices) + 1.2, panel_h + 0.8),
+  ncol = max(1, min(columns, len(matrices)))
+  nrow = -(-len(matrices) // ncol)
+  fig = reporting.figure((panel_w * ncol + 1.2, panel_h * nrow + 0.8),
                          layout="constrained")
-  axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+  grid = fig.subplots(nrow, ncol, squeeze=False)
+  axes = list(grid.reshape(-1)[:len(matrices)])
+  for ax in grid.reshape(-1)[len(matrices):]:
+    ax.set_axis_off()
   for k, (m, ax) in enumerate(zip(matrices, axes)):
     m.plot(ax=ax, vmin=lo, vmax=hi, colorbar=False,
            title=titles[k] if titles is not None else m.measure)
-    if k:
+    if k % ncol:
       ax.set_ylabel("")
-  fig.colorbar(axes[0].images[0], ax=list(axes), fraction=0.025, pad=0.02, label=label)
+  fig.colorbar(axes[0].images[0], ax=axes, fraction=0.025, pad=0.02, label=label)
   if suptitle:
     fig.suptitle(suptitle, fontsize=10)
   return fig

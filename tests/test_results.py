@@ -68,13 +68,52 @@ def test_plot_returns_axes_with_nan_cells_marked():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   ax = sample().plot()
-  assert "cka_linear_debiased" in ax.get_title() and "/runs/a" in ax.get_title()
+  assert "cka_linear_debiased" in ax.get_title() and "A = a, B = b" in ax.get_title()
   texts = [t.get_text() for t in ax.texts]
   assert "NaN" in texts and "0.75" in texts and len(texts) == 6
   assert [t.get_text() for t in ax.get_yticklabels()] == ["conv1", "pool"]
   fig, ax2 = plt.subplots()
   assert sample().plot(ax=ax2, annotate=False) is ax2 and not ax2.texts
   plt.close("all")
+
+
+def _figure_text(fig) -> list[str]:
+  return [t for ax in fig.axes for t in (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())
+          ] + [fig._suptitle.get_text() if fig._suptitle else ""]
+
+
+def test_figures_name_models_without_paths_and_mark_distances():
+  """Titles and labels carry a workdir's last component, never an absolute path; a
+  distance is drawn on the reversed colour map (alike looks alike) and says so."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  m = sample()
+  m.model_a = "/home/me/experiments/2026/workdirs/quickstart/models/a_cnn"
+  m.model_b = "gs://bucket/runs/b_resnet20/"
+  ax = m.plot()
+  for text in _figure_text(ax.figure):
+    assert "/home" not in text and "gs://" not in text and "/runs" not in text, text
+  assert "A = a_cnn, B = b_resnet20" in ax.get_title()
+  assert "lower = more alike" not in ax.get_title()
+  d = sample()
+  d.meta["kind"] = "distance"
+  dax = d.plot()
+  assert "lower = more alike" in dax.get_title()
+  lo, hi = dax.images[0].cmap(0.0), dax.images[0].cmap(1.0)
+  assert lo == ax.images[0].cmap(1.0) and hi == ax.images[0].cmap(0.0)
+  plt.close("all")
+
+
+def test_overview_wraps_beyond_three_panels_on_one_scale():
+  fig = results.overview([sample()] * 5, vmin=0.0, vmax=1.0)
+  shown = [ax for ax in fig.axes if ax.images]
+  assert len(shown) == 5
+  rows = sorted({round(ax.get_position().y0, 3) for ax in shown})
+  assert len(rows) == 2  # 3 + 2
+  assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in shown)
+  for text in _figure_text(fig):
+    assert "/runs" not in text, text
 
 
 def test_shape_mismatch_is_rejected():
