@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import TextIO
@@ -19,8 +20,10 @@ class Progress:
   """Prints `label: done/total (pct) rate unit/s, elapsed, ETA` at most every `every_s`.
 
   The rate is measured from the first `update` on (so compilation before the first
-  step is not taken for the pace of the work) and counts only work done in this
-  process, so a resumed run reports an honest rate and ETA.
+  step is not taken for the pace of the work), leaves out time spent in `paused()`
+  (compiling a later wave), and counts only work done in this process, so a resumed
+  run reports an honest rate. The ETA adds `pending_s`: known work outside the rate,
+  such as the compiles still to come.
   """
 
   def __init__(self, label: str, total: int, *, unit: str = "it", start: int = 0,
@@ -33,18 +36,32 @@ class Progress:
     self.t0 = time.perf_counter()
     self._first: tuple[float, int] | None = None  # (time, count) of the first update
     self._last = -float("inf")
+    self._paused_s = 0.0
+    self.pending_s = 0.0
 
   @property
   def rate(self) -> float:
     if self._first is None:
       return 0.0
-    dt = time.perf_counter() - self._first[0]
+    dt = time.perf_counter() - self._first[0] - self._paused_s
     return (self.count - self._first[1]) / dt if dt > 0 else 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside is left out of the rate (it is not the work being counted)."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self._first is not None:
+        self._paused_s += time.perf_counter() - t0
 
   def line(self) -> str:
     rate = self.rate
     left = self.total - self.count
-    eta = _fmt_seconds(left / rate) if rate > 0 else "?"
+    eta = _fmt_seconds(left / rate + self.pending_s) if rate > 0 else "?"
+    if rate > 0 and self.pending_s >= 1.0:
+      eta += f" (incl. ~{_fmt_seconds(self.pending_s)} compiling)"
     pct = 100.0 * self.count / max(self.total, 1)
     return (f"{self.label}: {self.count}/{self.total} ({pct:.0f}%) "
             f"{rate:.2f} {self.unit}/s, elapsed {_fmt_seconds(time.perf_counter() - self.t0)}, "

@@ -225,7 +225,9 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
       bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
       max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints,
       prefix_a=sw.prefix_a, prefix_b=sw.prefix_b, batch_split=not sw.bn_train)
-  waves = [Wave(sw, w) for w in plan_lib.pack_waves(units, ex.max_stitches_per_wave)]
+  packed = plan_lib.pack_waves(units, ex.max_stitches_per_wave)
+  waves = [Wave(sw, w, f"wave {k + 1}/{len(packed)}: " if len(packed) > 1 else "")
+           for k, w in enumerate(packed)]
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),
                                unit="batch", every_s=ex.progress_every_s, enabled=show))
@@ -239,8 +241,11 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           f"processes).", flush=True)
   records = dict(finished)
   try:
-    for w in waves:
+    for k, w in enumerate(waves):
       records.update(w.run(progress))
+      # The ETA's share for the waves still to compile, at the pace so far.
+      progress.bar.pending_s = sw.seconds.get("compile", 0.0) / (k + 1) * (
+          len(waves) - k - 1)
   except KeyboardInterrupt:
     total = len(stitchable) * len(sci.objectives)
     kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if

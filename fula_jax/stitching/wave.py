@@ -55,8 +55,9 @@ def _sds(tree: Any, sharding_: Any = None) -> Any:
 class Wave:
   """Runs one wave for a sweep (`runner.Sweep` supplies donors, data and settings)."""
 
-  def __init__(self, sweep: Any, units: Sequence[plan_lib.Unit]):
+  def __init__(self, sweep: Any, units: Sequence[plan_lib.Unit], label: str = ""):
     self.sw = sweep
+    self.label = label  # 'wave k/W: ' in its progress lines
     self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
     sci = sweep.science
     self.needs_init = any(self._lstsq_init(r) for r in self.runs)
@@ -163,9 +164,18 @@ class Wave:
     calls = list(unique.values())
     workers = (max(1, min(len(calls), os.cpu_count() or 1))
                if sw.execution.parallel_compile else 1)
+    show = sw.execution.progress and jax.process_index() == 0
+    ends = sorted({r.unit.end for r in self.runs})
+    if show:
+      print(f"stitch sweep: {self.label}compiling {len(calls)} programs for end point"
+            f"{'s' if len(ends) > 1 else ''} {', '.join(ends)} ...", flush=True)
+    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       for f in [pool.submit(one, c) for c in calls]:
         f.result()
+    if show:
+      print(f"stitch sweep: {self.label}compiled in {time.perf_counter() - t0:.1f} s",
+            flush=True)
 
   # -- pieces of the calls
 
@@ -351,7 +361,7 @@ class Wave:
     """Run the wave and write its units; the records of its stitches."""
     sw = self.sw
     t0 = time.perf_counter()
-    with sharding.count_compiles() as warm, sw.timed("compile"):
+    with progress.bar.paused(), sharding.count_compiles() as warm, sw.timed("compile"):
       self.warm_up()
     sw.count.add_warm_up(warm)
     with sharding.count_compiles() as late:
