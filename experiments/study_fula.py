@@ -333,12 +333,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
          "reused": [r["id"] for r in model_rows if not r["trained"]],
          "findings": finding_lines, "facts": facts, "cross_seed": cross,
          "figures": list(figures), "elapsed_s": elapsed}
-  if io.is_writer():
-    io.write_json(workdir / "summary.json", out)
   for arch in archs:
     for line in finding_lines[arch]:
       print("\n" + line.replace("**", ""), flush=True)
-  print(f"\nReport: {workdir / REPORT_FILE} ({elapsed:.0f} s)", flush=True)
+  print(f"\nDone in {elapsed:.0f} s.", flush=True)
+  results.finish_job(workdir, out, report=workdir / REPORT_FILE)
   return out
 
 

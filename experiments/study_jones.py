@@ -459,8 +459,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
          "reused": reused, "offdiag": offdiag, "trend": trends,
          "loss_reduction": [p["loss_reduction"] for p in per_eps],
          "figures": figures, "elapsed_s": elapsed, "donor_problems": problems}
-  if io.is_writer():
-    io.write_json(workdir / "summary.json", out)
   print("\nModels (clean / robust accuracy at their own eps):", flush=True)
   for r in model_rows:
     robust = "" if r.get("robust_own") is None else f" / {r['robust_own']:.3f}"
@@ -470,7 +468,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     print(_finding("inverted-image CKA", eps, trends["inverted_cka"]), flush=True)
     print(_finding("plain CKA on natural images", eps, trends["natural_cka"]), flush=True)
-  print(f"Report: {workdir / REPORT_FILE} ({elapsed:.0f} s)", flush=True)
+  print(f"Done in {elapsed:.0f} s.", flush=True)
+  results.finish_job(workdir, out, report=workdir / REPORT_FILE,
+                     notebook="notebooks/reproduce_jones.ipynb")
   return out
 
 

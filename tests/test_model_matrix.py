@@ -1,6 +1,7 @@
 """Model x model matrices: each cell equals the measure of the two models' own
 activations at their points; the job reads a zoo of workdirs and writes heatmaps."""
 
+import json
 import pathlib
 
 import jax
@@ -54,7 +55,7 @@ def test_points_and_errors():
     similarity.model_matrix({"a": _mlp(0)}, images, progress=False)
 
 
-def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir):
+def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir, capsys):
   dirs = [model_workdir(tmp_path / f"cnn_s{s}", "cnn", {"widths": (8, 16)}, seed=s)
           for s in (0, 1)]
   dirs.append(model_workdir(tmp_path / "mlp", "mlp", {"widths": (32, 16)}))
@@ -70,6 +71,16 @@ def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir):
   assert m.meta["points"] == {"cnn_s0": "pool", "cnn_s1": "pool", "mlp": "fc2"}
   assert np.all(np.isfinite(m.matrix)) and np.allclose(np.diag(m.matrix), 1.0)
   assert (tmp_path / "zoo" / "results" / "models_mutual_knn.png").stat().st_size > 1000
+  summary = json.loads((tmp_path / "zoo" / "summary.json").read_text())
+  assert summary["models"] == m.rows and summary["measures"]["mutual_knn"] == {
+      "nan_cells": 0, "n": 120}
+  printed = capsys.readouterr().out
+  off = m.matrix[~np.eye(3, dtype=bool)].mean()
+  line = next(l for l in printed.splitlines() if l.startswith("mutual_knn "))
+  assert f"3 x 3 models, off-diagonal mean {off:.3f}" in line
+  assert f"Results: {tmp_path / 'zoo'}/results" in printed and "Next:" in printed
+  report = (tmp_path / "zoo" / "report.md").read_text()
+  assert "**cnn_s0**" in report and "| `models_mutual_knn` | 3x3 |" in report
   config.models = (dirs[0],)
   with pytest.raises(errors.ConfigError, match="at least 2 models"):
     across_models.run(config, str(tmp_path / "zoo2"))

@@ -182,6 +182,14 @@ def test_run_writes_every_matrix(tmp_path, monkeypatch):
   assert m.meta["estimator"] == "minibatch" and m.meta["n"] == 36
   for ext in ("npz", "json", "csv", "png"):
     assert (tmp_path / "results" / f"procrustes.{ext}").exists()
+  # The report: both models, the overview (CKA; the distance is left out of its [0, 1]
+  # scale) and one row per matrix with its mean.
+  report = (tmp_path / "report.md").read_text()
+  assert "A (rows): **wa**" in report and "B (columns): **wb**" in report
+  assert (tmp_path / "results" / "overview.png").stat().st_size > 1000
+  for name, mat in loaded.items():
+    row = next(l for l in report.splitlines() if l.startswith(f"| `{name}`"))
+    assert f"| {np.nanmean(mat.matrix):.3f} |" in row, row
 
 
 def test_exact_estimator_refuses_statistics_that_do_not_fit():

@@ -48,6 +48,11 @@ def test_cross_architecture_job_writes_and_resumes(tmp_path, model_workdir, caps
   assert "1 of 1 trained stitches did not converge (fula 1; 3 steps" in printed
   assert f"Results: {tmp_path / 'sweep'}/results" in printed  # and where to go next
   assert "explore_results.ipynb" in printed
+  report = (tmp_path / "sweep" / "report.md").read_text()
+  assert "![overview](results/overview.png)" in report and "## Baselines" in report
+  table = report[report.index("## Matrices"):].splitlines()
+  row = next(l for l in table if l.startswith("| `stitch_fula/accuracy`"))
+  assert row.split("|")[6].strip() == "1"  # one cell not converged
   saved = json.loads((tmp_path / "sweep" / "summary.json").read_text())
   assert saved["unconverged"] == {"fula": 1} and saved["stats"]["stitches_computed"] == 2
   again = job.run(config, str(tmp_path / "sweep"))

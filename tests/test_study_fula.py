@@ -10,6 +10,8 @@ nothing is retrained or re-stitched.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import job_endings
 from configs import study_fula as study_config
 from experiments import fula_report
 from experiments import study_fula as study
@@ -31,8 +34,19 @@ def tiny_run(tmp_path_factory):
   config = study_config.get_config("tiny")
   config.stitch.save_params = True
   workdir = tmp_path_factory.mktemp("fula")
-  out = study.run(config, str(workdir))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    out = study.run(config, str(workdir))
+  out["printed"] = printed.getvalue()
   return config, workdir, out
+
+
+def test_ends_with_summary_report_and_next_step(tiny_run):
+  _, workdir, out = tiny_run
+  summary = job_endings.check(workdir, out["printed"], study.REPORT_FILE,
+                              "notebooks/explore_results.ipynb")
+  assert summary["workdir"] == str(workdir)
+  assert len(summary["models"]) == len(out["models"]) > 0
 
 
 def _accuracy(logits, labels) -> float:

@@ -64,10 +64,23 @@ def test_cli_override_reaches_the_job_and_config_is_written(tmp_path):
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def test_runlocal_cnn_reaches_90_percent_on_digits(tmp_path):
+def test_runlocal_cnn_reaches_90_percent_on_digits(tmp_path, capsys):
+  """... and ends with where the model is and a next command that works as printed."""
+  import shlex
+  import subprocess
+  import sys
   config = _load_config("runlocal")
   out = loop.run(config, str(tmp_path))
   assert out["test_accuracy"] >= 0.90, out["test_accuracy"]
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-2].startswith(f"Model:   {tmp_path} ")
+  command = lines[-1].removeprefix("Next:    ").split("  (")[0]
+  argv = shlex.split(command)
+  assert argv[:3] == ["python", "-m", "fula_jax.main"], argv
+  run = subprocess.run([sys.executable] + argv[1:], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert (Path(f"{tmp_path}_similarity") / "summary.json").exists()
   assert out["test_n"] == len(data.load(config.data, "test").labels)
   # The workdir is loadable and reproduces the reported accuracy.
   model, variables, cfg = checkpoint.load_trained(tmp_path)

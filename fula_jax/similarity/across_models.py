@@ -17,6 +17,7 @@ architecture + weights files. Every measure is computed in memory on the first
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -145,7 +146,8 @@ def _plain(options: Any) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Load the zoo and data as `config` says; write one model x model matrix per
   measure under `workdir`/results. Returns {measure: the matrix as nested lists}."""
-  from fula_jax import data
+  from fula_jax import data, io, report
+  t0 = time.perf_counter()
   zoo, trained_on = load_zoo(config)
   data_cfg = trained_on if config.data_from == "model_a" and trained_on else config.data
   split = data.source(data_cfg, config.split)
@@ -153,7 +155,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       batch_size=int(config.batch_size),
                       max_examples=int(config.max_examples),
                       progress=jax.process_index() == 0, **_plain(config.options))
+  names = list(zoo)
   for name, m in mats.items():
     m.meta.update(split=config.split, data=getattr(split, "name", ""))
     results.save(workdir, f"models_{name}", m, png=bool(config.png))
+  summary = {"job": "model_matrix", "models": names, "point": config.point,
+             "split": config.split, "data": getattr(split, "name", ""),
+             "measures": {name: {"nan_cells": int(np.isnan(m.matrix).sum()),
+                                 "n": None if m.meta.get("n") is None else int(m.meta["n"])}
+                          for name, m in mats.items()},
+             "elapsed_s": time.perf_counter() - t0}
+  for name, m in mats.items():
+    off = m.matrix[~np.eye(len(names), dtype=bool)]
+    off = off[np.isfinite(off)]
+    print(f"{name:28s} {len(names)} x {len(names)} models, off-diagonal mean "
+          + (f"{off.mean():.3f}" if off.size else "n/a"), flush=True)
+  report.write(workdir, f"Model x model similarity at '{config.point}'",
+               [f"**{n}**" for n in names], {f"models_{k}": m for k, m in mats.items()})
+  results.finish_job(workdir, summary, report=io.path(workdir) / report.REPORT_FILE)
   return {name: m.matrix.tolist() for name, m in mats.items()}

@@ -332,7 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns ``{measure: {'shape', 'n', 'nan_cells', 'estimator'}}``, and for a measure
   left out because it is degenerate at this n ``{measure: {'left_out': why}}``.
   """
-  from fula_jax import donors
+  from fula_jax import donors, io, report
   a = donors.load(config, "a")
   b = donors.load(config, "b", required=False)
   model_a, vars_a = a.model, a.variables
@@ -378,5 +378,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary[m.measure] = dict(shape=list(m.matrix.shape), n=m.meta.get("n"),
                               nan_cells=int(np.isnan(m.matrix).sum()),
                               estimator=m.meta.get("estimator"))
-  results.finish_job(workdir, summary)
+  name_a, name_b = a.name, (b or a).name
+  n_used = max([int(m.meta["n"]) for m in mats if m.meta.get("n")] + [0])
+  rows = report.write(
+      workdir, "Representational similarity, layer by layer",
+      [f"A (rows): **{name_a}**", f"B (columns): **{name_b}**",
+       f"{n_used} examples of {getattr(split, 'name', config.split)}"],
+      {m.measure: m for m in mats}, name_a=name_a, name_b=name_b,
+      notes=[f"Left out: `{k}`: {why}" for k, why in left_out.items()])
+  print()
+  report.print_table(rows)
+  print()
+  results.finish_job(workdir, summary, report=io.path(workdir) / report.REPORT_FILE)
   return summary

@@ -38,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Returns ``{'matrices': {name: {'shape', 'nan_cells'}}, 'end_accuracy', 'stats'}``.
   """
-  from fula_jax import data, donors, results
+  from fula_jax import data, donors, io, report, results
   from fula_jax import stitching
 
   a = donors.load(config, "a")
@@ -79,9 +79,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary[name] = {"shape": list(m.matrix.shape),
                      "nan_cells": int(np.isnan(m.matrix).sum())}
   unconverged = res.unconverged()
+  rows = report.write(
+      workdir, "Functional similarity by model stitching, layer by layer",
+      [f"A (rows, the front): **{name_a}**",
+       f"B (columns, the end): **{name_b}**, test accuracy {res.end_accuracy:.4f}"],
+      mats, name_a=name_a, name_b=name_b)
+  print()
+  report.print_table(rows, convergence=False)
   line = res.convergence_summary()
-  print(line or "stitch sweep: every trained stitch converged.", flush=True)
+  print("\n" + (line or "stitch sweep: every trained stitch converged."), flush=True)
   out = {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
          "unconverged": {o: len(v) for o, v in unconverged.items()}}
-  results.finish_job(workdir, out)
+  print()
+  results.finish_job(workdir, out, report=io.path(workdir) / report.REPORT_FILE)
   return out

@@ -7,6 +7,7 @@ same steps an uninterrupted run would and ends with equal parameters.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any, Callable
 
 import jax
@@ -175,7 +176,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     io.write_json(workdir / "summary.json", summary)
   print(f"{config.model.name} on {config.data.name}: test accuracy "
         f"{final['accuracy']:.4f} (n={final['n']}) after {total_steps} steps", flush=True)
+  print(closing_lines(workdir, config), flush=True)
   return {**summary, "state": state, "model_obj": model}
+
+
+def closing_lines(workdir: Any, config: ml_collections.ConfigDict) -> str:
+  """Where the trained model is and the command that compares it with itself layer by
+  layer (at the scale of its data: `:runlocal` for the embedded digits)."""
+  scale = ":runlocal" if config.data.name == "digits" else ""
+  load = f"fula_jax.train.checkpoint.load_trained({str(workdir)!r})"
+  return (f"Model:   {workdir} ({load}; checkpoints and summary.json there)\n"
+          f"Next:    python -m fula_jax.main --config=configs/similarity.py{scale} "
+          f"--workdir={shlex.quote(str(workdir) + '_similarity')} "
+          f"--config.model_a_workdir={shlex.quote(str(workdir))}  "
+          "(add --config.model_b_workdir=ANOTHER to compare two models)")
 
 
 def _save_args(state: TrainState):

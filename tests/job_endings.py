@@ -1,0 +1,15 @@
+"""What every job's last lines and files must be: summary.json in the workdir, then a
+closing block naming the results, the report and the next notebook."""
+
+import json
+
+
+def check(workdir, printed: str, report_file: str, notebook: str) -> dict:
+  """Asserts the closing block ends `printed`; returns the saved summary."""
+  summary = json.loads((workdir / "summary.json").read_text())
+  tail = printed.strip().splitlines()[-3:]
+  assert tail[0] == f"Results: {workdir}/results (fula_jax.results.load({str(workdir)!r}))"
+  assert tail[1] == f"Report:  {workdir / report_file}"
+  assert tail[2] == f"Next:    open {notebook} with WORKDIR={str(workdir)!r}"
+  assert (workdir / report_file).exists()
+  return summary
