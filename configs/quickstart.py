@@ -12,7 +12,8 @@ Expected time: runlocal (embedded digits, small CNN and small ResNet-20) a few m
 2 CPU cores; tiny (8x8 digits, two small CNNs, a few training steps) well under a
 minute; full (CIFAR-10, the default CNN vs ResNet-20) about an hour on one GPU.
 
-Args (comma separated): runlocal, tiny, model_a=<name>, model_b=<name>.
+Args (comma separated): runlocal, tiny, model_a=<name>, model_b=<name>, seed_a=<int>
+(default 0), seed_b=<int> (default 1).
 """
 
 import pathlib
@@ -24,14 +25,14 @@ from fula_jax import defaults
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, runlocal=False, tiny=False, model_a="cnn",
-                           model_b="resnet20")
+                           model_b="resnet20", seed_a=0, seed_b=1)
   train = defaults.config_module(pathlib.Path(__file__).with_name("train.py"))
 
   config = ml_collections.ConfigDict()
   config.job = "quickstart"
   suffix = ",runlocal" if arg.runlocal or arg.tiny else ""
-  config.model_a = train.get_config(f"model={arg.model_a},seed=0{suffix}")
-  config.model_b = train.get_config(f"model={arg.model_b},seed=1{suffix}")
+  config.model_a = train.get_config(f"model={arg.model_a},seed={arg.seed_a}{suffix}")
+  config.model_b = train.get_config(f"model={arg.model_b},seed={arg.seed_b}{suffix}")
 
   config.similarity = ml_collections.ConfigDict(dict(
       measures=("cka_linear_debiased", "cka_linear", "procrustes"),
@@ -50,7 +51,7 @@ def get_config(arg=None):
     config.stitch.epochs = 2.0
     config.stitch.progress_every_s = 15.0
   if arg.tiny:  # two small CNNs of different widths (seconds to compile and train)
-    config.model_b = train.get_config("model=cnn,seed=1,runlocal")
+    config.model_b = train.get_config(f"model=cnn,seed={arg.seed_b},runlocal")
     for cfg, widths in ((config.model_a, (8, 16)), (config.model_b, (12, 24))):
       cfg.data.image_size = None  # the native 8x8 digits
       if cfg.model.name == "cnn":
