@@ -23,7 +23,7 @@ def train_or_load(config: ml_collections.ConfigDict, workdir: epath.Path):
   if summary_path.exists():
     print(f"{config.model.name}: reusing the finished run in {workdir}", flush=True)
   else:
-    loop.run(config, str(workdir))
+    loop.run(config, str(workdir), closing=False)
   model, variables, _ = checkpoint.load_trained(workdir)
   return model, variables, io.read_json(summary_path)
 

@@ -81,6 +81,14 @@ def test_runlocal_cnn_reaches_90_percent_on_digits(tmp_path, capsys):
                        text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-2000:]
   assert (Path(f"{tmp_path}_similarity") / "summary.json").exists()
+  # The report: final accuracy and the curves it drew from the run's history.
+  hist = checkpoint.io.read_json(tmp_path / "history.json")
+  steps = [r["step"] for r in hist["train"]]
+  assert steps == sorted(set(steps)) and steps[-1] == out["steps"]
+  assert hist["test"][-1]["test/accuracy"] == pytest.approx(out["test_accuracy"])
+  report = (tmp_path / "report.md").read_text()
+  assert f"test accuracy **{out['test_accuracy']:.4f}**" in report
+  assert (tmp_path / "curves.png").stat().st_size > 5000
   assert out["test_n"] == len(data.load(config.data, "test").labels)
   # The workdir is loadable and reproduces the reported accuracy.
   model, variables, cfg = checkpoint.load_trained(tmp_path)
@@ -122,6 +130,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   _, v_res, _ = checkpoint.load_trained(work)
   for a, b in zip(jax.tree_util.tree_leaves(v_ref), jax.tree_util.tree_leaves(v_res)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The curves survive the kill: one entry per logged step, as in the reference run.
+  h_ref, h_res = (checkpoint.io.read_json(d / "history.json") for d in (tmp_path / "ref", work))
+  assert [r["step"] for r in h_res["train"]] == [r["step"] for r in h_ref["train"]]
+  np.testing.assert_allclose([r["train/loss"] for r in h_res["train"]],
+                             [r["train/loss"] for r in h_ref["train"]], rtol=1e-6)
 
 
 def test_missing_and_corrupted_checkpoints_fail_clearly(tmp_path):

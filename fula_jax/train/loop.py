@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fula_jax import errors, io, models, sharding
 from fula_jax.progress import Progress
-from fula_jax.train import checkpoint
+from fula_jax.train import checkpoint, history
 from fula_jax.train.build import build_model, input_shape, num_classes  # noqa: F401
 from fula_jax.train.state import (TrainState, create_state, learning_rate_schedule,
                                   make_eval_step, make_optimizer, make_train_step)
@@ -73,8 +73,10 @@ def evaluate(model: models.StagedModel, variables: dict, split, batch_size: int,
           "n": int(totals["count"])}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train `config.model` on `config.data`; resume from the newest checkpoint if any."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
+        ) -> dict[str, Any]:
+  """Train `config.model` on `config.data`; resume from the newest checkpoint if any.
+  `closing` False: no closing block (a job that trains models on its way)."""
   from clu import metric_writers
   from fula_jax import data
 
@@ -128,6 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sync = sharding.needs_sync(mesh)  # CPU collectives deadlock when dispatched back to back
   metrics_sum: dict[str, float] = {}
   metrics_n = 0
+  hist = history.load(workdir, start_step)
   for step, batch in zip(range(start_step, total_steps), batches):
     state, metrics = train_step(state, _global_batch(mesh, batch),
                                 jax.random.fold_in(step_key, step))
@@ -142,12 +145,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       scalars = {f"train/{k}": v / metrics_n for k, v in metrics_sum.items()}
       scalars["train/learning_rate"] = float(schedule(done - 1))
       writer.write_scalars(done, scalars)
+      hist["train"].append({"step": done, **scalars})
       metrics_sum, metrics_n = {}, 0
       progress.update(done, extra=f"loss {scalars['train/loss']:.4f}")
     if tcfg.eval_every_steps and done % tcfg.eval_every_steps == 0 and done < total_steps:
       ev = evaluate(model, state.variables, test_split, config.eval_batch_size, mesh)
       writer.write_scalars(done, {f"test/{k}": v for k, v in ev.items() if k != "n"})
-    mngr.save(done, args=_save_args(state))
+      hist["test"].append({"step": done, **{f"test/{k}": float(v) for k, v in ev.items()
+                                            if k != "n"}})
+    if mngr.save(done, args=_save_args(state)):
+      history.save(workdir, hist)
   progress.update(total_steps, force=True)
   if mngr.latest_step() != total_steps:
     mngr.save(total_steps, args=_save_args(state), force=True)
@@ -166,6 +173,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     final["robust_accuracy"] = robust["robust_accuracy"]
   writer.write_scalars(total_steps, {f"test/{k}": v for k, v in final.items() if k != "n"})
   writer.flush()
+  hist["test"] = [r for r in hist["test"] if r["step"] < total_steps] + [
+      {"step": total_steps, **{f"test/{k}": float(v) for k, v in final.items()
+                               if k != "n"}}]
+  history.save(workdir, hist)
   summary = {"model": config.model.name, "dataset": config.data.name,
              "steps": total_steps, "resumed_from": start_step,
              "test_accuracy": final["accuracy"], "test_loss": final["loss"],
@@ -176,7 +187,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     io.write_json(workdir / "summary.json", summary)
   print(f"{config.model.name} on {config.data.name}: test accuracy "
         f"{final['accuracy']:.4f} (n={final['n']}) after {total_steps} steps", flush=True)
-  print(closing_lines(workdir, config), flush=True)
+  closing_block = closing_lines(workdir, config)
+  history.write_report(workdir, summary, hist, closing_block.split("Next:    ", 1)[1])
+  if closing:
+    print(f"Report:  {workdir / history.REPORT_FILE} (curves: {history.CURVES_FILE})",
+          flush=True)
+    print(closing_block, flush=True)
   return {**summary, "state": state, "model_obj": model}
 
 

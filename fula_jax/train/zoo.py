@@ -59,7 +59,7 @@ def train_or_reuse(cfg: ml_collections.ConfigDict, model_dir: str | epath.Path
   if summary.exists():
     check_existing(model_dir, cfg)
     return io.read_json(summary), False
-  out = loop.run(cfg, str(model_dir))
+  out = loop.run(cfg, str(model_dir), closing=False)
   return {k: v for k, v in out.items() if k not in ("state", "model_obj")}, True
 
 
