@@ -193,6 +193,10 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
   batches = _within(60, lambda: list(skip.eval_batches(32)))
   assert sum(float(b["mask"].sum()) for b in batches) == len(skip) - 1
   assert skip.skipped == [str(bad)]
+  # What a job's summary and closing lines say of it (None and {} for a clean split).
+  assert data.skipped_records({"test": skip, "clean": src.take(4)}) == {"test": [str(bad)]}
+  assert data.skipped_line({"test": [str(bad)]}).endswith(f"test 1 (first: {bad})")
+  assert data.skipped_line({}) is None
   # Decoded by worker processes: the same batches, the skip reported back.
   workers = data.source(_cfg(root, on_corrupt="skip", num_workers=2), "test")
   for a, b in zip(_within(120, lambda: list(workers.eval_batches(32))), batches,

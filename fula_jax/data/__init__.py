@@ -29,6 +29,8 @@ from fula_jax.data.pipeline import split_cues
 from fula_jax.data.preprocess import CROPS
 from fula_jax.data.records import CorruptRecordError
 from fula_jax.data.records import RecordSource
+from fula_jax.data.records import skipped_line
+from fula_jax.data.records import skipped_records
 from fula_jax.data.sources import as_batches
 from fula_jax.data.sources import as_source
 from fula_jax.data.split import Split

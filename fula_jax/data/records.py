@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import threading
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -282,3 +282,18 @@ class RecordSource:
                    len(self), batch_size, process_index=process_index,
                    process_count=process_count, limit=limit)]
     return self._stream(batches, replace=False) if batches else iter(())
+
+
+def skipped_records(sources: Mapping[str, Any]) -> dict[str, list[str]]:
+  """{split name: the records it left out as unreadable} for the sources that skipped
+  any (on_corrupt='skip'), for a job's summary."""
+  return {name: list(src.skipped) for name, src in sources.items()
+          if getattr(src, "skipped", None)}
+
+
+def skipped_line(skipped: Mapping[str, Sequence[str]]) -> str | None:
+  """One line naming how many records each split left out, and the first of them."""
+  if not skipped:
+    return None
+  parts = [f"{name} {len(v)} (first: {v[0]})" for name, v in skipped.items()]
+  return ("data: unreadable records left out (data.on_corrupt=skip): " + "; ".join(parts))

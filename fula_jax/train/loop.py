@@ -183,6 +183,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
              "test_n": final["n"],
              "test_robust_accuracy": final.get("robust_accuracy"),
              "num_params": models.count_params(state.params)}
+  skipped = data.skipped_records({"train": train_split, "test": test_split})
+  if skipped:
+    summary["skipped_records"] = skipped
+    print(data.skipped_line(skipped), flush=True)
   if io.is_writer():
     io.write_json(workdir / "summary.json", summary)
   print(f"{config.model.name} on {config.data.name}: test accuracy "
