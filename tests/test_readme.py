@@ -55,3 +55,52 @@ def test_similarity_measures_example_runs():
   exec(compile(code.replace(last, "out = " + last), "README.md", "exec"), scope)
   assert scope["out"]["cknna"].matrix.shape == (2, 2)
   assert np.isclose(scope["out"]["cknna"].matrix[0, 0], 1.0)
+
+
+def _commands() -> list[tuple[int, list[str]]]:
+  """(line, argv) of every `python -m fula_jax.main` command in the README's bash
+  blocks, in order, continuation lines joined."""
+  import shlex
+  text = README.read_text()
+  out = []
+  for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+    start = text[:block.start()].count("\n") + 2
+    joined = re.sub(r"\\\n\s*", " ", block.group(1))
+    for k, line in enumerate(joined.splitlines()):
+      cmd = line.split("&&")[-1].strip()
+      if cmd.startswith("python -m fula_jax.main") and "gcloud" not in line:
+        out.append((start + k, shlex.split(cmd)[3:]))
+  return out
+
+
+def test_every_readme_command_parses_and_reads_only_what_an_earlier_one_made():
+  """Each CPU command of the README (those on gs:// or several hosts are the
+  accelerator's) names a config that loads with its arguments, overrides only keys the
+  config has, and reads only workdirs an earlier README command wrote: no dead end for
+  a reader who runs them in order."""
+  import ast
+
+  from fula_jax import defaults
+  root = README.parent
+  made: set[str] = set()
+  checked = 0
+  for line, argv in _commands():
+    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "gs://" in " ".join(argv) or "coordinator_address" in flags or "--multihost" in argv:
+      continue
+    path, _, arg = flags["config"].partition(":")
+    config = defaults.load_config(root / path, arg or None)
+    for key, value in flags.items():
+      if not key.startswith("config."):
+        continue
+      node = config
+      for part in key.split(".")[1:]:
+        assert part in node, f"README line {line}: {key} is not a config key"
+        node = node[part]
+      reads = ([value] if key.endswith("_workdir") else
+               list(ast.literal_eval(value)) if key == "config.models" else [])
+      for wd in reads:
+        assert wd in made, f"README line {line} reads {wd}, which no earlier command makes"
+    made.add(flags["workdir"])
+    checked += 1
+  assert checked >= 9 and "workdirs/cnn" in made
