@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 from typing import Any, Sequence
 
 import numpy as np
@@ -344,14 +345,20 @@ def _load_one(npz_path: epath.Path) -> tuple[str, Matrix]:
   return str(meta.get("name", npz_path.stem)), m
 
 
+def suggest_quickstart(workdir: str | os.PathLike) -> str:
+  """The command that fills `workdir` with results (the quickstart, `:tiny`)."""
+  return ("python -m fula_jax.main --config=configs/quickstart.py:tiny "
+          f"--workdir={shlex.quote(str(workdir))}")
+
+
 def load(workdir: str | os.PathLike) -> dict[str, Matrix]:
   """Every matrix under ``<workdir>/results``, keyed by the name it was saved with."""
   d = _results_dir(workdir)
   if not d.exists():
     raise NoResultsError(
-        f"No results in {workdir}: {d} does not exist. Run a job (e.g. "
-        f"`python -m fula_jax.main --config=configs/similarity.py --workdir={workdir}`) "
-        "first, or check the path.")
+        f"No results in {workdir}: {d} does not exist. Check the path, or make some "
+        f"from the repository root (the quickstart at its tiny scale, under a minute on "
+        f"a CPU): `{suggest_quickstart(workdir)}`.")
   paths = sorted(p for p in d.glob("*.npz") if not p.name.startswith("."))
   if not paths:
     raise NoResultsError(f"No results in {workdir}: {d} holds no .npz matrices.")

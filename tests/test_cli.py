@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,9 +59,16 @@ def quickstart(tmp_path_factory):
   cwd.mkdir()
   cache = dict(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
-  proc = _start(["-m", "fula_jax.main", f"--config={config}:tiny",
-                 "--workdir=runs/quick start"], cwd, **cache)
+  # The command `results.load` suggests for a workdir without results, run as printed
+  # but for the config's path (it says "from the repository root"; this runs elsewhere).
+  with pytest.raises(results.NoResultsError) as missing:
+    results.load("runs/quick start")
+  suggested = re.search(r"`(python -m fula_jax\.main [^`]*)`", str(missing.value)).group(1)
+  argv = shlex.split(suggested)[1:]
+  assert argv == ["-m", "fula_jax.main", "--config=configs/quickstart.py:tiny",
+                  "--workdir=runs/quick start"], argv
+  argv[2] = argv[2].replace("configs", os.path.relpath(REPO / "configs", cwd), 1)
+  proc = _start(argv, cwd, **cache)
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, (out + err)[-4000:]
   return cwd, cwd / "runs" / "quick start", cache
