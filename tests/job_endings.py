@@ -13,3 +13,21 @@ def check(workdir, printed: str, report_file: str, notebook: str) -> dict:
   assert tail[2] == f"Next:    open {notebook} with WORKDIR={str(workdir)!r}"
   assert (workdir / report_file).exists()
   return summary
+
+
+def run_printing(fn, *args) -> tuple[object, str]:
+  """(fn(*args), what it printed on stdout)."""
+  import contextlib
+  import io
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    out = fn(*args)
+  return out, printed.getvalue()
+
+
+def check_study(workdir, out: dict, report_file: str, notebook: str) -> None:
+  """`check` for a study run by `run_printing`, whose summary names its workdir and
+  its models."""
+  summary = check(workdir, out["printed"], report_file, notebook)
+  assert summary["workdir"] == str(workdir)
+  assert len(summary["models"]) == len(out["models"]) > 0

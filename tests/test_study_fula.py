@@ -10,8 +10,6 @@ nothing is retrained or re-stitched.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
@@ -34,19 +32,15 @@ def tiny_run(tmp_path_factory):
   config = study_config.get_config("tiny")
   config.stitch.save_params = True
   workdir = tmp_path_factory.mktemp("fula")
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    out = study.run(config, str(workdir))
-  out["printed"] = printed.getvalue()
+  out, printed = job_endings.run_printing(study.run, config, str(workdir))
+  out["printed"] = printed
   return config, workdir, out
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):
   _, workdir, out = tiny_run
-  summary = job_endings.check(workdir, out["printed"], study.REPORT_FILE,
-                              "notebooks/explore_results.ipynb")
-  assert summary["workdir"] == str(workdir)
-  assert len(summary["models"]) == len(out["models"]) > 0
+  job_endings.check_study(workdir, out, study.REPORT_FILE,
+                          "notebooks/explore_results.ipynb")
 
 
 def _accuracy(logits, labels) -> float:

@@ -9,9 +9,6 @@ as a Colab user would) to see that no model is retrained.
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 
@@ -61,19 +58,15 @@ def _offdiag_table(report: str) -> dict[str, tuple[float, float]]:
 def tiny_run(tmp_path_factory):
   config = study_config.get_config("tiny")
   workdir = tmp_path_factory.mktemp("jones")
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    out = study.run(config, str(workdir))
-  out["printed"] = printed.getvalue()
+  out, printed = job_endings.run_printing(study.run, config, str(workdir))
+  out["printed"] = printed
   return config, workdir, out
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):
   _, workdir, out = tiny_run
-  summary = job_endings.check(workdir, out["printed"], study.REPORT_FILE,
-                              "notebooks/reproduce_jones.ipynb")
-  assert summary["workdir"] == str(workdir)
-  assert len(summary["models"]) == len(out["models"]) > 0
+  job_endings.check_study(workdir, out, study.REPORT_FILE,
+                          "notebooks/reproduce_jones.ipynb")
 
 
 def test_trains_every_model_with_its_attack(tiny_run):
