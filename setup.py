@@ -34,8 +34,12 @@ setup(
         "tensorflow-datasets>=4.9.7",
     ],
     extras_require={
-        "torch": ["torch>=2.1"],  # reading PyTorch checkpoints (.pt, .pth, .ckpt)
+        # PyTorch checkpoints (.pt, .pth, .ckpt) and models.from_torch (through torchax;
+        # torchax 0.0.13 does not import with torch 2.14: requirements-test.txt pins a
+        # pair that works)
+        "torch": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "torchax>=0.0.14.dev0"],
         "test": ["pytest>=8.0", "pytest-xdist>=3.0", "torch>=2.1", "torchvision>=0.16", "timm>=1.0",
+                 "torchax>=0.0.14.dev0",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
 )

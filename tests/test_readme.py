@@ -38,6 +38,21 @@ def test_your_own_model_example_runs(tmp_path, monkeypatch, capsys):
   assert "conv_b:input" not in capsys.readouterr().err
 
 
+def test_your_pytorch_model_example_runs(tmp_path, monkeypatch):
+  """The torch net, trained for seconds in torch, compared with a Flax zoo CNN: every
+  cell is finite where a map meets a map (or the vector the vector), and the best FuLA
+  stitch of each of the torch net's points keeps most of the zoo model's accuracy."""
+  monkeypatch.chdir(tmp_path)
+  scope: dict = {}
+  exec(compile(_block("### Your PyTorch model"), "README.md", "exec"), scope)
+  cka, fits = scope["cka"], scope["fits"]
+  assert cka["cka_linear_debiased"].rows == ["relu1", "relu2", "pool"]
+  assert np.isfinite(cka["cka_linear_debiased"].matrix).all()
+  fula = fits["stitch_fula/accuracy"].matrix
+  assert np.isfinite(fula[:2, :2]).all() and np.isfinite(fula[2, 2])
+  assert np.nanmax(fula, axis=1).min() >= 0.8, fula
+
+
 def test_similarity_measures_example_runs():
   """The example with small x, y, images and two MLPs defined first."""
   import jax

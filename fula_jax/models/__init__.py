@@ -11,6 +11,7 @@ from fula_jax.models.base import (INPUT, LOGITS, Model, StagedModel, capture,
                                   point_shapes)
 from fula_jax.models import imagenet
 from fula_jax.models.adapters import from_flax, from_nnx
+from fula_jax.models.torch_adapter import from_torch
 from fula_jax.models.resnet import ResNet, ResNet18, ResNet20
 from fula_jax.models.small import MLP, SmallCNN
 from fula_jax.models.vgg import VGG, VGG11, VGG16
@@ -43,5 +44,5 @@ def load_weights(name: str, path: Any, **kwargs: Any):
 
 __all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "Model", "ResNet", "ResNet18", "ResNet20",
            "SmallCNN", "StagedModel", "VGG", "VGG11", "VGG16", "ViT", "ViTTiny", "capture",
-           "check_points", "count_params", "forward", "from_flax", "from_nnx",
+           "check_points", "count_params", "forward", "from_flax", "from_nnx", "from_torch",
            "get_model", "init", "load_weights", "point_shapes"]
