@@ -242,10 +242,9 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   records = dict(finished)
   try:
     for k, w in enumerate(waves):
+      if k:  # the ETA's share for the waves after this one, at the compile pace so far
+        progress.bar.pending_s = sw.seconds.get("compile", 0.0) / k * (len(waves) - k - 1)
       records.update(w.run(progress))
-      # The ETA's share for the waves still to compile, at the pace so far.
-      progress.bar.pending_s = sw.seconds.get("compile", 0.0) / (k + 1) * (
-          len(waves) - k - 1)
   except KeyboardInterrupt:
     total = len(stitchable) * len(sci.objectives)
     kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if
