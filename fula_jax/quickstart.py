@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import ml_collections
@@ -72,9 +73,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     saved[m.measure] = m
 
   print("\n== Functional similarity (stitching A -> B, all four objectives)", flush=True)
-  stitched = stitching.sweep(model_a, vars_a, model_b, vars_b, train_split, test_split,
-                           config.stitch, workdir=str(workdir / "stitch"),
-                           name_a=name_a, name_b=name_b)
+  with warnings.catch_warnings():  # the summary below counts the unconverged cells
+    warnings.simplefilter("ignore", stitching.ConvergenceWarning)
+    stitched = stitching.sweep(model_a, vars_a, model_b, vars_b, train_split, test_split,
+                               config.stitch, workdir=str(workdir / "stitch"),
+                               name_a=name_a, name_b=name_b)
   for key, m in stitched.items():
     results.save(workdir, key, m)
     saved[key] = m
