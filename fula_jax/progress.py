@@ -78,3 +78,15 @@ class Progress:
     self._last = now
     msg = self.line() + (f" | {extra}" if extra else "")
     print(msg, file=self.stream or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def phase(doing: str, done: str, *, enabled: bool = True, stream: TextIO | None = None):
+  """Prints `doing` + " ..." before the block and `done` with its seconds after it."""
+  out = stream or sys.stdout
+  if enabled:
+    print(f"{doing} ...", file=out, flush=True)
+  t0 = time.perf_counter()
+  yield
+  if enabled:
+    print(f"{done} in {time.perf_counter() - t0:.1f} s", file=out, flush=True)

@@ -41,5 +41,5 @@ def test_a_sweep_names_its_compile_phase_per_wave(capsys):
   for k, end in ((1, "fc1"), (2, "fc2")):
     start = next(i for i, l in enumerate(lines)
                  if l.startswith(f"stitch sweep: wave {k}/2: compiling "))
-    assert lines[start].endswith(f"programs for end point {end} ..."), lines[start]
+    assert lines[start].endswith(f"programs (end points: {end}) ..."), lines[start]
     assert lines[start + 1].startswith(f"stitch sweep: wave {k}/2: compiled in ")

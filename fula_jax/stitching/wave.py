@@ -3,9 +3,9 @@
 Per batch, f and g run once (batch-sharded, every stitch point replicated out) and every
 unit of the wave steps on those shared activations. Least-squares statistics (for DM and
 ``init='lstsq'``) come first, over the same batch stream; evaluation runs one donor pass
-per held-out batch again. Every program the wave will call is compiled before it starts,
-in parallel threads, from the exact shapes and shardings of its calls, which fills
-JAX's own cache (and the persistent one): the wave itself then compiles nothing.
+per held-out batch again. Every program the wave calls is compiled first (a named phase
+of the progress output), in threads, from its calls' exact shapes and shardings, filling
+JAX's caches: the wave itself then compiles nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fula_jax import progress as progress_lib
 from fula_jax import sharding
 from fula_jax.stitching import ladder, lstsq, stacks
 from fula_jax.stitching import measures as measures_lib
@@ -152,8 +153,8 @@ class Wave:
       if sw.profile is not None:
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
-        key = (fn.__name__, kwargs["ctx"])
-        sw.profile.setdefault(key, {"flops": float(cost.get("flops", 0.0)), "calls": 0})
+        sw.profile.setdefault((fn.__name__, kwargs["ctx"]),
+                              {"flops": float(cost.get("flops", 0.0)), "calls": 0})
 
     unique = {}
     for fn, args, kwargs in calls:  # the same program twice would compile twice in
@@ -164,18 +165,14 @@ class Wave:
     calls = list(unique.values())
     workers = (max(1, min(len(calls), os.cpu_count() or 1))
                if sw.execution.parallel_compile else 1)
-    show = sw.execution.progress and jax.process_index() == 0
-    ends = sorted({r.unit.end for r in self.runs})
-    if show:
-      print(f"stitch sweep: {self.label}compiling {len(calls)} programs for end point"
-            f"{'s' if len(ends) > 1 else ''} {', '.join(ends)} ...", flush=True)
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    ends = ", ".join(sorted({r.unit.end for r in self.runs}))
+    with progress_lib.phase(
+        f"stitch sweep: {self.label}compiling {len(calls)} programs (end points: {ends})",
+        f"stitch sweep: {self.label}compiled",
+        enabled=sw.execution.progress and jax.process_index() == 0
+    ), concurrent.futures.ThreadPoolExecutor(workers) as pool:
       for f in [pool.submit(one, c) for c in calls]:
         f.result()
-    if show:
-      print(f"stitch sweep: {self.label}compiled in {time.perf_counter() - t0:.1f} s",
-            flush=True)
 
   # -- pieces of the calls
 
@@ -184,9 +181,8 @@ class Wave:
     shared = {"label": out["label"], "teacher": out["logits_b"],
               "targets": {p: out["acts_b"][p] for p in targets}}
     reference = None if train else self.sw.ood_reference()
-    if reference is not None:
-      shared[measures_lib.OOD] = reference[r.unit.end]
-    return shared
+    return shared if reference is None else dict(shared, **{
+        measures_lib.OOD: reference[r.unit.end]})
 
   def zero_sums(self, r: UnitRun) -> dict[str, np.ndarray]:
     """Zeroed evaluation sums of `r`'s stitches (their shapes traced once per unit)."""
@@ -346,9 +342,9 @@ class Wave:
       if s in r.failed:
         status, reason = "failed", r.failed[s]
       elif bool(state.diverged[s]):
-        status = "diverged"
-        reason = (f"non-finite loss or parameters at training step "
-                  f"{int(state.diverged_step[s])} (learning rate {float(state.lr[s]):g})")
+        status, reason = "diverged", (
+            f"non-finite loss or parameters at training step "
+            f"{int(state.diverged_step[s])} (learning rate {float(state.lr[s]):g})")
       elif not all(np.isfinite(metrics[m]) for m in measures_lib.REQUIRED_FINITE):
         status, reason = "diverged", "non-finite value on the test split"
       if status != "ok":
@@ -388,13 +384,12 @@ class Wave:
       recs = self.records(r, state, sums, end_accuracy)
       n = len(r.unit.fronts)
       params = {k: np.asarray(v)[:n] for k, v in state.params.items()}
-      for row, rec in zip(r.unit.fronts, recs):
+      for s, (row, rec) in enumerate(zip(r.unit.fronts, recs)):
         records[(r.unit.objective, row, r.unit.end)] = rec
-      for s, row in enumerate(r.unit.fronts):
         if sw.keep_params:
-          spec = r.ctx.specs()[s]
           sw.kept_params[(r.unit.objective, row, r.unit.end)] = {
-              k: np.asarray(v) for k, v in stacks.stitch_params(params, s, spec).items()}
+              k: np.asarray(v)
+              for k, v in stacks.stitch_params(params, s, r.ctx.specs()[s]).items()}
       sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
                      seconds=seconds, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
@@ -408,9 +403,7 @@ def _inapplicable(obj: Any, form: str, c_in: int, c_out: int,
     ladder.check(form, c_in, c_out, options)
   except ValueError as e:
     return str(e)
-  if getattr(obj, "unsolvable", "") and not steps:
-    return obj.unsolvable
-  return ""
+  return obj.unsolvable if getattr(obj, "unsolvable", "") and not steps else ""
 
 
 def _json(v: float) -> float | None:
