@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -230,7 +230,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
            for k, w in enumerate(packed)]
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),
-                               unit="batch", every_s=ex.progress_every_s, enabled=show))
+                               unit="batch", every_s=ex.progress_every_s, enabled=show),
+                      waves, sw.seconds)
   wanted = set(stitchable)
   resumed = sum(1 for (_, r, c) in finished if (r, c) in wanted)
   if show:
@@ -241,9 +242,7 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           f"processes).", flush=True)
   records = dict(finished)
   try:
-    for k, w in enumerate(waves):
-      if k:  # the ETA's share for the waves after this one, at the compile pace so far
-        progress.bar.pending_s = sw.seconds.get("compile", 0.0) / k * (len(waves) - k - 1)
+    for w in waves:
       records.update(w.run(progress))
   except KeyboardInterrupt:
     total = len(stitchable) * len(sci.objectives)
@@ -330,12 +329,20 @@ def _named(cfg: Any) -> Any:
 
 
 class _Advance:
-  def __init__(self, bar: Progress):
-    self.bar, self.count = bar, 0
+  """The sweep's progress bar, advanced batch by batch by every wave."""
+
+  def __init__(self, bar: Progress, waves: Sequence[Wave] = (),
+               seconds: Mapping[str, float] | None = None):
+    self.bar, self.count, self.waves, self.seconds = bar, 0, list(waves), seconds or {}
 
   def advance(self) -> None:
     self.count += 1
     self.bar.update(self.count)
+
+  def compiled(self, wave: Wave) -> None:
+    """`wave` has compiled: the ETA counts the waves after it at the compile pace so far."""
+    done = self.waves.index(wave) + 1
+    self.bar.pending_s = self.seconds.get("compile", 0.0) / done * (len(self.waves) - done)
 
 
 def sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,

@@ -27,6 +27,7 @@ from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 from fula_jax.stitching import pgd as pgd_lib
 from fula_jax.stitching import programs as P
+from fula_jax.stitching import store as store_lib
 from fula_jax.stitching.objectives import Where
 
 
@@ -350,7 +351,7 @@ class Wave:
       if status != "ok":
         metrics = {k: float("nan") for k in metrics}
       out.append({"row": row, "col": u.end, "status": status, "reason": reason,
-                  "metrics": {k: _json(v) for k, v in metrics.items()}})
+                  "metrics": {k: store_lib.to_json_value(v) for k, v in metrics.items()}})
     return out
 
   def run(self, progress) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -360,6 +361,7 @@ class Wave:
     with progress.bar.paused(), sharding.count_compiles() as warm, sw.timed("compile"):
       self.warm_up()
     sw.count.add_warm_up(warm)
+    progress.compiled(self)
     with sharding.count_compiles() as late:
       with sw.timed("least_squares"):
         init_sol, dm_sol = self.least_squares(progress)
@@ -405,6 +407,3 @@ def _inapplicable(obj: Any, form: str, c_in: int, c_out: int,
     return str(e)
   return obj.unsolvable if getattr(obj, "unsolvable", "") and not steps else ""
 
-
-def _json(v: float) -> float | None:
-  return float(v) if np.isfinite(v) else None
