@@ -153,8 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
       writer.write_scalars(done, {f"test/{k}": v for k, v in ev.items() if k != "n"})
       hist["test"].append({"step": done, **{f"test/{k}": float(v) for k, v in ev.items()
                                             if k != "n"}})
-    if mngr.save(done, args=_save_args(state)):
+    if mngr.should_save(done):  # the history first: a kill mid-save loses no entry
       history.save(workdir, hist)
+    mngr.save(done, args=_save_args(state))
   progress.update(total_steps, force=True)
   if mngr.latest_step() != total_steps:
     mngr.save(total_steps, args=_save_args(state), force=True)
