@@ -29,6 +29,7 @@ from fula_jax.data.pipeline import split_cues
 from fula_jax.data.preprocess import CROPS
 from fula_jax.data.records import CorruptRecordError
 from fula_jax.data.records import RecordSource
+from fula_jax.data.records import note_skipped
 from fula_jax.data.records import skipped_line
 from fula_jax.data.records import skipped_records
 from fula_jax.data.sources import as_batches

@@ -297,3 +297,12 @@ def skipped_line(skipped: Mapping[str, Sequence[str]]) -> str | None:
     return None
   parts = [f"{name} {len(v)} (first: {v[0]})" for name, v in skipped.items()]
   return ("data: unreadable records left out (data.on_corrupt=skip): " + "; ".join(parts))
+
+
+def note_skipped(summary: dict, sources: Mapping[str, Any]) -> None:
+  """Adds `skipped_records` to a job's `summary` and prints `skipped_line`, when any of
+  `sources` left records out."""
+  skipped = skipped_records(sources)
+  if skipped:
+    summary["skipped_records"] = skipped
+    print(skipped_line(skipped), flush=True)

@@ -379,10 +379,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               nan_cells=int(np.isnan(m.matrix).sum()),
                               estimator=m.meta.get("estimator"))
   from fula_jax import data
-  skipped = data.skipped_records({config.split: split})
-  if skipped:
-    summary["skipped_records"] = skipped
-    print(data.skipped_line(skipped), flush=True)
+  data.note_skipped(summary, {config.split: split})
   name_a, name_b = a.name, (b or a).name
   n_used = max([int(m.meta["n"]) for m in mats if m.meta.get("n")] + [0])
   rows = report.write(

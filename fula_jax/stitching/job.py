@@ -90,11 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   print("\n" + (line or "stitch sweep: every trained stitch converged."), flush=True)
   out = {"matrices": summary, "end_accuracy": res.end_accuracy, "stats": res.stats,
          "unconverged": {o: len(v) for o, v in unconverged.items()}}
-  skipped = data.skipped_records({"train": train, "test": test, "train_b": train_b,
-                                  "test_b": test_b})
-  if skipped:
-    out["skipped_records"] = skipped
-    print(data.skipped_line(skipped), flush=True)
+  data.note_skipped(out, {"train": train, "test": test, "train_b": train_b,
+                         "test_b": test_b})
   print()
   results.finish_job(workdir, out, report=io.path(workdir) / report.REPORT_FILE)
   return out

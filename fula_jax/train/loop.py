@@ -184,30 +184,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
              "test_n": final["n"],
              "test_robust_accuracy": final.get("robust_accuracy"),
              "num_params": models.count_params(state.params)}
-  skipped = data.skipped_records({"train": train_split, "test": test_split})
-  if skipped:
-    summary["skipped_records"] = skipped
-    print(data.skipped_line(skipped), flush=True)
+  data.note_skipped(summary, {"train": train_split, "test": test_split})
   if io.is_writer():
     io.write_json(workdir / "summary.json", summary)
   print(f"{config.model.name} on {config.data.name}: test accuracy "
         f"{final['accuracy']:.4f} (n={final['n']}) after {total_steps} steps", flush=True)
-  closing_block = closing_lines(workdir, config)
-  history.write_report(workdir, summary, hist, closing_block.split("Next:    ", 1)[1])
+  next_step = next_command(workdir, config)
+  history.write_report(workdir, summary, hist, next_step)
   if closing:
-    print(f"Report:  {workdir / history.REPORT_FILE} (curves: {history.CURVES_FILE})",
-          flush=True)
-    print(closing_block, flush=True)
+    load = f"fula_jax.train.checkpoint.load_trained({str(workdir)!r})"
+    print(f"Report:  {workdir / history.REPORT_FILE} (curves: {history.CURVES_FILE})\n"
+          f"Model:   {workdir} ({load}; checkpoints and summary.json there)\n"
+          f"Next:    {next_step}", flush=True)
   return {**summary, "state": state, "model_obj": model}
 
 
-def closing_lines(workdir: Any, config: ml_collections.ConfigDict) -> str:
-  """Where the trained model is and the command that compares it with itself layer by
-  layer (at the scale of its data: `:runlocal` for the embedded digits)."""
+def next_command(workdir: Any, config: ml_collections.ConfigDict) -> str:
+  """The command that compares the trained model with itself layer by layer (at the
+  scale of its data: `:runlocal` for the embedded digits)."""
   scale = ":runlocal" if config.data.name == "digits" else ""
-  load = f"fula_jax.train.checkpoint.load_trained({str(workdir)!r})"
-  return (f"Model:   {workdir} ({load}; checkpoints and summary.json there)\n"
-          f"Next:    python -m fula_jax.main --config=configs/similarity.py{scale} "
+  return (f"python -m fula_jax.main --config=configs/similarity.py{scale} "
           f"--workdir={shlex.quote(str(workdir) + '_similarity')} "
           f"--config.model_a_workdir={shlex.quote(str(workdir))}  "
           "(add --config.model_b_workdir=ANOTHER to compare two models)")
