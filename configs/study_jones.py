@@ -22,8 +22,10 @@ imagenet (the robust ImageNet zoo from weights files, nothing trained):
       --config.weights='/models/robust/{arch}_l2_eps{eps}.ckpt' \
       --config.data.data_dir=/data/tfds
 
-where the robustness library's checkpoints are renamed to imagenet_resnet50_l2_eps3.ckpt
-and so on (eps as in config.eps, formatted like 0.25 and 3).
+with the robustness library's checkpoints under their released names
+(resnet18_l2_eps3.ckpt, wide_resnet50_4_l2_eps0.25.ckpt, ...: {arch} is the name after
+'torchvision:', eps formatted like 0.25 and 3). They load as saved (``module.model.*``
+and the checkpoint's own normaliser); needs ``pip install -e '.[torch]'``.
 
 Expected time: runlocal (embedded digits at their native 8x8; a small CNN, an MLP and a
 quarter-width ResNet-20; eps in {0, 0.05, 0.1, 0.2} with PGD-3 training; 160 pairs, 150
@@ -36,7 +38,9 @@ train them in parallel with job=train into the same ``models/`` folders, then ru
 study to reuse them (the inversion and CKA part takes about an hour).
 
 Fields:
-  architectures: zoo names; each needs an entry in `models`.
+  architectures: zoo names; each needs an entry in `models`. With `weights`: PyTorch
+    architectures ('torchvision:resnet18', 'timm:...') or Flax layouts of the zoo
+    ('imagenet_resnet50').
   eps: L-inf radii in [0, 1] pixel units; 0 = standard training.
   attack: PGD settings shared by all models. Training uses `steps` with step size
     ``step_size_factor * eps / steps`` (Madry et al.'s 2.5 / steps convention);
@@ -99,11 +103,14 @@ def get_config(arg=None):
   config.weights = config_dict.placeholder(str)
   config.eval_examples = config_dict.placeholder(int)  # clean/PGD accuracy on the first n
   if arg.imagenet:
-    # The robust ImageNet zoo of Salman et al. (2020) that Jones et al. compare: L2
-    # robust ResNet-18/50 and WRN-50-2 checkpoints of the robustness library, on the
-    # ImageNet validation set streamed at 224 (resize 256, centre crop 224).
-    config.architectures = ("imagenet_resnet18", "imagenet_resnet50",
-                            "imagenet_wide_resnet50_2")
+    # Jones et al.'s zoo: the nine L2-robust ImageNet architectures of Salman et al.
+    # (2020), the robustness library's checkpoints run through torchax (`pip install -e
+    # '.[torch]'`), each compared at its penultimate features (its classifier's input),
+    # on the ImageNet validation set streamed at 224 (resize 256, centre crop 224).
+    # A Flax layout of the zoo ('imagenet_resnet50', ...) can stand in for any of them.
+    config.architectures = tuple(f"torchvision:{a}" for a in (
+        "resnet18", "resnet50", "wide_resnet50_2", "wide_resnet50_4", "densenet161",
+        "mobilenet_v2", "resnext50_32x4d", "shufflenet_v2_x1_0", "vgg16_bn"))
     config.eps = (0.0, 0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 5.0)
     config.attack.norm = "l2"
     config.attack.eval_eps = 3.0

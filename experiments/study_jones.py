@@ -60,6 +60,21 @@ def eps_tag(eps: float) -> str:
   return f"{float(eps):g}"
 
 
+def label(arch: str) -> str:
+  """An architecture's name in ids, files and figures: 'resnet18' for
+  'torchvision:resnet18' (the robustness library's file names), else itself."""
+  return arch.partition(":")[2] or arch
+
+
+def load_pretrained(arch: str, path: Any, image_size: int) -> tuple[Any, Any]:
+  """A pretrained zoo member: a PyTorch architecture ('torchvision:resnet18') through
+  `from_torch`, or a Flax layout of the zoo ('imagenet_resnet18')."""
+  if ":" in arch:
+    from fula_jax.models import torch_zoo
+    return torch_zoo.load(arch, path, image_size=image_size)
+  return models.load_weights(arch, path)
+
+
 def model_id(arch: str, eps: float) -> str:
   return f"{arch}_eps{eps_tag(eps)}"
 
@@ -79,11 +94,14 @@ def eps_label(eps: float, all_eps: Sequence[float]) -> str:
 def check_grid(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
   """Validated architectures (config order) and eps values (ascending)."""
   archs = [str(a) for a in config.architectures]
-  if len(archs) < 2 or len(set(archs)) != len(archs):
+  if len(archs) < 2 or len({label(a) for a in archs}) != len(archs):
     raise errors.ConfigError("config.architectures needs at least two distinct architectures "
                      f"for inter-architecture similarity, got {archs}.")
   for a in archs:
-    if config.get("weights"):
+    if config.get("weights") and ":" in a:
+      from fula_jax.models import torch_zoo
+      torch_zoo.split(a)
+    elif config.get("weights"):
       registry.lookup("model", a, models.MODELS)
     elif a not in config.models:
       raise registry.unknown("study architecture (no entry in config.models)", a,
@@ -304,7 +322,9 @@ def write_report(workdir: epath.Path, config: ml_collections.ConfigDict,
 def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
                 archs: Sequence[str], eps: Sequence[float], test: Any,
                 key: jax.Array, eval_eps: float):
-  """Train or reuse every (arch, eps) model and measure its clean and PGD accuracy.
+  """Train, reuse or load every (arch, eps) model; measure its clean and PGD accuracy.
+
+  `archs` are the config's names; the results name each by its `label`.
 
   Returns ({eps: {arch: (model, variables)}}, rows of per-model numbers, trained ids,
   reused ids).
@@ -314,12 +334,13 @@ def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
   zoo: dict[float, dict[str, inversion.ModelSpec]] = {e: {} for e in eps}
   rows, trained, reused = [], [], []
   eval_set = test.take(config.get("eval_examples"))
-  for i, (arch, e) in enumerate(grid):
+  for i, (spec, e) in enumerate(grid):
+    arch = label(spec)
     mid = model_id(arch, e)
     mdir = workdir / MODELS_DIR / mid
     if config.get("weights"):  # a pretrained zoo, e.g. robust ImageNet models
       mdir = io.path(config.weights.format(arch=arch, eps=eps_tag(e)))
-      model, variables = models.load_weights(arch, mdir)
+      model, variables = load_pretrained(spec, mdir, int(config.data.image_size))
       was_trained = False
     else:
       _, was_trained = train_or_reuse(model_config(config, arch, e), mdir)
@@ -338,7 +359,8 @@ def prepare_zoo(config: ml_collections.ConfigDict, workdir: epath.Path,
         "robust_own": float(evals[e]["robust_accuracy"]) if e > 0 else None,
         "robust_eval": float(ev["robust_accuracy"])})
     bar.update(i + 1, extra=(
-        f"{mid} {'trained' if was_trained else 'reused'}: clean {ev['accuracy']:.3f}, "
+        f"{mid} {'trained' if was_trained else 'loaded' if config.get('weights') else 'reused'}"
+        f": clean {ev['accuracy']:.3f}, "
         f"robust @ ε={eps_tag(eval_eps)} {ev['robust_accuracy']:.3f}"))
   return zoo, rows, trained, reused
 
@@ -433,12 +455,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   t0 = time.perf_counter()
   workdir = io.path(workdir)
-  archs, eps = check_grid(config)
+  specs, eps = check_grid(config)
+  archs = [label(a) for a in specs]
   test = data.source(config.data, "test")
   key = jax.random.PRNGKey(int(config.seed))
   eval_eps = float(config.attack.eval_eps if config.attack.get("eval_eps") is not None
                    else max(eps))
-  zoo, model_rows, trained, reused = prepare_zoo(config, workdir, archs, eps, test, key,
+  zoo, model_rows, trained, reused = prepare_zoo(config, workdir, specs, eps, test, key,
                                                  eval_eps)
   # One set of pairs for every reference model and every eps.
   pairs = inversion.make_pairs(test.labels, jax.random.fold_in(key, _PAIRS_FOLD),

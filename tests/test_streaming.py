@@ -317,22 +317,36 @@ def test_imagenet_scale_configs_run_on_mock_data(tmp_path, imagenet_weights, con
     assert all(m.matrix.shape == (2, 1) for m in mats.values())
 
 
-def test_jones_study_on_a_pretrained_imagenet_zoo_runs_on_mock_data(tmp_path,
-                                                                   imagenet_weights):
-  """configs/study_jones.py:imagenet as shipped, shrunk only in size: the zoo comes from
-  weights files named by its {arch}/{eps} pattern and nothing is trained."""
+def test_jones_study_on_a_pretrained_imagenet_zoo_runs_on_mock_data(tmp_path):
+  """configs/study_jones.py:imagenet as shipped, shrunk in size (32 px, a few examples
+  and steps) and to two of its nine PyTorch architectures (each of the nine loads and
+  equals torch in test_torch_models): robustness-library checkpoints under the
+  {arch}/{eps} file pattern, run through torchax; nothing is trained."""
   from experiments import study_jones
+  from fula_jax.models import torch_zoo
   cfg = defaults.load_config(_REPO / "configs" / "study_jones.py", "imagenet")
-  cfg.architectures, cfg.eps = ("imagenet_resnet18", "imagenet_resnet50"), (3.0,)
-  cfg.weights = str(imagenet_weights / "{arch}.safetensors")  # one file for every eps
+  assert sorted(cfg.architectures) == sorted(torch_zoo.JONES_ZOO)
+  cfg.architectures = ("torchvision:resnet18", "torchvision:shufflenet_v2_x1_0")
+  torch.manual_seed(0)
+  for spec in cfg.architectures:
+    state = torch_zoo.build(spec).state_dict()
+    ckpt = {f"module.model.{k}": v for k, v in state.items()}
+    ckpt.update({f"module.attacker.model.{k}": v for k, v in state.items()})
+    ckpt["module.normalizer.new_mean"] = torch.tensor([0.485, 0.456, 0.406])
+    ckpt["module.normalizer.new_std"] = torch.tensor([0.229, 0.224, 0.225])
+    torch.save({"model": ckpt, "epoch": 90}, tmp_path / f"{study_jones.label(spec)}.ckpt")
+  cfg.eps = (3.0,)
+  cfg.weights = str(tmp_path / "{arch}.ckpt")  # one file for every eps
   cfg.data.image_size, cfg.data.download = 32, True
   cfg.n_pairs, cfg.eval_examples, cfg.eval_batch_size = 4, 4, 4
   cfg.attack.eval_steps = 1
   cfg.inversion.update(dict(steps=2, batch_size=4, eval_batch_size=4, progress=False))
   with tfds.testing.mock_data(num_examples=16):
     out = study_jones.run(cfg, str(tmp_path / "study"))
-  assert out["trained"] == [] and len(out["reused"]) == 2
+  assert out["trained"] == [] and out["architectures"] == ["resnet18",
+                                                           "shufflenet_v2_x1_0"]
   mats = results.load(tmp_path / "study")
   assert set(mats) == {"jones/eps3/inverted_cka", "jones/eps3/natural_cka"}
   for m in mats.values():
     assert m.matrix.shape == (2, 2) and np.isfinite(m.matrix).all()
+    assert list(m.rows) == out["architectures"]

@@ -4,6 +4,7 @@ equals torch and compiles without the prefix; a DM self-stitch recovers a torch 
 torch <-> Flax sweeps fill every stitchable cell; PGD's input gradient equals torch
 autograd's."""
 
+import pathlib
 import re
 
 import jax
@@ -12,7 +13,12 @@ import pytest
 import torch
 
 from fula_jax import models, stitching
+from fula_jax.models import torch_zoo
+from fula_jax.models.weights import WeightsError
+from fula_jax.registry import UnknownNameError
 from fula_jax.stitching import testing
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class SmallNet(torch.nn.Module):
@@ -42,8 +48,15 @@ def _eager(module, x_nhwc, points):
       acts.setdefault(p, out.detach().numpy())  # returns None: the output stays
     return hook
 
+  def keep_input(p):
+    def pre_hook(module, inputs):
+      acts.setdefault(p, inputs[0].detach().numpy())
+    return pre_hook
+
   for p in points:
-    handles.append(subs[p].register_forward_hook(keep(p)))
+    name, is_input = p[:-len(":input")] if p.endswith(":input") else p, p.endswith(":input")
+    handles.append(subs[name].register_forward_pre_hook(keep_input(p)) if is_input
+                   else subs[name].register_forward_hook(keep(p)))
   with torch.no_grad():
     logits = module.eval()(torch.tensor(x_nhwc).permute(0, 3, 1, 2)).numpy()
   for h in handles:
@@ -52,11 +65,17 @@ def _eager(module, x_nhwc, points):
                   for p, a in acts.items()}
 
 
-def _check_against_eager(module, points, shape, prefix_tokens=0, atol=1e-4):
-  model, v = models.from_torch(module, points, input_shape=shape,
-                               prefix_tokens=prefix_tokens)
+def _check_against_eager(module, points, shape, prefix_tokens=0, atol=1e-4, model=None,
+                         normalise=lambda x: x):
+  """`model` (default: `from_torch(module, points)`) against torch eager, every point and
+  the logits, and run from a middle point; `normalise` is the model's input transform."""
+  if model is None:
+    model, v = models.from_torch(module, points, input_shape=shape,
+                                 prefix_tokens=prefix_tokens)
+  else:
+    model, v = model
   x = np.random.default_rng(0).uniform(size=(2,) + shape).astype(np.float32)
-  want_logits, want = _eager(module, x, model.point_names)
+  want_logits, want = _eager(module, normalise(x), model.point_names)
   logits, acts = jax.jit(lambda v, x: model.apply(v, x, capture=True))(v, x)
   scale = np.abs(want_logits).max()
   np.testing.assert_allclose(np.asarray(logits), want_logits, atol=atol * max(1, scale))
@@ -112,6 +131,50 @@ def test_zoo_architectures_equal_torch_eager(name):
               "shufflenet_v2_x0_5": ["stage2", "stage3", "stage4"]}[name.split(":")[1]]
     prefix = 0
   _check_against_eager(_random_bn(net), points, (32, 32, 3), prefix_tokens=prefix)
+
+
+def _robustness_checkpoint(path, state, *, mean, std, attacker=True):
+  """A checkpoint as the robustness library writes it: the model under 'module.model.',
+  the attacker's copy, and the normaliser's statistics."""
+  ckpt = {f"module.model.{k}": v for k, v in state.items()}
+  if attacker:
+    ckpt.update({f"module.attacker.model.{k}": v for k, v in state.items()})
+  ckpt["module.normalizer.new_mean"] = torch.tensor(mean)[:, None, None]
+  ckpt["module.normalizer.new_std"] = torch.tensor(std)[:, None, None]
+  torch.save({"model": ckpt, "optimizer": {}, "epoch": 90}, path)
+
+
+@pytest.mark.parametrize("spec", torch_zoo.JONES_ZOO)
+def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec):
+  """Each of the nine architectures of configs/study_jones.py:imagenet, from a checkpoint
+  in the robustness library's layout with its own normaliser: the classes come from the
+  file, every point (the last one the penultimate features) and the logits equal torch
+  eager at 32 px."""
+  torch.manual_seed(0)
+  net = _random_bn(torch_zoo.build(spec, num_classes=7))
+  mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
+  path = tmp_path / "robust.ckpt"
+  big = sum(p.numel() for p in net.parameters()) > 50e6  # the attacker's copy: 0.3-0.9 GB
+  _robustness_checkpoint(path, net.state_dict(), mean=mean, std=std, attacker=not big)
+  model = torch_zoo.load(spec, path, image_size=32)
+  assert model[0].point_names[-1].endswith(":input")  # the classifier's input
+  _check_against_eager(net, None, (32, 32, 3), model=model,  # logits: 7 classes
+                       normalise=lambda x: (x - np.float32(mean)) / np.float32(std))
+
+
+def test_a_checkpoint_of_another_architecture_names_the_first_misfit(tmp_path):
+  torch.manual_seed(0)
+  path = tmp_path / "resnet18_l2_eps3.ckpt"
+  _robustness_checkpoint(path, torch_zoo.build("torchvision:resnet18").state_dict(),
+                         mean=(0.5,) * 3, std=(0.5,) * 3, attacker=False)
+  with pytest.raises(WeightsError, match=r"'layer1\.0\.conv1\.weight' has shape "
+                     r"\(64, 64, 3, 3\) in the file but torchvision:resnet50 expects "
+                     r"\(64, 64, 1, 1\)"):
+    torch_zoo.load("torchvision:resnet50", path, image_size=32)
+  with pytest.raises(UnknownNameError, match="resnet50"):
+    torch_zoo.build("torchvision:resnet5O")
+  with pytest.raises(UnknownNameError, match="torchvision"):
+    torch_zoo.build("pytorch:resnet50")
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +248,66 @@ def test_fula_jax_never_imports_torch_and_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "torchax", None)  # as if the extra were missing
   with pytest.raises(Exception, match=r"pip install -e '\.\[torch\]'"):
     models.from_torch(SmallNet(), ["conv1"], input_shape=(8, 8, 3))
+
+
+def _linear_cka(x, y):
+  """Biased linear CKA in NumPy (Kornblith et al. 2019, feature-space form)."""
+  x = x.reshape(len(x), -1).astype(np.float64)
+  y = y.reshape(len(y), -1).astype(np.float64)
+  x, y = x - x.mean(0), y - y.mean(0)
+  return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_jobs_take_a_torch_donor_by_name_and_weights_file(tmp_path, model_workdir):
+  """``model_a.torch`` and ``model_a.weights`` (a DataParallel-style .pth) in the stitch and
+  similarity jobs, against a Flax zoo workdir, on the embedded digits: the stitch job
+  fills every cell both models' shapes allow, and each CKA cell equals a NumPy CKA of
+  the two models' own activations."""
+  import torchvision
+
+  from fula_jax import data, defaults, donors, results
+  from fula_jax.similarity import job as similarity_job
+  from fula_jax.stitching import job as stitch_job
+  torch.manual_seed(0)
+  net = _random_bn(torchvision.models.resnet18(num_classes=10))
+  torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}},
+             tmp_path / "resnet18.pth")
+  flax_dir = model_workdir(tmp_path / "cnn", "cnn", {"widths": (4, 6)}, channels=3)
+
+  def donor_flags(cfg):
+    cfg.model_a.torch = "torchvision:resnet18"
+    cfg.model_a.weights = str(tmp_path / "resnet18.pth")
+    cfg.model_a.points = ("layer1", "layer2:input", "fc:input")
+    cfg.model_b.workdir = flax_dir
+    cfg.data.image_size, cfg.data.channels = None, 3  # native 8x8, as the cnn
+    cfg.png = False
+
+  cfg = defaults.load_config(_REPO / "configs" / "stitch.py", "objectives=dm")
+  donor_flags(cfg)
+  cfg.num_train, cfg.num_test = 300, 100
+  cfg.stitch.update(dict(baselines=False, progress=False))
+  stitch_job.run(cfg, str(tmp_path / "stitch"))
+  acc = results.load(tmp_path / "stitch")["stitch_dm/accuracy"]
+  assert acc.rows == ["layer1", "layer2:input", "fc:input"]
+  vector = np.array([[r == "fc:input" for _ in acc.cols] for r in acc.rows])
+  vector_b = np.array([[c == "pool" for c in acc.cols] for _ in acc.rows])
+  stitchable = vector == vector_b  # maps into maps, vectors into vectors
+  assert np.isfinite(acc.matrix[stitchable]).all()
+  assert np.isnan(acc.matrix[~stitchable]).all()
+  assert len(acc.meta["reasons"]) == (~stitchable).sum()
+
+  cfg = defaults.load_config(_REPO / "configs" / "similarity.py")
+  donor_flags(cfg)
+  cfg.measures, cfg.estimator, cfg.num_examples = ("cka_linear",), "exact", 120
+  similarity_job.run(cfg, str(tmp_path / "similarity"))
+  cka = results.load(tmp_path / "similarity")["cka_linear"]
+  a, b = donors.load(cfg, "a"), donors.load(cfg, "b")
+  images = data.source(cfg.data, "test").take(120)
+  images = np.concatenate([batch["image"] for batch in images.eval_batches(120)])[:120]
+  _, acts_a = a.model.apply(a.variables, images, capture=True)
+  _, acts_b = models.capture(b.model, b.variables, images)
+  for i, p in enumerate(cka.rows):
+    for j, q in enumerate(cka.cols):
+      np.testing.assert_allclose(cka.matrix[i, j],
+                                 _linear_cka(np.asarray(acts_a[p]), np.asarray(acts_b[q])),
+                                 atol=1e-4, err_msg=(p, q))

@@ -5,12 +5,15 @@ timm or your own): torchax turns its forward pass into a pure JAX function of it
 parameters and buffers, which become the model's variables (a dict of arrays), so the
 sweep engine jits, vmaps and differentiates it like a Flax model. Points are submodule
 names as ``module.named_modules()`` gives them (``"layer2"``, ``"blocks.3"``; glob
-patterns segment by segment, ``"layer*"``), each naming the submodule's output.
+patterns segment by segment, ``"layer*"``), each naming the submodule's output, or
+``"<name>:input"`` for the activation entering it (``"fc:input"``: a ResNet's pooled
+features, wherever the forward pass computes them with functional ops).
 
 How the pieces run, without rewriting the model: a forward hook on each point records
 its output (up to point i, the pass stops there) or, from point j, returns the given
-activation in place of j's output. The layers before j still trace on zeros, but
-nothing reads them, so XLA removes them from the compiled program. As with
+activation in place of j's output; a forward pre-hook does the same for an input point.
+The layers before j still trace on zeros, but nothing reads them, so XLA removes them
+from the compiled program. As with
 `from_flax`, a point must cut the network.
 
 Layouts: the engine's images are NHWC in [0, 1]; `input_transform` (e.g. ImageNet
@@ -32,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from fula_jax import errors
-from fula_jax.models.adapters import _expand, _Hashable, _Points, _prefix_table, _Stop
+from fula_jax.models.adapters import (INPUT_SUFFIX, _expand, _Hashable, _Points,
+                                      _prefix_table, _split_point, _Stop)
 from fula_jax.models.base import INPUT, LOGITS
 
 EXTRA = ("PyTorch models need the torch extra: pip install -e '.[torch]' (torch, "
@@ -87,20 +91,27 @@ class TorchModel(_Points):
     acts: dict[str, jax.Array] = {}
     seen: set[str] = set()
 
-    def hook_for(path: str, k: int):
-      def hook(_module, _inputs, out):
-        if path in seen:  # a module called twice: only its first call is the point
-          return None
-        seen.add(path)
-        if k == first:
-          return interop.torch_view(_to_nchw(x))
-        value = _to_nhwc(interop.jax_view(out))
-        if capture and first < k <= last:
-          acts[path] = value
-        if k == last:
-          raise _Stop(value)
+    def at_point(path: str, k: int, value: Any) -> Any:
+      """What point k passes on: the given activation at the start, else its own."""
+      if path in seen:  # a module called twice: only its first call is the point
         return None
-      return hook
+      seen.add(path)
+      if k == first:
+        return interop.torch_view(_to_nchw(x))
+      value = _to_nhwc(interop.jax_view(value))
+      if capture and first < k <= last:
+        acts[path] = value
+      if k == last:
+        raise _Stop(value)
+      return None
+
+    def hook_for(path: str, k: int):
+      if _split_point(path)[1]:
+        def pre_hook(_module, inputs):
+          given = at_point(path, k, inputs[0])
+          return None if given is None else (given,) + tuple(inputs[1:])
+        return pre_hook
+      return lambda _module, _inputs, out: at_point(path, k, out)
 
     if first >= 0:
       inputs = jnp.zeros((x.shape[0],) + self.input_shape, jnp.float32)
@@ -109,8 +120,13 @@ class TorchModel(_Points):
     params = {k: variables[k] for k in jm.params}
     buffers = {k: variables[k] for k in jm.buffers}
     modules = dict(jm._model.named_modules())
-    handles = [modules[p].register_forward_hook(hook_for(p, k))
-               for k, p in enumerate(self.points) if first <= k <= last]
+    handles = []
+    for k, p in enumerate(self.points):
+      if first <= k <= last:
+        name, is_input = _split_point(p)
+        register = (modules[name].register_forward_pre_hook if is_input
+                    else modules[name].register_forward_hook)
+        handles.append(register(hook_for(p, k)))
     try:
       p_t, b_t, x_t = env.j2t_iso((params, buffers, _to_nchw(inputs)))
       with env:
@@ -127,16 +143,22 @@ class TorchModel(_Points):
 
 
 def module_paths(module: Any, input_shape: Sequence[int]) -> list[str]:
-  """Every named submodule of `module`, in the order a forward pass on zeros of one
-  example's `input_shape` (H, W, C) finishes them (modules it never calls are left
-  out)."""
+  """Every point of `module` in the order a forward pass on zeros of one example's
+  `input_shape` (H, W, C) reaches it: ``"<name>:input"`` when submodule `name` is
+  entered, ``"<name>"`` when it finishes (modules it never calls are left out)."""
   torch, _ = _torch()
   order: list[str] = []
+
+  def record(point: str) -> None:
+    if point not in order:
+      order.append(point)
+
   handles = []
   for name, sub in module.named_modules():
     if name:
-      handles.append(sub.register_forward_hook(
-          lambda m, i, o, name=name: order.append(name) if name not in order else None))
+      handles.append(sub.register_forward_pre_hook(
+          lambda m, i, name=name: record(name + INPUT_SUFFIX)))
+      handles.append(sub.register_forward_hook(lambda m, i, o, name=name: record(name)))
   h, w, c = tuple(input_shape)
   try:
     with torch.no_grad():
@@ -156,8 +178,9 @@ def from_torch(module: Any, points: Sequence[str] | str, *, input_shape: Sequenc
   Args:
     module: the torch module, with its weights loaded (put in eval mode here).
     points: submodule names in execution order (``"layer2"``, ``"blocks.3"``) or glob
-      patterns (``"layer*"``); each names the submodule's output. An unknown name lists
-      the valid ones.
+      patterns (``"layer*"``); each names the submodule's output, or with ``":input"``
+      the activation entering it (``"fc:input"``). An unknown name lists the valid
+      ones.
     input_shape: one example's input shape (H, W, C).
     input_transform: applied to the [0, 1] NHWC images before the module (e.g. the
       ImageNet mean and std), so attacks and inversion work in pixel space.
