@@ -311,3 +311,16 @@ def test_jobs_take_a_torch_donor_by_name_and_weights_file(tmp_path, model_workdi
       np.testing.assert_allclose(cka.matrix[i, j],
                                  _linear_cka(np.asarray(acts_a[p]), np.asarray(acts_b[q])),
                                  atol=1e-4, err_msg=(p, q))
+
+
+def test_default_points_are_the_stages_then_the_classifier_input():
+  """Without named points: timm's feature_info stages (a ViT's blocks, with its CLS
+  token declared), then the input of the last linear layer."""
+  vit, _ = torch_zoo.load("timm:vit_tiny_patch16_224", None, image_size=32, img_size=32,
+                          patch_size=8, depth=3)
+  assert vit.point_names == ("blocks.0", "blocks.1", "blocks.2", "head:input")
+  assert vit.prefix_tokens == {"blocks.0": 1, "blocks.1": 1, "blocks.2": 1,
+                               "head:input": 0}
+  convnext, _ = torch_zoo.load("timm:convnext_atto", None, image_size=32)
+  assert convnext.point_names == ("stages.0", "stages.1", "stages.2", "stages.3",
+                                  "head.fc:input")
