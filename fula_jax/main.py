@@ -190,6 +190,17 @@ def resolve_paths(config: Any) -> Any:
   return config
 
 
+def compilation_cache(config: Any, workdir: str) -> str | None:
+  """Where a job keeps its compiled programs, so that a rerun or a resumed job compiles
+  nothing: ``stitch.compilation_cache`` when set ('off': nowhere), else
+  ``<workdir>/compilation_cache``."""
+  stitch = config.get("stitch") if hasattr(config, "get") else None
+  named = str(stitch.get("compilation_cache") or "") if stitch is not None else ""
+  if named == "off":
+    return None
+  return named or os.path.join(workdir, "compilation_cache")
+
+
 def main(argv, job: Callable[..., Any] | None = None):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -197,13 +208,14 @@ def main(argv, job: Callable[..., Any] | None = None):
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   verbose = _VERBOSE.value or _verbose()
   try:
-    from fula_jax import io
+    from fula_jax import io, sharding
     config = resolve_paths(_CONFIG.value)
     workdir = io.resolve(_WORKDIR.value)
     job = job or resolve_job(config.job)
     initialize_distributed()
     if io.is_writer():
       io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    sharding.use_compilation_cache(compilation_cache(config, workdir))
     job(config, workdir)
   except errors.UserError as e:
     if verbose:

@@ -97,7 +97,12 @@ def use_compilation_cache(path: str | os.PathLike | None) -> str | None:
 
   JAX's cache is process-wide by design, so this sets JAX's config; programs that
   compile in under a second are cached too (JAX's default skips them, and on a CPU
-  most programs do).
+  most programs do). The command-line jobs call it with ``<workdir>/compilation_cache``;
+  library calls never do unless given a path (``stitch.compilation_cache=PATH``). In a
+  notebook, call it once, before the first sweep:
+
+    from fula_jax import sharding
+    sharding.use_compilation_cache("/content/drive/MyDrive/xla_cache")
   """
   current = jax.config.jax_compilation_cache_dir
   if current:

@@ -290,3 +290,17 @@ def test_readme_results_in_colab_example_runs(quickstart, tmp_path, monkeypatch)
   assert scope["m"].measure == "cka_linear_debiased"
   table = scope["analysis"].diff(scope["mats"], results.load("workdirs/other"))
   assert (table["max_abs_difference"].dropna() == 0).all()
+
+
+def test_cli_jobs_keep_compiled_programs_in_their_workdir_unless_told_otherwise():
+  import ml_collections
+
+  from fula_jax import main
+  stitch = ml_collections.ConfigDict({"stitch": {"compilation_cache": ""}})
+  assert main.compilation_cache(stitch, "/w") == "/w/compilation_cache"
+  assert main.compilation_cache(ml_collections.ConfigDict({"job": "train"}), "/w") == (
+      "/w/compilation_cache")
+  stitch.stitch.compilation_cache = "off"
+  assert main.compilation_cache(stitch, "/w") is None
+  stitch.stitch.compilation_cache = "/cache"
+  assert main.compilation_cache(stitch, "/w") == "/cache"

@@ -9,7 +9,7 @@ masked `eval_batches`; `augment` is the jittable random crop + flip of training 
 
 from fula_jax.data.batching import epoch_permutation
 from fula_jax.data.batching import eval_batches
-from fula_jax.data.batching import materialize
+from fula_jax.data.split import materialize
 from fula_jax.data.batching import num_eval_batches
 from fula_jax.data.batching import steps_per_epoch
 from fula_jax.data.batching import train_batches

@@ -86,17 +86,3 @@ def train_batches(source: Any, batch_size: int, **kwargs) -> Iterator[dict[str, 
 def eval_batches(source: Any, batch_size: int, **kwargs) -> Iterator[dict[str, Any]]:
   """`source.eval_batches` (process_index, process_count, limit)."""
   return source.eval_batches(batch_size, **kwargs)
-
-
-def materialize(source: Any, *, batch_size: int = 256) -> Any:
-  """A `Split` holding every example of `source` (for small sources only)."""
-  from fula_jax.data.split import Split  # pylint: disable=g-import-not-at-top
-  if isinstance(source, Split):
-    return source
-  images, labels = [], []
-  for batch in source.eval_batches(batch_size):
-    keep = batch["mask"] > 0
-    images.append(np.asarray(batch["image"])[keep])
-    labels.append(np.asarray(batch["label"])[keep])
-  return Split(np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(
-      np.int32), source.num_classes, source.name)

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from fula_jax import errors, registry
-from fula_jax.data import batching
+from fula_jax.data import split as split_lib
 from fula_jax.data import digits
 from fula_jax.data import folder
 from fula_jax.data import preprocess
@@ -201,14 +201,14 @@ def source_with_cues(cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, n
     return _digits(cfg, split)
   streamed, cues = _streamed(cfg, split)
   if cfg.in_memory:
-    return batching.materialize(streamed), cues
+    return split_lib.materialize(streamed), cues
   return streamed, cues
 
 
 def load_with_cues(cfg: ml_collections.ConfigDict, split: str) -> tuple[Split, np.ndarray]:
   """`load`, plus the cue class of every example (int32, -1 where none)."""
   src, cues = source_with_cues(cfg, split)
-  return batching.materialize(src), cues
+  return split_lib.materialize(src), cues
 
 
 def num_classes(cfg: ml_collections.ConfigDict) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -80,3 +80,16 @@ class Split:
       cached = h.hexdigest()[:24]
       object.__setattr__(self, "_fingerprint", cached)
     return cached
+
+
+def materialize(source: Any, *, batch_size: int = 256) -> Any:
+  """A `Split` holding every example of `source` (for small sources only)."""
+  if isinstance(source, Split):
+    return source
+  images, labels = [], []
+  for batch in source.eval_batches(batch_size):
+    keep = batch["mask"] > 0
+    images.append(np.asarray(batch["image"])[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  return Split(np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(
+      np.int32), source.num_classes, source.name)

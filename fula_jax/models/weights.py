@@ -28,6 +28,7 @@ import numpy as np
 
 from fula_jax import io
 from fula_jax.errors import UserError
+from fula_jax.models import base, zoo
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 SKIP = ("num_batches_tracked",)
@@ -162,7 +163,6 @@ def load_weights(name: str, path: str | os.PathLike, **model_kwargs: Any
   The number of classes comes from the file's classifier; `model_kwargs` go to the
   architecture (e.g. ``image_size`` of a ViT).
   """
-  from fula_jax import models
   state, stats = split_normaliser(read_state_dict(path))
   converted = {}
   for key, value in state.items():
@@ -176,10 +176,10 @@ def load_weights(name: str, path: str | os.PathLike, **model_kwargs: Any
   if heads and "num_classes" not in kwargs:
     kwargs["num_classes"] = int(heads[0].shape[0])
   kwargs.update({k: v for k, v in stats.items() if k not in model_kwargs})
-  model = models.get_model(name, **kwargs)
+  model = zoo.get_model(name, **kwargs)
   shape = (1,) + _input_shape(model)
   expected = _in_call_order(model, shape, _flatten(jax.eval_shape(
-      lambda: models.init(model, jax.random.PRNGKey(0), shape))))
+      lambda: base.init(model, jax.random.PRNGKey(0), shape))))
   # The model's own order (its forward pass), so the first misfit is the earliest layer.
   for fpath, want in expected.items():
     if fpath not in converted:
@@ -210,9 +210,8 @@ def _in_call_order(model: Any, shape: tuple[int, ...], flat: Mapping) -> dict:
     seen.setdefault(tuple(ctx.module.path), len(seen))
     return next_fun(*args, **kwargs)
 
-  from fula_jax import models
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), shape))
+    jax.eval_shape(lambda: base.init(model, jax.random.PRNGKey(0), shape))
   leaf = {"kernel": 0, "scale": 1, "bias": 2, "mean": 3, "var": 4}
   return dict(sorted(flat.items(), key=lambda kv: (
       seen.get(tuple(kv[0][1:-1]), len(seen)), kv[0][0] != "params",

@@ -16,7 +16,6 @@ Colab use, with models and data in memory::
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -31,115 +30,9 @@ from fula_jax.progress import Progress
 from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import store as store_lib
+from fula_jax.stitching.result import NOT_REQUESTED, ConvergenceWarning, SweepResult
 from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
-
-NOT_REQUESTED = "not among the requested cells (stitch.pairs, rows, cols)"
-
-
-class ConvergenceWarning(UserWarning):
-  """Some trained stitches of a sweep did not converge (see `measures.Converged`)."""
-
-
-@dataclasses.dataclass
-class SweepResult:
-  """Every cell of every objective, as arrays; `matrices()` gives results.Matrix."""
-  rows: list[str]
-  cols: list[str]
-  values: dict[str, dict[str, np.ndarray]]   # objective -> measure -> (rows, cols)
-  reasons: dict[str, dict[str, str]]         # objective -> 'a->b' -> why it is NaN
-  end_accuracy: float
-  stats: dict[str, Any]
-  meta: dict[str, Any]
-  params: dict[tuple[str, str, str], dict[str, np.ndarray]] = dataclasses.field(
-      default_factory=dict)
-
-  def matrices(self, model_a: str = "A", model_b: str = "B") -> dict[str, Any]:
-    """``{'stitch_<objective>/<measure>': results.Matrix}``."""
-    from fula_jax import results
-    out = {}
-    unconverged = self.unconverged()
-    for obj, measures in self.values.items():
-      late = unconverged.get(obj, {})
-      for measure, m in measures.items():
-        name = f"stitch_{obj}/{measure}"
-        meta = dict(self.meta, objective=obj, end_accuracy=self.end_accuracy,
-                    reasons=self._reasons(obj, measure, m, late), unconverged=late,
-                    baseline=self.baseline(obj))
-        out[name] = results.Matrix(matrix=np.asarray(m, np.float64), rows=list(self.rows),
-                                   cols=list(self.cols), measure=name, model_a=model_a,
-                                   model_b=model_b, meta=meta)
-    return out
-
-  def baseline(self, obj: str) -> dict[str, float]:
-    """{end point: the end model's self-stitch accuracy there} for objective `obj`:
-    the ceiling of each column (from the baseline sub-sweep, or this sweep's own
-    diagonal when the front model is the end model); {} when not computed."""
-    own = self.meta.get("baseline_accuracy", {}).get(obj)
-    if own is not None:
-      return dict(own)
-    if not self.meta.get("self_stitch"):
-      return {}
-    acc = self.values.get(obj, {}).get("accuracy")
-    return {c: float(acc[self.rows.index(c), j]) for j, c in enumerate(self.cols)
-            if acc is not None and c in self.rows
-            and np.isfinite(acc[self.rows.index(c), j])}
-
-  def unconverged(self) -> dict[str, dict[str, str]]:
-    """objective -> {'a->b': why} for every trained cell that did not converge
-    (`measures.Converged`)."""
-    out: dict[str, dict[str, str]] = {}
-    for obj, mats in self.values.items():
-      if "converged" not in mats:
-        continue
-      trend = mats.get("loss_trend")
-      for a, b in np.argwhere(np.asarray(mats["converged"]) == 0.0):
-        drop = np.nan if trend is None else float(trend[a, b])
-        why = (f"did not converge: the training loss still fell {drop:.1%} over the last "
-               "quarter of training" if np.isfinite(drop) else
-               f"did not converge: fewer than {measures_lib.MIN_STEPS} training steps")
-        steps = self.meta.get("steps")
-        out.setdefault(obj, {})[plan_lib.cell_key(self.rows[a], self.cols[b])] = (
-            f"{why} ({steps} steps); raise the training budget (stitch.epochs, "
-            "min_steps or steps)")
-    return out
-
-  def convergence_summary(self) -> str | None:
-    """One line naming how many trained cells did not converge and what to raise, or
-    None when every trained cell converged."""
-    bad = self.unconverged()
-    trained = sum(int(np.sum(np.isfinite(m["converged"]))) for m in self.values.values()
-                  if "converged" in m)
-    n_bad = sum(len(v) for v in bad.values())
-    if not n_bad:
-      return None
-    per = ", ".join(f"{o} {len(v)}" for o, v in bad.items())
-    cfg = self.meta.get("settings", {})
-    lstsq = "" if cfg.get("init") == "lstsq" else (
-        ", or start from the closed form (stitch.init='lstsq')")
-    raise_ = (f"stitch.steps (now {cfg['steps']})" if cfg.get("steps") else
-              f"stitch.epochs (now {cfg.get('epochs')}) or stitch.min_steps")
-    return (f"{n_bad} of {trained} trained stitches did not converge ({per}; "
-            f"{self.meta.get('steps')} steps each): their numbers understate what a "
-            f"stitch can do. Raise {raise_}{lstsq}; matrices '<...>/converged' mark "
-            "the cells.")
-
-  def _reasons(self, obj: str, measure: str, m: np.ndarray,
-               unconverged: Mapping[str, str]) -> dict[str, str]:
-    """Why each NaN cell of one matrix is NaN: the cell's own reason, else the
-    measure's (e.g. no training loss for a closed-form map); the converged matrix also
-    says why each 0 cell did not converge."""
-    cell = self.reasons.get(obj, {})
-    why = dict(cell)
-    if measure == "converged":
-      why.update(unconverged)
-    undefined = measures_lib.UNDEFINED.get(measure) or "not defined for this cell"
-    for a, b in np.argwhere(np.isnan(np.asarray(m, np.float64))):
-      key = plan_lib.cell_key(self.rows[a], self.cols[b])
-      if key not in why:
-        why[key] = f"{measure}: {undefined}"
-    return why
-
 
 def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
               cfg: Mapping[str, Any] | None = None, workdir: str | None = None, *,

@@ -27,12 +27,13 @@ import numpy as np
 
 from fula_jax import io as fio
 from fula_jax import registry
-from fula_jax.data import Split, batching
+from fula_jax.data import Split
+from fula_jax.data import split as split_lib
 from fula_jax.errors import ConfigError
 from fula_jax.similarity import inversion
-
-DEFAULTS = dict(examples=0, test_examples=0, steps=300, step_size=1 / 8, momentum=0.9,
-                batch_size=256, seed=0)
+from fula_jax.stitching import plan as plan_lib
+from fula_jax.stitching.result import NOT_REQUESTED, SweepResult
+from fula_jax.stitching.settings import INVARIANCE_DEFAULTS as DEFAULTS
 
 
 def first_examples(source: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +41,7 @@ def first_examples(source: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
   if len(source) < n:
     raise ConfigError(f"invariance: asked for {n} examples of {source.name}, which has "
                       f"{len(source)}.")
-  split = batching.materialize(source.take(n))
+  split = split_lib.materialize(source.take(n))
   return split.images, split.labels
 
 
@@ -116,8 +117,6 @@ def run(sweep: Callable[..., Any], model_a: Any, vars_a: Any, model_b: Any, vars
         opts: Mapping[str, Any], **kw: Any) -> Any:
   """One sweep per front point with requested cells, on its inverted sets (`sweep` is
   `run_sweep`; its cells are that row's), merged into one result over every cell."""
-  from fula_jax.stitching import plan as plan_lib
-  from fula_jax.stitching.api import NOT_REQUESTED, SweepResult
   folder = None if workdir is None else fio.path(workdir) / "invariance"
   rows = list(cfg.get("rows") or model_a.point_names)
   cols = list(cfg.get("cols") or model_b.point_names)

@@ -89,11 +89,8 @@ class Sweep:
     self.science, self.cells, self.execution = settings.split(cfg)
     ex, sci = self.execution, self.science
     self.workdir = None if workdir is None else fio.resolve(workdir)
-    cache_dir = ex.compilation_cache
-    if cache_dir != "off":
-      sharding.use_compilation_cache(
-          cache_dir or (None if self.workdir is None else
-                        f"{self.workdir}/compilation_cache"))
+    if ex.compilation_cache not in ("", "off"):  # asked for by name
+      sharding.use_compilation_cache(ex.compilation_cache)
     self.model_a, self.model_b = model_a, model_b
     self.mesh = mesh or sharding.line_mesh(DEVICES, sharding.devices(ex.num_devices or None))
     self.n_dev = self.mesh.size

@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from fula_jax import registry
 from fula_jax.errors import ConfigError
-from fula_jax.stitching import invariance, ladder, maps
+from fula_jax.stitching import ladder, maps
 from fula_jax.stitching import objectives as objectives_lib
 
 INITS = ("random", "lstsq")
@@ -33,6 +33,9 @@ DONOR_BN = {
              "the batch's statistics, and each stitch updates its own copy of g's "
              "running averages, which its evaluation then uses",
 }
+# Invariance-aware stitching (stitching/invariance.py): inverted sets per front point.
+INVARIANCE_DEFAULTS = dict(examples=0, test_examples=0, steps=300, step_size=1 / 8,
+                           momentum=0.9, batch_size=256, seed=0)
 # Science fields added after results were first stored: left out of a fingerprint at
 # their default, so earlier results keep theirs.
 _LATER_DEFAULTS = {"donor_bn": "eval"}
@@ -119,7 +122,10 @@ class Execution:
   max_group_size: int = 0         # > 0 caps the stitches of one unit
   num_devices: int = 0            # 0 = every device of every process
   save_params: bool = False       # also write each unit's stitch parameters (.npz)
-  compilation_cache: str = ""     # '' = <workdir>/compilation_cache; 'off' = none
+  # JAX's persistent cache (process-wide, so only when named): a PATH turns it on there;
+  # '' leaves JAX's configuration alone (the CLI jobs turn it on in <workdir>);
+  # 'off' keeps the CLI from doing so.
+  compilation_cache: str = ""
   parallel_compile: bool = True   # compile a wave's programs in threads before it runs
   progress: bool = True
   progress_every_s: float = 10.0
@@ -176,7 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
                               # train (PyTorch's model.train(), as Balogh & Jelasity)
       # > 0 examples: train and score every stitch on inputs the front model represents
       # identically at its point (stitching/invariance.py); inversion steps etc.
-      invariance=dict(invariance.DEFAULTS),
+      invariance=dict(INVARIANCE_DEFAULTS),
       **dataclasses.asdict(ex)))
 
 
