@@ -134,25 +134,46 @@ class CompileCount:
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _LOCK = threading.Lock()
+_SCOPE = threading.local()
+
+
+def current_compile_scope() -> str | None:
+  return getattr(_SCOPE, "name", None)
 
 
 @contextlib.contextmanager
-def count_compiles() -> Iterator[CompileCount]:
-  """Counts the programs this process compiles inside the ``with`` block.
+def compile_scope(name: str | None) -> Iterator[None]:
+  """Compilations in this thread inside the block count only for
+  ``count_compiles(scope=name)`` (e.g. a background thread compiling ahead)."""
+  before = getattr(_SCOPE, "name", None)
+  _SCOPE.name = name
+  try:
+    yield
+  finally:
+    _SCOPE.name = before
+
+
+@contextlib.contextmanager
+def count_compiles(scope: str | None = None) -> Iterator[CompileCount]:
+  """Counts the programs this process compiles inside the ``with`` block, in threads
+  of compile scope `scope` (see `compile_scope`; None: threads outside any scope).
 
   A program read back from the persistent cache counts in `from_cache`, not in
   `compiled`; its (short) retrieval time still counts in `seconds`.
   """
   count = CompileCount()
 
+  def mine() -> bool:
+    return current_compile_scope() == scope
+
   def on_duration(event: str, duration: float, **_: Any) -> None:
-    if event == _COMPILE_EVENT:
+    if event == _COMPILE_EVENT and mine():
       with _LOCK:
         count.requests += 1
         count.seconds += duration
 
   def on_event(event: str, **_: Any) -> None:
-    if event == _CACHE_HIT_EVENT:
+    if event == _CACHE_HIT_EVENT and mine():
       with _LOCK:
         count.from_cache += 1
 

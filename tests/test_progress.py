@@ -41,8 +41,11 @@ def test_a_sweep_names_its_compile_phase_per_wave(capsys):
   for k, end in ((1, "fc1"), (2, "fc2")):
     start = next(i for i, l in enumerate(lines)
                  if l.startswith(f"stitch sweep: wave {k}/2: compiling "))
-    assert lines[start].endswith(f"programs (end points: {end}) ..."), lines[start]
+    assert f"programs (end points: {end})" in lines[start], lines[start]
+    assert lines[start].endswith(" ...")
     assert lines[start + 1].startswith(f"stitch sweep: wave {k}/2: compiled in ")
+  # Wave 2 compiled while wave 1 ran: it says so, and how long the sweep waited for it.
+  assert "in the background" in lines[start] and "of waiting" in lines[start + 1]
 
 
 def test_after_each_wave_compiles_the_eta_counts_the_later_waves_compiles():

@@ -114,6 +114,14 @@ def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b):
   _assert_same(together, split)
   for res in (together, alone, split):
     assert res.stats["programs_compiled_late"] == 0  # all compiled ahead, in parallel
+    assert 0 <= res.stats["compile_seconds_blocking"] <= res.stats["seconds"]
+  # Waves 2-6 of `alone` compiled in the background while the one before ran; compiling
+  # each wave only when it starts gives the same numbers.
+  serial = _sweep(mlp, mlp_b, digits,
+                  dict(cfg, grouping="single", max_group_size=1, max_stitches_per_wave=1,
+                       parallel_compile=False), mesh=_one_device())
+  _assert_same(alone, serial)
+  assert serial.stats["programs_compiled_late"] == 0
   # Output measures of each stitched model against the end model, from its own logits.
   test = digits[1]
   acts = models.capture(mlp[0], mlp[1], test.images)[1]

@@ -16,6 +16,7 @@ Colab use, with models and data in memory::
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -134,9 +135,17 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
           f"processes).", flush=True)
   records = dict(finished)
+  ahead: dict[int, concurrent.futures.Future] = {}
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+
+  def compile_next(k: int) -> None:  # wave k's programs, while wave k - 1 runs
+    if ex.parallel_compile and k < len(waves):
+      ahead[k] = pool.submit(waves[k].compile_ahead)
+
   try:
-    for w in waves:
-      records.update(w.run(progress))
+    for k, w in enumerate(waves):
+      records.update(w.run(progress, ahead=ahead.pop(k, None),
+                           compiled=lambda k=k: compile_next(k + 1)))
   except KeyboardInterrupt:
     total = len(stitchable) * len(sci.objectives)
     kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if
@@ -144,6 +153,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     raise errors.Interrupted(
         f"interrupted: {sum(1 for (_, r, c) in records if (r, c) in wanted)} of {total} "
         f"(objective, cell) results done{kept}") from None
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fula_jax.stitching done")
@@ -175,6 +186,7 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
            "programs_compiled_late": sw.count.compiled_late,
            "programs_from_cache": sw.count.from_cache,
            "compile_seconds": sw.count.seconds,
+           "compile_seconds_blocking": sw.seconds.get("compile", 0.0) + sw.count.late_seconds,
            "stitches_computed": sum(len(u.fronts) for u in units),
            "stitches_resumed": resumed, "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0,

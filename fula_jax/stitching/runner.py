@@ -59,6 +59,7 @@ class Counts:
   compiled_late: int = 0
   from_cache: int = 0
   seconds: float = 0.0
+  late_seconds: float = 0.0  # compiling inside the run, which waits for it
 
   def add_warm_up(self, c: sharding.CompileCount) -> None:
     self.compiled += c.compiled
@@ -68,6 +69,7 @@ class Counts:
   def add_late(self, c: sharding.CompileCount) -> None:
     self.add_warm_up(c)
     self.compiled_late += c.compiled
+    self.late_seconds += c.seconds
 
 
 def point_shapes(model: Any, variables: Any, image_shape: tuple[int, ...]

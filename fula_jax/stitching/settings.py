@@ -126,7 +126,8 @@ class Execution:
   # '' leaves JAX's configuration alone (the CLI jobs turn it on in <workdir>);
   # 'off' keeps the CLI from doing so.
   compilation_cache: str = ""
-  parallel_compile: bool = True   # compile a wave's programs in threads before it runs
+  parallel_compile: bool = True   # compile a wave's programs in threads, the next
+                                  # wave's in the background while one runs
   progress: bool = True
   progress_every_s: float = 10.0
   # > 0: also evaluate every stitch on the first N examples of the split it was fitted

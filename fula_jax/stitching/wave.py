@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,15 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fula_jax import progress as progress_lib
 from fula_jax import sharding
-from fula_jax.stitching import ladder, lstsq, stacks
+from fula_jax.stitching import compiling, ladder, lstsq, stacks
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 from fula_jax.stitching import pgd as pgd_lib
 from fula_jax.stitching import programs as P
 from fula_jax.stitching import store as store_lib
 from fula_jax.stitching.objectives import Where
+
+AHEAD = "ahead"  # compile scope of a wave compiling while an earlier one runs
 
 
 @dataclasses.dataclass
@@ -104,10 +104,17 @@ class Wave:
 
   # -- compilation
 
-  def warm_up(self) -> None:
+  def compile_ahead(self) -> sharding.CompileCount:
+    """`warm_up` in a background thread, while an earlier wave runs: its compilations
+    count here, not in that wave's late compilations."""
+    with sharding.compile_scope(AHEAD), sharding.count_compiles(AHEAD) as count:
+      self.warm_up(announce=False)
+    return count
+
+  def warm_up(self, *, announce: bool = True) -> None:
     """Compile every program of the wave, from the shapes and shardings of its calls."""
     sw = self.sw
-    calls: list[tuple[Callable, tuple, dict]] = []
+    calls: list[compiling.Call] = []
     trains = self.train_steps > 0 or self.init_batches or self.dm_batches
     donors = {}
     for batch, is_eval in ([(sw.batch, False)] if trains else []) + [(sw.eval_batch, True)]:
@@ -143,37 +150,19 @@ class Wave:
       if sw.science.pgd.enabled:
         calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(r, state.params, state.bn),
                       {"ctx": sw.pgd_context(r)}))
-    self._compile(calls)
+    self._compile(calls, announce)
 
-  def _compile(self, calls: Sequence[tuple[Callable, tuple, dict]]) -> None:
+  def _ends(self) -> str:
+    return ", ".join(sorted({r.unit.end for r in self.runs}))
+
+  def _compile(self, calls: Sequence[compiling.Call], announce: bool) -> None:
     sw = self.sw
-
-    def one(call):
-      fn, args, kwargs = call
-      compiled = fn.lower(*args, **kwargs).compile()
-      if sw.profile is not None:
-        cost = compiled.cost_analysis()
-        cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
-        sw.profile.setdefault((fn.__name__, kwargs["ctx"]),
-                              {"flops": float(cost.get("flops", 0.0)), "calls": 0})
-
-    unique = {}
-    for fn, args, kwargs in calls:  # the same program twice would compile twice in
-      leaves, tree = jax.tree_util.tree_flatten(args)  # parallel threads
-      sig = tuple((getattr(a, "shape", None), str(getattr(a, "dtype", type(a))),
-                   str(getattr(a, "sharding", None))) for a in leaves)
-      unique.setdefault((fn, kwargs["ctx"], tree, sig), (fn, args, kwargs))
-    calls = list(unique.values())
-    workers = (max(1, min(len(calls), os.cpu_count() or 1))
-               if sw.execution.parallel_compile else 1)
-    ends = ", ".join(sorted({r.unit.end for r in self.runs}))
-    with progress_lib.phase(
-        f"stitch sweep: {self.label}compiling {len(calls)} programs (end points: {ends})",
-        f"stitch sweep: {self.label}compiled",
-        enabled=sw.execution.progress and jax.process_index() == 0
-    ), concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for f in [pool.submit(one, c) for c in calls]:
-        f.result()
+    ends = self._ends()
+    compiling.compile_all(
+        calls, parallel=sw.execution.parallel_compile, profile=sw.profile,
+        message=f"stitch sweep: {self.label}compiling {{n}} programs (end points: {ends})",
+        done=f"stitch sweep: {self.label}compiled",
+        announce=announce and sw.execution.progress and jax.process_index() == 0)
 
   # -- pieces of the calls
 
@@ -354,14 +343,24 @@ class Wave:
                   "metrics": {k: store_lib.to_json_value(v) for k, v in metrics.items()}})
     return out
 
-  def run(self, progress) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Run the wave and write its units; the records of its stitches."""
+  def run(self, progress, *, ahead: concurrent.futures.Future | None = None,
+          compiled: Callable[[], None] = lambda: None
+          ) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Run the wave and write its units; the records of its stitches. `ahead`: its
+    programs compiling in the background (`compile_ahead`), else compiled here;
+    `compiled()` is called once they are (to start the next wave's)."""
     sw = self.sw
     t0 = time.perf_counter()
-    with progress.bar.paused(), sharding.count_compiles() as warm, sw.timed("compile"):
-      self.warm_up()
+    with progress.bar.paused(), sw.timed("compile"):  # the time the sweep waits
+      if ahead is None:
+        with sharding.count_compiles() as warm:
+          self.warm_up()
+      else:
+        warm = compiling.wait_for(ahead, f"stitch sweep: {self.label}", self._ends(),
+                                  announce=sw.execution.progress and jax.process_index() == 0)
     sw.count.add_warm_up(warm)
     progress.compiled(self)
+    compiled()
     with sharding.count_compiles() as late:
       with sw.timed("least_squares"):
         init_sol, dm_sol = self.least_squares(progress)
