@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int)
   p.add_argument("--loops", help="baselines to time: jax, torch, both ('jax,torch'), none")
   p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--max_points", type=int, default=0,
+                 help="> 0: only the first N points of each model (a smoke run)")
   args = p.parse_args(argv)
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
@@ -92,7 +94,7 @@ def matmul_flops_per_s(n: int, reps: int = 5) -> float:
 
 
 def data(image_size: int):
-  train, test = testing.digits_splits(1400, 397)
+  train, test = testing.digits_splits(1400, 359)
   if image_size == 8:
     return train, test
 
@@ -129,7 +131,7 @@ def time_jax(label, a, b, train, test, cfg):
   print(f"  {label}: {wall:.1f} s wall; {out['programs']} programs compiled in "
         f"{out['compile_total_s']:.1f} s, of which the sweep waited "
         f"{out['compile_s']:.1f} s ({100 * out['compile_s'] / wall:.0f}% of the wall; the "
-        "rest overlapped earlier waves); "
+        "rest ran in parallel threads or while earlier waves ran); "
         f"{out['ms_per_stitch_step']:.1f} ms per stitch step; phases "
         + ", ".join(f"{k} {v:.1f} s" for k, v in st["phase_seconds"].items()), flush=True)
   return res, out
@@ -145,6 +147,8 @@ def main(argv=None) -> dict:
               else a[0].point_names)
   cols = list(b[0].point_names[:-1] if getattr(args, "drop_last_point", False)
               else b[0].point_names)
+  if args.max_points > 0:
+    rows, cols = rows[:args.max_points], cols[:args.max_points]
   loops = [x for x in args.loops.split(",") if x and x != "none"]
   print(f"devices: {jax.devices()}; {args.model_a} -> {args.model_b}, {len(rows)} x "
         f"{len(cols)} cells, {args.steps} steps of batch {args.batch_size}", flush=True)

@@ -169,6 +169,18 @@ def test_map_entries_with_their_own_options_give_a_capacity_curve_in_one_run(don
                                alone.values["dm@lowrank"]["accuracy"], atol=1e-9)
   u = {k[0]: p["u"].shape for k, p in res.params.items() if "u" in p}
   assert u == {"dm@lowrank:rank=1": (12, 1), "dm@lowrank:rank=4": (12, 4)}
+  # The tidy table keys each result by objective and map, as two columns.
+  table = res.table()
+  assert set(zip(table["objective"], table["map"])) == {
+      ("dm", "affine"), ("dm", "lowrank:rank=1"), ("dm", "lowrank:rank=4")}
+  for key, form in (("dm", "affine"), ("dm@lowrank:rank=4", "lowrank:rank=4")):
+    i, j = res.rows.index("fc2"), res.cols.index("fc2")
+    cell = table[(table["map"] == form) & (table["measure"] == "accuracy")
+                 & (table["row"] == "fc2") & (table["col"] == "fc2")]
+    assert cell["value"].tolist() == [res.values[key]["accuracy"][i, j]]
+  skipped = table[(table["row"] == "fc1") & (table["col"] == "fc2")]
+  assert skipped["value"].isna().all()
+  assert (skipped["reason"] == stitching.api.NOT_REQUESTED).all()
   with pytest.raises(Exception, match="Did you mean 'rank'"):
     _sweep(donor, objectives=["dm"], map="lowrank:rnak=4", steps=0)
 

@@ -31,7 +31,8 @@ from fula_jax.progress import Progress
 from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import store as store_lib
-from fula_jax.stitching.result import NOT_REQUESTED, ConvergenceWarning, SweepResult
+from fula_jax.stitching.result import (NOT_REQUESTED, ConvergenceWarning, SweepResult,
+                                       objective_and_map)
 from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
 
@@ -203,7 +204,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           "n_test": len(test), "train": train.name, "test": test.name,
           "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
           "end_accuracy_sets": {k: v for k, v in sw.end_accuracy.items() if k},
-          "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n}}
+          "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n},
+          "objective_maps": {o.name: objective_and_map(o) for o in sci.objectives}}
   return SweepResult(rows, cols, values, reasons, sw.end_accuracy.get("", float("nan")),
                      stats, meta, sw.kept_params)
 

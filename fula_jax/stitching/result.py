@@ -5,12 +5,24 @@ self-stitch baseline; `matrices()` turns it into `results.Matrix` objects."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Mapping
 
 import numpy as np
 
+from fula_jax.stitching import ladder
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
+
+TABLE_COLUMNS = ("objective", "map", "row", "col", "measure", "value", "reason")
+
+
+def objective_and_map(objective: Any) -> tuple[str, str]:
+  """(objective, map) of one of a sweep's objectives: ('fula', 'lowrank:rank=4') for
+  one trained through a map of the ladder, (name, 'affine') for a plain one."""
+  if isinstance(objective, ladder.Mapped):
+    return objective.objective.name, objective.label or objective.form
+  return objective.name, "affine"
 
 NOT_REQUESTED = "not among the requested cells (stitch.pairs, rows, cols)"
 
@@ -48,6 +60,21 @@ class SweepResult:
                                    cols=list(self.cols), measure=name, model_a=model_a,
                                    model_b=model_b, meta=meta)
     return out
+
+  def table(self) -> Any:
+    """Every cell of every (objective, map) and measure as one tidy pandas DataFrame,
+    columns ``TABLE_COLUMNS`` (a NaN cell keeps its reason): for groupby and plots."""
+    import pandas as pd
+    split, late = self.meta.get("objective_maps", {}), self.unconverged()
+    out = []
+    for key, measures in self.values.items():
+      objective, form = split.get(key, (key, "affine"))
+      for measure, m in measures.items():
+        why = self._reasons(key, measure, m, late.get(key, {}))
+        for (i, r), (j, c) in itertools.product(enumerate(self.rows), enumerate(self.cols)):
+          out.append((objective, form, r, c, measure, float(m[i, j]),
+                      why.get(plan_lib.cell_key(r, c), "") if np.isnan(m[i, j]) else ""))
+    return pd.DataFrame(out, columns=list(TABLE_COLUMNS))
 
   def baseline(self, obj: str) -> dict[str, float]:
     """{end point: the end model's self-stitch accuracy there} for objective `obj`:
