@@ -144,12 +144,19 @@ def _robustness_checkpoint(path, state, *, mean, std, attacker=True):
   torch.save({"model": ckpt, "optimizer": {}, "epoch": 90}, path)
 
 
+# Bottleneck ResNets whose every op ResNeXt-50's gradient check covers (at other widths).
+SAME_OPS_AS_RESNEXT = ("torchvision:resnet50", "torchvision:wide_resnet50_2",
+                       "torchvision:wide_resnet50_4")
+
+
 @pytest.mark.parametrize("spec", torch_zoo.JONES_ZOO)
 def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec):
   """Each of the nine architectures of configs/study_jones.py:imagenet, from a checkpoint
   in the robustness library's layout with its own normaliser: the classes come from the
   file, every point (the last one the penultimate features) and the logits equal torch
-  eager at 32 px."""
+  eager at 32 px, and (for each distinct set of ops) so does the input gradient of the
+  penultimate features that the study's inversion and PGD follow (its pipeline runs on
+  two of them in test_streaming)."""
   torch.manual_seed(0)
   net = _random_bn(torch_zoo.build(spec, num_classes=7))
   mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
@@ -160,6 +167,30 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
   assert model[0].point_names[-1].endswith(":input")  # the classifier's input
   _check_against_eager(net, None, (32, 32, 3), model=model,  # logits: 7 classes
                        normalise=lambda x: (x - np.float32(mean)) / np.float32(std))
+  if spec in SAME_OPS_AS_RESNEXT:
+    return
+  # What inversion and PGD differentiate: the penultimate features' input gradient
+  # (through the checkpoint's normaliser), against torch autograd.
+  m, v = model
+  point = m.point_names[-1]
+  x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  w = np.random.default_rng(2).normal(size=(2, int(m.apply(v, x[:1], end=point).shape[-1])))
+  w = w.astype(np.float32)
+  got = jax.jit(jax.grad(lambda x: (m.apply(v, x, end=point) * w).sum()))(x)
+  xt = torch.tensor(x).requires_grad_(True)
+  feats = {}
+  hook = net.get_submodule(point[:-len(":input")]).register_forward_pre_hook(
+      lambda mod, inputs: feats.setdefault("x", inputs[0]))
+  net.eval()(((xt - torch.tensor(mean)) / torch.tensor(std)).permute(0, 3, 1, 2))
+  hook.remove()
+  (feats["x"] * torch.tensor(w)).sum().backward()
+  want = xt.grad.numpy()
+  # Not elementwise: a max-pool routes each window's gradient to its largest input, and
+  # XLA's fused float rounding (normaliser included) can flip a near-tie that torch
+  # breaks the other way; eager JAX equals torch elementwise. A wrong gradient misses
+  # by far more than this.
+  err = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+  assert err < 0.03, err
 
 
 def test_a_checkpoint_of_another_architecture_names_the_first_misfit(tmp_path):
