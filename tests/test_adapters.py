@@ -273,3 +273,39 @@ def test_a_wrong_input_shape_names_input_shape_and_point_shapes_takes_adapters(
   assert models.point_shapes(zoo, (8, 8, 1))["pool"].shape == (1, 6)
   with pytest.raises(ValueError, match="variables"):
     models.point_shapes(model, (8, 8, 1))
+
+
+class NNXDeclaredOutOfOrder(nnx.Module):
+  """The head is declared first and a list of blocks second, but called last."""
+
+  def __init__(self, rngs):
+    self.head = nnx.Linear(8, 10, rngs=rngs)
+    self.blocks = nnx.List([nnx.Conv(1, 8, (3, 3), rngs=rngs),
+                            nnx.Conv(8, 8, (3, 3), strides=2, rngs=rngs)])
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = nnx.relu(block(x))
+    return self.head(x.mean((1, 2)))
+
+
+def test_without_points_the_top_level_submodules_are_taken_in_execution_order(capsys):
+  """As pytorch-cka picks layers: Linen's top-level submodules and NNX's (attributes and
+  list items) in the order the forward pass calls them, printed; they capture like named
+  points."""
+  net = LinenResNet()
+  v = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+  model, v = models.from_flax(net, v, input_shape=(8, 8, 1))
+  assert model.point_names == ("stem", "layer0", "layer1", "layer2", "fc")
+  assert "stem, layer0, layer1, layer2, fc" in capsys.readouterr().out
+  nnx_model, state = models.from_nnx(NNXDeclaredOutOfOrder(nnx.Rngs(0)),
+                                     input_shape=(8, 8, 1))
+  assert nnx_model.point_names == ("blocks/0", "blocks/1", "head")
+  assert "blocks/0, blocks/1, head" in capsys.readouterr().out
+  x = np.random.default_rng(0).uniform(size=(2, 8, 8, 1)).astype(np.float32)
+  named, _ = models.from_nnx(NNXDeclaredOutOfOrder(nnx.Rngs(0)), ["blocks/*", "head"],
+                             input_shape=(8, 8, 1))
+  _, auto_acts = nnx_model.apply(state, x, capture=True)
+  _, named_acts = named.apply(state, x, capture=True)
+  for p in nnx_model.point_names:
+    np.testing.assert_array_equal(auto_acts[p], named_acts[p])

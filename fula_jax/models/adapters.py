@@ -230,7 +230,15 @@ def module_paths(module: Any, variables: Any, input_shape: Sequence[int],
   return done
 
 
-def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
+def _automatic(kind: str, chosen: Sequence[str]) -> list[str]:
+  """The points taken when none are named, said out loud (the user did not choose)."""
+  print(f"{kind}: no points named; took its {len(chosen)} top-level submodules in "
+        f"execution order: {', '.join(chosen)} (name others with points=...).",
+        flush=True)
+  return list(chosen)
+
+
+def from_flax(module: Any, variables: Any, points: Sequence[str] | str | None = None, *,
               input_shape: Sequence[int] = (224, 224, 3),
               input_transform: Callable[[jax.Array], jax.Array] | None = None,
               call_kwargs: Mapping[str, Any] | None = None,
@@ -245,7 +253,8 @@ def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
       patterns (``"encoder/encoderblock_*"``): each names the submodule's output; add
       ``":input"`` for the activation entering it (``"conv_b:input"``: after the
       activation function between conv_a and conv_b; see the module docstring). An
-      unknown path lists the valid ones.
+      unknown path lists the valid ones. None: the module's top-level submodules in
+      execution order (printed).
     input_shape: one example's input shape (H, W, C); the forward pass from a point
       traces the layers before it on zeros of this shape (then XLA drops them).
     input_transform: applied to the [0, 1] images before the module (e.g. ImageNet
@@ -260,7 +269,11 @@ def from_flax(module: Any, variables: Any, points: Sequence[str] | str, *,
     points = [points]
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   paths = module_paths(module, variables, input_shape, call_kwargs, inputs=True)
-  chosen = _expand(points, paths, type(module).__name__)
+  if points is None:
+    chosen = _automatic(f"from_flax({type(module).__name__})",
+                        [p for p in paths if "/" not in p and not _split_point(p)[1]])
+  else:
+    chosen = _expand(points, paths, type(module).__name__)
   model = FlaxModel(
       module, tuple(chosen), tuple(int(d) for d in input_shape),
       tuple(sorted((call_kwargs or {}).items())),
@@ -362,25 +375,59 @@ def _replace(module: Any, path: str, make: Callable[[Any], Any]) -> None:
     object.__setattr__(node, leaf, make(getattr(node, leaf)))
 
 
-def nnx_paths(module: Any) -> list[str]:
-  """Every submodule path of an NNX module (graph order), e.g. ``blocks/3``."""
+def nnx_paths(module: Any, *, nodes: bool = False) -> list:
+  """Every submodule path of an NNX module (graph order), e.g. ``blocks/3``; with
+  `nodes`, (path, submodule) pairs."""
   from flax import nnx
   out = []
   for path, node in nnx.iter_graph(module):
     if path and isinstance(node, nnx.Module):
-      out.append("/".join(str(p) for p in path))
+      name = "/".join(str(p) for p in path)
+      out.append((name, node) if nodes else name)
   return out
 
 
-def from_nnx(module: Any, points: Sequence[str] | str, *,
+def _nnx_call_order(module: Any, paths: Sequence[str], input_shape: Sequence[int]
+                    ) -> list[str]:
+  """Those of `paths` a forward pass on zeros calls, in the order it first calls them."""
+  from flax import nnx
+  graphdef, state = nnx.split(module)
+  order: list[str] = []
+
+  def record(path: str, sub: Any) -> Callable:
+    def call(*args, **kwargs):
+      if path not in order:
+        order.append(path)
+      return sub(*args, **kwargs)
+    return call
+
+  def run(state):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    for p in paths:
+      _replace(m, p, lambda sub, p=p: _Proxy(sub, record(p, sub)))
+    return m(jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+
+  jax.eval_shape(run, state)
+  return order
+
+
+def from_nnx(module: Any, points: Sequence[str] | str | None = None, *,
              input_shape: Sequence[int] = (224, 224, 3),
              input_transform: Callable[[jax.Array], jax.Array] | None = None,
              prefix_tokens: int | Mapping[str, int] = 0) -> tuple[NNXModel, Any]:
   """Any Flax NNX module as a protocol model: ``(model, variables)``, the variables
   being the module's state. Points are attribute paths (``"blocks/3"``, glob patterns
   allowed; ``"blocks/3:input"`` for the activation entering a submodule, as in
-  `from_flax`), listed in the order the forward pass runs them."""
+  `from_flax`), listed in the order the forward pass runs them. None: its top-level
+  submodules (attributes, and the items of list attributes) in the order a forward pass
+  on zeros of `input_shape` calls them (printed)."""
   from flax import nnx
+  if points is None:
+    top = [p for p, node in nnx_paths(module, nodes=True)
+           if callable(node) and all(q.isdigit() for q in p.split("/")[1:])]
+    points = _automatic(f"from_nnx({type(module).__name__})",
+                        _nnx_call_order(module, top, input_shape))
   if isinstance(points, str):
     points = [points]
   paths = [q for p in nnx_paths(module) for q in (p + INPUT_SUFFIX, p)]
