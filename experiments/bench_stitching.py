@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     print(f"\n== {obj}", flush=True)
     cfg = dict(objectives=[obj], rows=rows, cols=cols, steps=args.steps,
                batch_size=args.batch_size, progress=False, compilation_cache="off",
-               max_stitches_per_wave=4096)
+               max_stitches_per_wave=4096, baselines=False)  # the loops have none
     res, sweep = time_jax("sweep (one program per end point, shared donors)", a, b,
                           train, test, cfg)
     entry = {"sweep": sweep}
