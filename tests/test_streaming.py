@@ -25,6 +25,8 @@ from fula_jax import data, defaults, results
 from fula_jax.data import preprocess
 from fula_jax.errors import ConfigError, UserError
 
+import torch_checkpoints
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat")
 
@@ -329,12 +331,9 @@ def test_jones_study_on_a_pretrained_imagenet_zoo_runs_on_mock_data(tmp_path):
   cfg.architectures = ("torchvision:resnet18", "torchvision:shufflenet_v2_x1_0")
   torch.manual_seed(0)
   for spec in cfg.architectures:
-    state = torch_zoo.build(spec).state_dict()
-    ckpt = {f"module.model.{k}": v for k, v in state.items()}
-    ckpt.update({f"module.attacker.model.{k}": v for k, v in state.items()})
-    ckpt["module.normalizer.new_mean"] = torch.tensor([0.485, 0.456, 0.406])
-    ckpt["module.normalizer.new_std"] = torch.tensor([0.229, 0.224, 0.225])
-    torch.save({"model": ckpt, "epoch": 90}, tmp_path / f"{study_jones.label(spec)}.ckpt")
+    torch_checkpoints.robustness_checkpoint(
+        tmp_path / f"{study_jones.label(spec)}.ckpt", torch_zoo.build(spec).state_dict(),
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
   cfg.eps = (3.0,)
   cfg.weights = str(tmp_path / "{arch}.ckpt")  # one file for every eps
   cfg.data.image_size, cfg.data.download = 32, True

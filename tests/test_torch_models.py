@@ -18,6 +18,8 @@ from fula_jax.models.weights import WeightsError
 from fula_jax.registry import UnknownNameError
 from fula_jax.stitching import testing
 
+import torch_checkpoints
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -133,17 +135,6 @@ def test_zoo_architectures_equal_torch_eager(name):
   _check_against_eager(_random_bn(net), points, (32, 32, 3), prefix_tokens=prefix)
 
 
-def _robustness_checkpoint(path, state, *, mean, std, attacker=True):
-  """A checkpoint as the robustness library writes it: the model under 'module.model.',
-  the attacker's copy, and the normaliser's statistics."""
-  ckpt = {f"module.model.{k}": v for k, v in state.items()}
-  if attacker:
-    ckpt.update({f"module.attacker.model.{k}": v for k, v in state.items()})
-  ckpt["module.normalizer.new_mean"] = torch.tensor(mean)[:, None, None]
-  ckpt["module.normalizer.new_std"] = torch.tensor(std)[:, None, None]
-  torch.save({"model": ckpt, "optimizer": {}, "epoch": 90}, path)
-
-
 # Bottleneck ResNets whose every op ResNeXt-50's gradient check covers (at other widths).
 SAME_OPS_AS_RESNEXT = ("torchvision:resnet50", "torchvision:wide_resnet50_2",
                        "torchvision:wide_resnet50_4")
@@ -162,7 +153,7 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
   mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
   path = tmp_path / "robust.ckpt"
   big = sum(p.numel() for p in net.parameters()) > 50e6  # the attacker's copy: 0.3-0.9 GB
-  _robustness_checkpoint(path, net.state_dict(), mean=mean, std=std, attacker=not big)
+  torch_checkpoints.robustness_checkpoint(path, net.state_dict(), mean=mean, std=std, attacker=not big)
   model = torch_zoo.load(spec, path, image_size=32)
   assert model[0].point_names[-1].endswith(":input")  # the classifier's input
   _check_against_eager(net, None, (32, 32, 3), model=model,  # logits: 7 classes
@@ -196,7 +187,7 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
 def test_a_checkpoint_of_another_architecture_names_the_first_misfit(tmp_path):
   torch.manual_seed(0)
   path = tmp_path / "resnet18_l2_eps3.ckpt"
-  _robustness_checkpoint(path, torch_zoo.build("torchvision:resnet18").state_dict(),
+  torch_checkpoints.robustness_checkpoint(path, torch_zoo.build("torchvision:resnet18").state_dict(),
                          mean=(0.5,) * 3, std=(0.5,) * 3, attacker=False)
   with pytest.raises(WeightsError, match=r"'layer1\.0\.conv1\.weight' has shape "
                      r"\(64, 64, 3, 3\) in the file but torchvision:resnet50 expects "
