@@ -194,7 +194,7 @@ def compilation_cache(config: Any, workdir: str) -> str | None:
   """Where a job keeps its compiled programs, so that a rerun or a resumed job compiles
   nothing: ``stitch.compilation_cache`` when set ('off': nowhere), else
   ``<workdir>/compilation_cache``."""
-  stitch = config.get("stitch") if hasattr(config, "get") else None
+  stitch = config.get("stitch")
   named = str(stitch.get("compilation_cache") or "") if stitch is not None else ""
   if named == "off":
     return None

@@ -145,7 +145,7 @@ def current_compile_scope() -> str | None:
 def compile_scope(name: str | None) -> Iterator[None]:
   """Compilations in this thread inside the block count only for
   ``count_compiles(scope=name)`` (e.g. a background thread compiling ahead)."""
-  before = getattr(_SCOPE, "name", None)
+  before = current_compile_scope()
   _SCOPE.name = name
   try:
     yield
