@@ -6,13 +6,7 @@ import os
 import pathlib
 import sys
 
-# 8 fake CPU devices, and XLA's backend (LLVM) at optimisation level 0: the suite
-# compiles hundreds of programs to run each a few times on tiny inputs, so compiling,
-# not running, is most of its time (level 0 cuts it by a quarter to a half; every
-# value is still checked against its reference at the same tolerance). Subprocesses
-# that set their own XLA_FLAGS (the CLI jobs, the notebooks) compile as users do.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-fula-jax-tfds")  # never download
