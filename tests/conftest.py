@@ -19,19 +19,6 @@ if _REPO not in sys.path:
 
 import pytest  # noqa: E402
 
-# The slowest files first (as measured on 2 cores), so that under `--dist loadfile`
-# neither worker is left alone with one of them at the end; the rest follow in name
-# order. A file's tests stay together and in their own order.
-SLOWEST_FIRST = ("test_torch_models.py", "test_study_fula.py", "test_cli.py",
-                 "test_adapters.py", "test_stitching_programs.py", "test_streaming.py",
-                 "test_readme.py", "test_stitching_engine.py", "test_train.py",
-                 "test_zoo_training.py", "test_stitching_job.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: k for k, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session")
 def model_workdir():
