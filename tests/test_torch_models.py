@@ -153,7 +153,8 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
   mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
   path = tmp_path / "robust.ckpt"
   big = sum(p.numel() for p in net.parameters()) > 50e6  # the attacker's copy: 0.3-0.9 GB
-  torch_checkpoints.robustness_checkpoint(path, net.state_dict(), mean=mean, std=std, attacker=not big)
+  torch_checkpoints.robustness_checkpoint(path, net.state_dict(), mean=mean, std=std,
+                                          attacker=not big)
   model = torch_zoo.load(spec, path, image_size=32)
   assert model[0].point_names[-1].endswith(":input")  # the classifier's input
   _check_against_eager(net, None, (32, 32, 3), model=model,  # logits: 7 classes
@@ -187,8 +188,9 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
 def test_a_checkpoint_of_another_architecture_names_the_first_misfit(tmp_path):
   torch.manual_seed(0)
   path = tmp_path / "resnet18_l2_eps3.ckpt"
-  torch_checkpoints.robustness_checkpoint(path, torch_zoo.build("torchvision:resnet18").state_dict(),
-                         mean=(0.5,) * 3, std=(0.5,) * 3, attacker=False)
+  torch_checkpoints.robustness_checkpoint(
+      path, torch_zoo.build("torchvision:resnet18").state_dict(), mean=(0.5,) * 3,
+      std=(0.5,) * 3, attacker=False)
   with pytest.raises(WeightsError, match=r"'layer1\.0\.conv1\.weight' has shape "
                      r"\(64, 64, 3, 3\) in the file but torchvision:resnet50 expects "
                      r"\(64, 64, 1, 1\)"):

@@ -7,7 +7,9 @@ Programs are traced and lowered in a thread pool but handed to XLA one at a time
 process crashed it with a segmentation fault in this jaxlib (inside
 ``backend_compile_and_load``, in a test sweep over 8 host devices). Compiling in a
 background thread while the device runs the wave before (`Wave.compile_ahead`) is
-unaffected: that overlaps compilation with execution, not with another compilation."""
+unaffected: that overlaps compilation with execution, not with another compilation.
+A crash inside a single-threaded compilation has been seen since, in a test process that
+had run PyTorch models, so this lock removes one trigger, not a known cause."""
 
 from __future__ import annotations
 
