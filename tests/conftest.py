@@ -82,3 +82,34 @@ def run_notebook():
     return nb
 
   return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """After each test file, drop JAX's compiled programs (and the code memory they map).
+
+  A pytest worker lives for the whole run and compiles thousands of XLA programs. Each
+  one maps about 15 memory regions of JIT code that stay mapped while JAX caches it, and
+  Linux allows a process 65,530 by default (vm.max_map_count). At that limit LLVM cannot
+  map the next program's code and the worker dies inside an XLA compile (an abort in
+  RuntimeDyld's emitSection in one core dump, a segmentation fault in other runs), in
+  whichever test happens to compile next."""
+  yield
+  if "jax" not in sys.modules:
+    return
+  import gc
+
+  import jax
+  jax.clear_caches()
+  gc.collect()
+  try:
+    limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    mapped = len(pathlib.Path("/proc/self/maps").read_text().splitlines())
+  except OSError:  # not Linux
+    return
+  if mapped > limit // 2:
+    raise RuntimeError(
+        f"This test worker still maps {mapped} memory regions after its compiled programs "
+        f"were released (the kernel allows {limit}); something this file created holds "
+        f"compiled programs alive (a jax.stages.Compiled kept in a session fixture or a "
+        f"module global). The worker would abort inside a later compile.")

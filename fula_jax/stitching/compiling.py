@@ -1,21 +1,11 @@
 """Compiling a wave's programs before they run: from the shapes and shardings of their
-calls, each distinct program once, optionally recording each program's FLOPs for the
-profile.
-
-Programs are traced and lowered in a thread pool but handed to XLA one at a time
-(`XLA_COMPILE`): two XLA compilations of sharded programs running at once in one
-process crashed it with a segmentation fault in this jaxlib (inside
-``backend_compile_and_load``, in a test sweep over 8 host devices). Compiling in a
-background thread while the device runs the wave before (`Wave.compile_ahead`) is
-unaffected: that overlaps compilation with execution, not with another compilation.
-A crash inside a single-threaded compilation has been seen since, in a test process that
-had run PyTorch models, so this lock removes one trigger, not a known cause."""
+calls, each distinct program once, in a thread pool (XLA releases the GIL), optionally
+recording each program's FLOPs for the profile."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import threading
 import time
 from typing import Any, Callable, MutableMapping, Sequence
 
@@ -25,8 +15,6 @@ from fula_jax import progress as progress_lib
 from fula_jax import sharding
 
 Call = tuple[Callable, tuple, dict]  # a jitted function, abstract args, kwargs with ctx
-
-XLA_COMPILE = threading.Lock()  # one XLA compilation at a time in this process
 
 
 def distinct(calls: Sequence[Call]) -> list[Call]:
@@ -49,9 +37,7 @@ def compile_all(calls: Sequence[Call], *, parallel: bool, message: str, done: st
   def one(call: Call) -> None:
     fn, args, kwargs = call
     with sharding.compile_scope(scope):
-      lowered = fn.lower(*args, **kwargs)
-      with XLA_COMPILE:
-        compiled = lowered.compile()
+      compiled = fn.lower(*args, **kwargs).compile()
     if profile is not None:
       cost = compiled.cost_analysis()
       cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
