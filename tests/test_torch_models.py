@@ -166,8 +166,8 @@ def test_jones_zoo_loads_robustness_checkpoints_and_equals_torch(tmp_path, spec)
   m, v = model
   point = m.point_names[-1]
   x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype(np.float32)
-  w = np.random.default_rng(2).normal(size=(2, int(m.apply(v, x[:1], end=point).shape[-1])))
-  w = w.astype(np.float32)
+  width = jax.eval_shape(lambda x: m.apply(v, x, end=point), x[:1]).shape[-1]  # no run
+  w = np.random.default_rng(2).normal(size=(2, width)).astype(np.float32)
   got = jax.jit(jax.grad(lambda x: (m.apply(v, x, end=point) * w).sum()))(x)
   xt = torch.tensor(x).requires_grad_(True)
   feats = {}
