@@ -255,3 +255,6 @@ def test_ood_scores_per_cell_are_in_distribution_for_a_self_stitch_and_not_from_
                                  pairs="fc2->fc2", ood_examples=400))
   assert far.values["tlm"]["mahalanobis_ratio"][1, 1] > 5.0
   assert "stitch_tlm/energy_ood" in far.matrices()
+  # The reference enters evaluation as the warm-up compiled it (replicated over the
+  # mesh), so no evaluation program compiles a second time.
+  assert far.stats["programs_compiled_late"] == 0

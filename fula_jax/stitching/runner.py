@@ -130,7 +130,7 @@ class Sweep:
                                    limit=n_fit if name == measures_lib.FIT else None)
     _check_views(self.train, self.train_b, self.test_views)
     self.measures = measures_lib.active(sci.pgd.enabled, ex.ood_examples > 0)
-    self._ood: dict[str, dict[str, np.ndarray]] | None = None
+    self._ood: dict[str, dict[str, jax.Array]] | None = None
     self.donor_ctx = P.DonorContext(model_a, model_b, self.mesh)
     # donor_bn='train': the donors' BatchNorms by batch statistics while stitches train
     # (f's and g's passes on the fitting split), and per-stitch averages of g's.
@@ -227,10 +227,12 @@ class Sweep:
   def eval_stream(self, name: str) -> Iterable[tuple[dict, dict]]:
     return self.test_views[name].batches()
 
-  def ood_reference(self) -> dict[str, dict[str, np.ndarray]] | None:
+  def ood_reference(self) -> dict[str, dict[str, jax.Array]] | None:
     """g's own reference for the OOD scores (None when they are off), from the first
     `ood_examples` examples of the fitting split: the `ood_quantile` of its energies, and
-    per stitch point of g the mean and precision of a Gaussian of its channel vectors."""
+    per stitch point of g the mean and precision of a Gaussian of its channel vectors.
+    Replicated over the mesh, as the warm-up declares it: host arrays would make every
+    evaluation program compile a second time, for uncommitted inputs."""
     ex = self.execution
     if not ex.ood_examples or self._ood is not None:
       return self._ood
@@ -242,11 +244,12 @@ class Sweep:
       energies.append(np.asarray(ood_lib.energy(out["logits_b"]))[real])
       gauss = _gaussians(gauss, {p: out["acts_b"][p] for p in gauss}, out["mask"])
     threshold = np.float32(np.quantile(np.concatenate(energies), ex.ood_quantile))
-    self._ood = {}
+    ood = {}
     for p, g in gauss.items():
       mean, prec = ood_lib.precision_matrix(g, ex.ood_ridge)
-      self._ood[p] = {"threshold": threshold, "mean": np.asarray(mean, np.float32),
-                      "prec": np.asarray(prec, np.float32)}
+      ood[p] = {"threshold": threshold, "mean": np.asarray(mean, np.float32),
+                "prec": np.asarray(prec, np.float32)}
+    self._ood = sharding.put_tree(ood, sharding.replicated(self.mesh))
     return self._ood
 
   def end_correct(self, out: Mapping[str, jax.Array]) -> float:
