@@ -13,7 +13,7 @@ Expected time: runlocal (digits, a few small CNNs): seconds per model on 2 CPU c
 Full (CIFAR-10 test, 2,000 examples): one forward pass per model plus the measures,
 whose cost is quadratic in max_examples (kNN, RSA, CKA Grams).
 
-Args (comma separated): runlocal.
+Args (comma separated): runlocal, tiny (128 examples: a check that the command works).
 """
 
 import ml_collections
@@ -22,7 +22,7 @@ from fula_jax import defaults
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, runlocal=False)
+  arg = defaults.parse_arg(arg, runlocal=False, tiny=False)
   config = ml_collections.ConfigDict()
   config.job = "model_matrix"
   config.models = ()               # required: 2+ workdirs or 'ARCH=FILE' weights
@@ -37,7 +37,9 @@ def get_config(arg=None):
   config.batch_size = 256
   config.max_examples = 2000       # every measure uses the first max_examples examples
   config.png = True
-  if arg.runlocal:
+  if arg.runlocal or arg.tiny:
     config.batch_size = 64
     config.max_examples = 360
+  if arg.tiny:
+    config.max_examples = 128
   return config

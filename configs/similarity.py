@@ -23,7 +23,8 @@ robust ResNet-50 from the robustness library):
       --config.model_a.weights=resnet50_l2_eps0.ckpt \
       --config.model_b.weights=resnet50_l2_eps3.ckpt --config.data.data_dir=/data/tfds
 
-Args (comma separated): runlocal, imagenet.
+Args (comma separated): runlocal, tiny (128 examples: a check that the command works),
+imagenet.
 """
 
 import ml_collections
@@ -33,7 +34,7 @@ from fula_jax import defaults, donors
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, runlocal=False, imagenet=False)
+  arg = defaults.parse_arg(arg, runlocal=False, tiny=False, imagenet=False)
   config = ml_collections.ConfigDict()
   config.job = "similarity"
   config.model_a_workdir = config_dict.placeholder(str)  # required: a `job=train` workdir
@@ -77,8 +78,10 @@ def get_config(arg=None):
     # Jones et al.'s robust ImageNet zoo on the ImageNet validation set, streamed at 224.
     defaults.imagenet_pair(config, "imagenet_resnet50", "imagenet2012")
     config.measures = ("cka_linear_debiased", "cka_linear")
-  if arg.runlocal:
+  if arg.runlocal or arg.tiny:
     config.batch_size = 64
     config.max_examples = 400
     config.progress_every_s = 2.0
+  if arg.tiny:
+    config.num_examples = config.max_examples = 128
   return config

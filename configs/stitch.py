@@ -35,8 +35,11 @@ Matrices go to <workdir>/results/stitch_<objective>_<measure>.{npz,json,csv,png}
 load them in Colab with `fula_jax.results.load(workdir)`.
 
 Expected time: runlocal (digits, two small CNNs, 4 objectives, ~16 cells) about a minute
-on 2 CPU cores. Full (CIFAR-10, two ResNet-18s, 10 x 10 cells, 4 objectives, 3 epochs
-per stitch): about an hour on one modern GPU; the stitch axis is spread over every
+on 2 CPU cores; a CNN into a ResNet-20 (variant=cross_arch, 4 x 11 cells) about 5
+minutes. tiny (32 steps per stitch on 512 fitting and 128 test examples: a check
+that the command works, not a converged matrix) well under a minute for two CNNs. Full
+(CIFAR-10, two ResNet-18s, 10 x 10 cells, 4 objectives, 3 epochs per stitch): about an
+hour on one modern GPU; the stitch axis is spread over every
 device (and host), so 8 devices take roughly an eighth of that.
 
 ImageNet scale (imagenette streamed at 224, two ImageNet ResNet-18s from weights files):
@@ -46,7 +49,7 @@ ImageNet scale (imagenette streamed at 224, two ImageNet ResNet-18s from weights
       --config.data.data_dir=/data/tfds
 
 Args (comma separated): variant=<cross_seed|cross_arch|self|offset>,
-objectives=<names joined by '+'>, epochs=<float>, imagenette, runlocal.
+objectives=<names joined by '+'>, epochs=<float>, imagenette, runlocal, tiny.
 """
 
 import ml_collections
@@ -70,7 +73,7 @@ def stitch_block(pairs: str = "all") -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, variant="cross_seed", objectives="tlm+slm+dm+fula",
-                           epochs=0.0, runlocal=False, imagenette=False)
+                           epochs=0.0, runlocal=False, tiny=False, imagenette=False)
   pairs = registry.lookup("stitch config variant", arg.variant, VARIANTS)
   config = ml_collections.ConfigDict()
   config.job = "stitch"
@@ -98,10 +101,15 @@ def get_config(arg=None):
     config.stitch.batch_size = 128
     config.stitch.eval_batch_size = 250
     config.stitch.epochs = arg.epochs or 1.0
-  if arg.runlocal:
+  if arg.runlocal or arg.tiny:
     config.stitch.batch_size = 128
     config.stitch.eval_batch_size = 360
     config.stitch.epochs = arg.epochs or 2.0
     config.stitch.lstsq_examples = 256
     config.stitch.progress_every_s = 5.0
+  if arg.tiny:
+    config.num_train, config.num_test = 512, 128
+    config.stitch.steps = 32
+    config.stitch.eval_batch_size = 128
+    config.stitch.lstsq_examples = 128
   return config
