@@ -20,6 +20,8 @@ dataset, and the loader/forward throughput ratio.
   python experiments/bench_data.py
   # quicker look:
   python experiments/bench_data.py --sizes=1000,8000
+  # seconds, a check that it runs:
+  python experiments/bench_data.py --tiny
 """
 
 from __future__ import annotations
@@ -58,10 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="only the loader vs forward throughput, on the largest size")
   p.add_argument("--skip_in_memory", action="store_true",
                  help="do not load the large dataset into memory for contrast")
+  p.add_argument("--tiny", action="store_true",
+                 help="seconds: the loader against the models' forward pass on 64 "
+                      "images, no worker processes (a check that it runs)")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   p.add_argument("--root", default=None, help=argparse.SUPPRESS)
   p.add_argument("--in_memory", action="store_true", help=argparse.SUPPRESS)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.sizes, args.num_workers, args.throughput_only = "64", "0", True
+    args.batch_size = min(args.batch_size, 32)
+  return args
 
 
 def write_folder(root: pathlib.Path, n_train: int) -> None:

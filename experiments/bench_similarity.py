@@ -37,6 +37,10 @@ from fula_jax.similarity import cka
 from fula_jax.similarity import minibatch
 
 
+TINY = dict(model="cnn", width_multiplier=1.0, num_examples=96, batch_size=32,
+            image_size=8, channels=1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="resnet18" if "resnet18" in models.MODELS else "cnn",
@@ -49,7 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--image_size", type=int, default=32)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--skip_loop", action="store_true", help="time the engine only")
-  return p.parse_args(argv)
+  p.add_argument("--tiny", action="store_true",
+                 help="seconds: a small CNN on 96 8x8 images (a check that it runs; its "
+                      "ratio means nothing)")
+  args = p.parse_args(argv)
+  if args.tiny:
+    for k, v in TINY.items():
+      if getattr(args, k) == p.get_default(k):
+        setattr(args, k, v)
+  return args
 
 
 def peak_memory() -> str:

@@ -61,6 +61,10 @@ PRESETS = {
 }
 
 
+TINY = dict(preset="mlp", objectives="tlm", steps=3, batch_size=64, loops="jax",
+            matmul_n=64, max_points=3)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="mlp", choices=sorted(PRESETS))
@@ -73,7 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--max_points", type=int, default=0,
                  help="> 0: only the first N points of each model (a smoke run)")
+  p.add_argument("--tiny", action="store_true",
+                 help="seconds: TLM only, 3 steps, 3 x 3 cells, the JAX loop (a check "
+                      "that it runs; its ratios mean nothing)")
   args = p.parse_args(argv)
+  if args.tiny:
+    for k, v in TINY.items():
+      if getattr(args, k, None) in (None, 0, p.get_default(k)):
+        setattr(args, k, v)
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
