@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices (so sharding is exercised), quiet TensorFlow, the
 repository root on sys.path so tests import `experiments.*` and `configs.*` as the
-study jobs do, and shared fixtures (a model workdir factory, a notebook runner)."""
+study jobs do, and shared fixtures (a model workdir factory, a notebook runner, runs
+computed once per test session and shared by the test files that read them)."""
 
 import os
 import pathlib
@@ -18,6 +19,14 @@ if _REPO not in sys.path:
 
 
 import pytest  # noqa: E402
+
+# Training jobs load TensorFlow (clu's TensorBoard writer), and triton, which
+# torch.optim loads, segfaults when it is loaded after TensorFlow. A test worker runs
+# both kinds of test (the README walk in one process), so torch's part loads first.
+try:
+  import torch._dynamo  # noqa: E402,F401
+except ImportError:  # the suite without the torch extra
+  pass
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +57,33 @@ def model_workdir():
     return str(path)
 
   return make
+
+
+@pytest.fixture(scope="session")
+def computed_once(tmp_path_factory):
+  """Factory: `computed_once(name, make)` is a directory that `make(path)` filled, made
+  once per test session even across pytest-xdist's worker processes (a file lock; a
+  worker that asks while another computes waits for it). For runs that several test
+  files read, such as the tiny quickstart or a study, so the suite pays for each once.
+
+  The directory is shared: read it, or copy it before changing anything in it."""
+  import fcntl
+  import shutil
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the run's directory, above each worker's own
+  def get(name: str, make) -> pathlib.Path:
+    path = base / f"computed-once-{name}"
+    with open(base / f"computed-once-{name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not (path / ".complete").exists():
+        shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+        path.mkdir()
+        make(path)
+        (path / ".complete").touch()
+    return path
+
+  return get
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import shared_runs
 
 from fula_jax import analysis, io, main, results
 from fula_jax.train import checkpoint
@@ -49,29 +49,15 @@ def test_resolve_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart(computed_once):
   """The README's first command, but :tiny, from a directory that is not the
-  repository, with a relative config path and a relative workdir holding a space.
-  Returns (cwd, workdir, env): env holds the JAX compilation cache it filled, for a
-  second run to reuse."""
-  root = tmp_path_factory.mktemp("cli")
+  repository, with a relative config path and a relative workdir holding a space
+  (tests/shared_runs.py). Returns (cwd, workdir, env): env holds the JAX compilation
+  cache it filled. Computed once per session (the README walk reuses it): read it,
+  copy it before changing it."""
+  root = computed_once("quickstart-tiny", shared_runs.MAKERS["quickstart-tiny"])
   cwd = root / "somewhere else"
-  cwd.mkdir()
-  cache = dict(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  # The command `results.load` suggests for a workdir without results, run as printed
-  # but for the config's path (it says "from the repository root"; this runs elsewhere).
-  with pytest.raises(results.NoResultsError) as missing:
-    results.load("runs/quick start")
-  suggested = re.search(r"`(python -m fula_jax\.main [^`]*)`", str(missing.value)).group(1)
-  argv = shlex.split(suggested)[1:]
-  assert argv == ["-m", "fula_jax.main", "--config=configs/quickstart.py:tiny",
-                  "--workdir=runs/quick start"], argv
-  argv[2] = argv[2].replace("configs", os.path.relpath(REPO / "configs", cwd), 1)
-  proc = _start(argv, cwd, **cache)
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, (out + err)[-4000:]
-  return cwd, cwd / "runs" / "quick start", cache
+  return cwd, cwd / "runs" / "quick start", shared_runs.cache_env(root)
 
 
 def test_quickstart_from_another_directory_with_a_relative_workdir(quickstart, monkeypatch):
@@ -119,11 +105,11 @@ def test_explore_results_notebook_on_two_quickstart_runs(quickstart, tmp_path, r
   """notebooks/explore_results.ipynb where its WORKDIR has no results yet (as on a fresh
   Colab): it runs the tiny quickstart there itself -- here with model B retrained with
   another seed (model A is copied in and reused) -- then diffs it against the first run."""
-  cwd, first, cache = quickstart
-  second = cwd / "runs" / "other seed"
+  _, first, _ = quickstart
+  second = tmp_path / "runs" / "other seed"
   shutil.copytree(first / "models" / "a_cnn", second / "models" / "a_cnn")
-  nb = run_notebook("explore_results", cwd, WORKDIR="runs/other seed",
-                    QUICKSTART_ARGS="tiny,seed_b=2", OTHER_WORKDIR="runs/quick start",
+  nb = run_notebook("explore_results", tmp_path, WORKDIR="runs/other seed",
+                    QUICKSTART_ARGS="tiny,seed_b=2", OTHER_WORKDIR=str(first),
                     LABELS=("seed 2", "seed 1"))
   assert io.read_json(second / "models" / "b_cnn" / "config.json")["seed"] == 2
   assert io.read_json(second / "summary.json")["model_b"]["name"] == "cnn (seed 2)"
@@ -272,24 +258,6 @@ def test_verbose_shows_user_error_tracebacks_and_bugs_keep_theirs(tmp_path):
   _, err, rc = out["bug"]
   assert rc == 1 and "Traceback" in err and "ZeroDivisionError" in err
   assert ERROR_PREFIX not in err
-
-
-def test_readme_results_in_colab_example_runs(quickstart, tmp_path, monkeypatch):
-  """The README's "Results in Colab" block, on the quickstart's workdir (as
-  workdirs/quickstart) and itself as the other run."""
-  import re
-  readme = (REPO / "README.md").read_text()
-  section = readme[readme.index("## Results in Colab"):]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  (tmp_path / "workdirs").mkdir()
-  for name in ("quickstart", "other"):
-    (tmp_path / "workdirs" / name).symlink_to(quickstart[1], target_is_directory=True)
-  monkeypatch.chdir(tmp_path)
-  scope: dict = {}
-  exec(compile(code, "README.md", "exec"), scope)
-  assert scope["m"].measure == "cka_linear_debiased"
-  table = scope["analysis"].diff(scope["mats"], results.load("workdirs/other"))
-  assert (table["max_abs_difference"].dropna() == 0).all()
 
 
 def test_cli_jobs_keep_compiled_programs_in_their_workdir_unless_told_otherwise():

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import job_endings
+import shared_runs
 from configs import study_fula as study_config
 from experiments import fula_report
 from experiments import study_fula as study
@@ -28,13 +29,13 @@ from fula_jax.train import checkpoint, zoo
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  config = study_config.get_config("tiny")
-  config.stitch.save_params = True
-  workdir = tmp_path_factory.mktemp("fula")
-  out, printed = job_endings.run_printing(study.run, config, str(workdir))
-  out["printed"] = printed
-  return config, workdir, out
+def tiny_run(computed_once):
+  """The study at `tiny` (tests/shared_runs.py), computed once per session (the README
+  walk resumes a copy): (config, workdir, what run returned with what it printed).
+  Tests that write into the workdir work on a copy."""
+  root = computed_once("study_fula-tiny", shared_runs.MAKERS["study_fula-tiny"])
+  return (shared_runs.study_config("fula"), root / "fula",
+          shared_runs.study_run(root))
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):
@@ -267,8 +268,11 @@ def test_cross_seed_matrix_and_control_pair(tiny_run):
   assert points == list(models.get_model("cnn", widths=(8, 16)).point_names)
 
 
-def test_rerun_reuses_models_and_stitches(tiny_run):
-  config, workdir, _ = tiny_run
+def test_rerun_reuses_models_and_stitches(tiny_run, tmp_path):
+  import shutil
+  config, shared, _ = tiny_run
+  workdir = tmp_path / "fula"
+  shutil.copytree(shared, workdir)  # moved, as a user may move a finished study
   before = pd.read_csv(workdir / study.DEPTH_CSV)
   stamps = {p: p.stat().st_mtime_ns for p in (workdir / "stitch").rglob("*.json")}
   again = study.run(config, str(workdir))

@@ -9,11 +9,13 @@ as a Colab user would) to see that no model is retrained.
 
 from __future__ import annotations
 
+
 import jax
 import numpy as np
 import pytest
 
 import job_endings
+import shared_runs
 from configs import study_jones as study_config
 from experiments import study_jones as study
 from fula_jax import data, models, results
@@ -56,12 +58,13 @@ def _offdiag_table(report: str) -> dict[str, tuple[float, float]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  config = study_config.get_config("tiny")
-  workdir = tmp_path_factory.mktemp("jones")
-  out, printed = job_endings.run_printing(study.run, config, str(workdir))
-  out["printed"] = printed
-  return config, workdir, out
+def tiny_run(computed_once):
+  """The study at `tiny` (tests/shared_runs.py), computed once per session (the README
+  walk resumes a copy): (config, workdir, what run returned with what it printed).
+  Tests that write into the workdir work on a copy."""
+  root = computed_once("study_jones-tiny", shared_runs.MAKERS["study_jones-tiny"])
+  return (shared_runs.study_config("jones"), root / "jones",
+          shared_runs.study_run(root))
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):
@@ -231,7 +234,7 @@ def test_report_numbers_match_loaded_matrices(tiny_run):
   assert out["trend"]["inverted_cka"]["rises"] == rises
 
 
-def test_refuses_mismatched_model_and_bad_grid(tiny_run):
+def test_refuses_mismatched_model_and_bad_grid(tiny_run, tmp_path):
   config, workdir, _ = tiny_run
   with pytest.raises(ValueError, match="adversarial.eps"):
     check_existing(workdir / "models" / "cnn_eps0",
@@ -239,18 +242,19 @@ def test_refuses_mismatched_model_and_bad_grid(tiny_run):
   bad = study_config.get_config("tiny")
   bad.architectures = ("cnn", "mpl")
   with pytest.raises(ValueError, match="Did you mean 'mlp'"):
-    study.run(bad, str(workdir / "bad"))
+    study.run(bad, str(tmp_path / "bad"))
   bad = study_config.get_config("tiny")
   bad.eps = (0.0, 0.0)
   with pytest.raises(ValueError, match="distinct"):
-    study.run(bad, str(workdir / "bad"))
+    study.run(bad, str(tmp_path / "bad"))
 
 
-def test_reproduce_jones_notebook_draws_this_run_beside_the_paper(tiny_run, run_notebook):
+def test_reproduce_jones_notebook_draws_this_run_beside_the_paper(tiny_run, tmp_path,
+                                                                   run_notebook):
   """notebooks/reproduce_jones.ipynb on the finished study: its table of off-diagonal
   means is the one recomputed here, and the figures are drawn."""
   config, workdir, _ = tiny_run
-  nb = run_notebook("reproduce_jones", workdir.parent, WORKDIR=str(workdir),
+  nb = run_notebook("reproduce_jones", tmp_path, WORKDIR=str(workdir),
                     RUN_IF_MISSING=False)
   printed = "\n".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
   for r in tiny_run[2]["models"]:  # the models' accuracies come first

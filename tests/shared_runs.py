@@ -1,0 +1,79 @@
+"""Runs that several test files read, each made once per session through the
+`computed_once` fixture: `computed_once(name, MAKERS[name])`. Each maker fills the
+directory it is given; `WORKDIRS[name]` is the workdir inside it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import re
+import shlex
+import subprocess
+import sys
+
+import job_endings
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cache_env(root: pathlib.Path) -> dict[str, str]:
+  return dict(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def quickstart_tiny(root: pathlib.Path) -> None:
+  """The command `results.load` suggests for a workdir without results, run as printed
+  (but for the config's path: it says "from the repository root", and this runs
+  elsewhere), from a directory that is not the repository, with a relative config path
+  and a relative workdir holding a space, on one CPU device."""
+  from fula_jax import main, results
+  cwd = root / "somewhere else"
+  cwd.mkdir()
+  try:
+    results.load("runs/quick start")
+    raise AssertionError("results.load found results in a directory that has none")
+  except results.NoResultsError as missing:
+    suggested = re.search(r"`(python -m fula_jax\.main [^`]*)`", str(missing)).group(1)
+  argv = shlex.split(suggested)[1:]
+  assert argv == ["-m", "fula_jax.main", "--config=configs/quickstart.py:tiny",
+                  "--workdir=runs/quick start"], argv
+  argv[2] = argv[2].replace("configs", os.path.relpath(REPO / "configs", cwd), 1)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(REPO), **cache_env(root))
+  env.pop(main.VERBOSE_ENV, None)
+  proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def study_config(name: str):
+  """The study's `tiny` config as its tests run it (the FuLA study keeps its stitch
+  parameters, which the tests rebuild stitches from)."""
+  import importlib
+  config = importlib.import_module(f"configs.study_{name}").get_config("tiny")
+  if name == "fula":
+    config.stitch.save_params = True
+  return config
+
+
+def _study(name: str):
+  def make(root: pathlib.Path) -> None:
+    import importlib
+    study = importlib.import_module(f"experiments.study_{name}")
+    out, printed = job_endings.run_printing(study.run, study_config(name),
+                                            str(root / name))
+    out["printed"] = printed
+    (root / "out.pickle").write_bytes(pickle.dumps(out))
+  return make
+
+
+def study_run(root: pathlib.Path) -> dict:
+  """What the study's run returned, with what it printed."""
+  return pickle.loads((root / "out.pickle").read_bytes())
+
+
+MAKERS = {"quickstart-tiny": quickstart_tiny, "study_fula-tiny": _study("fula"),
+          "study_jones-tiny": _study("jones")}
+WORKDIRS = {"quickstart-tiny": "somewhere else/runs/quick start",
+            "study_fula-tiny": "fula", "study_jones-tiny": "jones"}
