@@ -68,8 +68,8 @@ def test_every_map_initialises_applies_and_counts_its_parameters(name):
   x = np.random.default_rng(4).normal(size=(7, 3, c_in)).astype(np.float32)
   out = ladder.apply(name, p, x)
   assert out.shape == (7, 3, c_out) and np.all(np.isfinite(np.asarray(out)))
-  want = {"identity": 0, "permutation": 0, "orthogonal": 42, "lowrank": 30, "affine": 42,
-          "norm_affine": 54, "mlp": 71}[name]
+  want = {"identity": 0, "permutation": 0, "diagonal": 12, "orthogonal": 42, "lowrank": 30,
+          "affine": 42, "norm_affine": 54, "mlp": 71}[name]
   assert ladder.num_params(name, p) == want
 
 
@@ -77,11 +77,31 @@ def test_maps_that_can_express_the_identity_do():
   x = np.random.default_rng(5).normal(size=(20, 4)).astype(np.float32)
   eye = np.eye(4, dtype=np.float32)
   cases = {"identity": {"kernel": eye}, "permutation": {"kernel": eye},
+           "diagonal": {"scale": np.ones(4), "bias": np.zeros(4)},
            "orthogonal": {"kernel": eye, "bias": np.zeros(4)},
            "affine": {"kernel": eye, "bias": np.zeros(4)},
            "lowrank": {"u": eye, "v": eye, "bias": np.zeros(4)}}
   for name, p in cases.items():
     np.testing.assert_allclose(np.asarray(ladder.apply(name, p, x)), x, atol=1e-6)
+
+
+def test_diagonal_closed_form_is_each_channels_own_least_squares_line():
+  """The worked example of a new map: per channel, the slope and intercept NumPy's
+  polyfit finds, whatever the other channels say about the target."""
+  from fula_jax.stitching import lstsq
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(500, 5)) * np.linspace(0.5, 2.0, 5) + 1.0
+  t = x * np.array([2.0, -1.0, 0.5, 0.0, 3.0]) + 0.4 * x[:, ::-1] + 0.7 + (
+      0.1 * rng.normal(size=(500, 5)))
+  stats = lstsq.batch_stats(x.astype(np.float32), t.astype(np.float32))
+  p = ladder.fit_from_stats("diagonal", stats, ridge=0.0)
+  want = np.array([np.polyfit(x[:, c], t[:, c], 1) for c in range(5)])  # (slope, icpt)
+  np.testing.assert_allclose(p["scale"], want[:, 0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(p["bias"], want[:, 1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(ladder.apply("diagonal", p, x.astype(np.float32))),
+                             x * want[:, 0] + want[:, 1], atol=1e-3)
+  with pytest.raises(ValueError, match="equal widths"):
+    ladder.check("diagonal", 4, 6)
 
 
 def test_bad_names_widths_and_options_say_what_is_allowed():

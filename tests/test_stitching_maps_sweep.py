@@ -77,9 +77,10 @@ def test_self_stitch_recovers_accuracy_with_every_map_that_expresses_the_identit
   """Closed forms exactly; the maps without one (norm_affine, mlp: the points are
   post-ReLU, so a ReLU layer can pass them through) trained by FuLA from random starts."""
   *_, own = donor
-  res = _sweep(donor, objectives=["dm"], map="identity,permutation,orthogonal,affine",
-               steps=0, pairs="fc2->fc2")
-  for name in ("dm", "dm@identity", "dm@permutation", "dm@orthogonal"):
+  res = _sweep(donor, objectives=["dm"],
+               map="identity,permutation,diagonal,orthogonal,affine", steps=0,
+               pairs="fc2->fc2")
+  for name in ("dm", "dm@identity", "dm@permutation", "dm@diagonal", "dm@orthogonal"):
     np.testing.assert_allclose(res.values[name]["accuracy"][1, 1], own, atol=1e-9,
                                err_msg=name)
   trained = _sweep(donor, objectives=["fula"], map=["norm_affine", "mlp"], steps=300,
