@@ -56,12 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true",
                  help="seconds: a small CNN on 96 8x8 images (a check that it runs; its "
                       "ratio means nothing)")
-  args = p.parse_args(argv)
-  if args.tiny:
-    for k, v in TINY.items():
-      if getattr(args, k) == p.get_default(k):
-        setattr(args, k, v)
-  return args
+  if p.parse_known_args(argv)[0].tiny:
+    p.set_defaults(**TINY)  # flags given explicitly still win
+  return p.parse_args(argv)
 
 
 def peak_memory() -> str:

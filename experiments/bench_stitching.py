@@ -80,11 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true",
                  help="seconds: TLM only, 3 steps, 3 x 3 cells, the JAX loop (a check "
                       "that it runs; its ratios mean nothing)")
+  if p.parse_known_args(argv)[0].tiny:
+    p.set_defaults(**TINY)  # flags given explicitly still win
   args = p.parse_args(argv)
-  if args.tiny:
-    for k, v in TINY.items():
-      if getattr(args, k, None) in (None, 0, p.get_default(k)):
-        setattr(args, k, v)
   for k, v in PRESETS[args.preset].items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
