@@ -17,9 +17,14 @@ import job_endings
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def cache_env(root: pathlib.Path) -> dict[str, str]:
-  return dict(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def cli_env(**extra: str) -> dict[str, str]:
+  """The environment of a command-line job run by a test: one CPU device, the
+  repository importable, no verbose tracebacks; `extra` on top."""
+  from fula_jax import main
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=str(REPO))
+  env.pop(main.VERBOSE_ENV, None)
+  return dict(env, **extra)
 
 
 def quickstart_tiny(root: pathlib.Path) -> None:
@@ -27,7 +32,7 @@ def quickstart_tiny(root: pathlib.Path) -> None:
   (but for the config's path: it says "from the repository root", and this runs
   elsewhere), from a directory that is not the repository, with a relative config path
   and a relative workdir holding a space, on one CPU device."""
-  from fula_jax import main, results
+  from fula_jax import results
   cwd = root / "somewhere else"
   cwd.mkdir()
   try:
@@ -39,9 +44,8 @@ def quickstart_tiny(root: pathlib.Path) -> None:
   assert argv == ["-m", "fula_jax.main", "--config=configs/quickstart.py:tiny",
                   "--workdir=runs/quick start"], argv
   argv[2] = argv[2].replace("configs", os.path.relpath(REPO / "configs", cwd), 1)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(REPO), **cache_env(root))
-  env.pop(main.VERBOSE_ENV, None)
+  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -68,9 +72,11 @@ def _study(name: str):
   return make
 
 
-def study_run(root: pathlib.Path) -> dict:
-  """What the study's run returned, with what it printed."""
-  return pickle.loads((root / "out.pickle").read_bytes())
+def tiny_study(computed_once, name: str) -> tuple:
+  """(config, workdir, what run returned with what it printed) of study `name` at
+  `tiny`, computed once per session."""
+  root = computed_once(f"study_{name}-tiny", MAKERS[f"study_{name}-tiny"])
+  return study_config(name), root / name, pickle.loads((root / "out.pickle").read_bytes())
 
 
 MAKERS = {"quickstart-tiny": quickstart_tiny, "study_fula-tiny": _study("fula"),

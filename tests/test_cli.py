@@ -4,7 +4,6 @@ working directory, and user errors that end in one line and exit status 2."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,15 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 ERROR_PREFIX = "fula_jax: error: "
 
 
-def _env(**extra: str) -> dict[str, str]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(REPO))
-  env.pop(main.VERBOSE_ENV, None)
-  return dict(env, **extra)
-
-
 def _start(args, cwd, **env) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, *args], cwd=cwd, env=_env(**env),
+  return subprocess.Popen([sys.executable, *args], cwd=cwd,
+                          env=shared_runs.cli_env(**env),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -52,12 +45,11 @@ def test_resolve_makes_local_paths_absolute_and_leaves_urls(tmp_path, monkeypatc
 def quickstart(computed_once):
   """The README's first command, but :tiny, from a directory that is not the
   repository, with a relative config path and a relative workdir holding a space
-  (tests/shared_runs.py). Returns (cwd, workdir, env): env holds the JAX compilation
-  cache it filled. Computed once per session (the README walk reuses it): read it,
-  copy it before changing it."""
+  (tests/shared_runs.py). Returns (cwd, workdir). Computed once per session (the
+  README walk reuses it): read it, copy it before changing it."""
   root = computed_once("quickstart-tiny", shared_runs.MAKERS["quickstart-tiny"])
   cwd = root / "somewhere else"
-  return cwd, cwd / "runs" / "quick start", shared_runs.cache_env(root)
+  return cwd, cwd / "runs" / "quick start"
 
 
 def test_quickstart_from_another_directory_with_a_relative_workdir(quickstart, monkeypatch):
@@ -105,7 +97,7 @@ def test_explore_results_notebook_on_two_quickstart_runs(quickstart, tmp_path, r
   """notebooks/explore_results.ipynb where its WORKDIR has no results yet (as on a fresh
   Colab): it runs the tiny quickstart there itself -- here with model B retrained with
   another seed (model A is copied in and reused) -- then diffs it against the first run."""
-  _, first, _ = quickstart
+  first = quickstart[1]
   second = tmp_path / "runs" / "other seed"
   shutil.copytree(first / "models" / "a_cnn", second / "models" / "a_cnn")
   nb = run_notebook("explore_results", tmp_path, WORKDIR="runs/other seed",

@@ -351,6 +351,8 @@ def test_results_in_colab_example(walk):
           and mats[n].cols == other[n].cols
           and np.isfinite(mats[n].matrix - other[n].matrix).any()]
   assert same and table.set_index("name").loc[same, "max_abs_difference"].notna().all()
+  again = scope["analysis"].diff(mats, results.load(walk.root / "workdirs/quickstart"))
+  assert (again["max_abs_difference"].dropna() == 0).all()  # a run against itself
 
 
 def test_every_readme_command_parses_and_reads_only_what_an_earlier_one_made():

@@ -33,9 +33,7 @@ def tiny_run(computed_once):
   """The study at `tiny` (tests/shared_runs.py), computed once per session (the README
   walk resumes a copy): (config, workdir, what run returned with what it printed).
   Tests that write into the workdir work on a copy."""
-  root = computed_once("study_fula-tiny", shared_runs.MAKERS["study_fula-tiny"])
-  return (shared_runs.study_config("fula"), root / "fula",
-          shared_runs.study_run(root))
+  return shared_runs.tiny_study(computed_once, "fula")
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):

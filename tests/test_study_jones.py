@@ -9,7 +9,6 @@ as a Colab user would) to see that no model is retrained.
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -62,9 +61,7 @@ def tiny_run(computed_once):
   """The study at `tiny` (tests/shared_runs.py), computed once per session (the README
   walk resumes a copy): (config, workdir, what run returned with what it printed).
   Tests that write into the workdir work on a copy."""
-  root = computed_once("study_jones-tiny", shared_runs.MAKERS["study_jones-tiny"])
-  return (shared_runs.study_config("jones"), root / "jones",
-          shared_runs.study_run(root))
+  return shared_runs.tiny_study(computed_once, "jones")
 
 
 def test_ends_with_summary_report_and_next_step(tiny_run):
