@@ -77,6 +77,12 @@ def basis(x: jax.Array, keep: float | int | None = None,
   return Basis(q=q, count=jnp.sum(w), proj=proj)
 
 
+def permute(b: Basis, perm: jax.Array) -> Basis:
+  """The basis of the examples reordered so that new example i is old perm[i]: its
+  rows reorder, and the neurons' coordinates in it do not change."""
+  return Basis(q=b.q[perm], count=b.count, proj=b.proj)
+
+
 def _num_pairs(bx: Basis, by: Basis) -> jax.Array:
   return jnp.minimum(bx.count, by.count)
 

@@ -20,7 +20,11 @@ Each :class:`Measure` is split into ``prepare`` (per activation, done once per l
 * ``ideal``: the value of identical representations (1 for a similarity, 0 for a
   distance unless declared), the top of the scale `calibration` maps to 1;
 * ``value_range``: the values the measure can take, (low, high) (None: no bound
-  claimed, e.g. CKNNA's masked HSIC ratio).
+  claimed, e.g. CKNNA's masked HSIC ratio);
+* ``permute(state, perm, options)``: the prepared state of the same examples reordered
+  (new example i is old perm[i]), without preparing again, where the measure can say
+  it (None: the permutation null prepares each shuffle anew). It makes a permutation
+  null cost one ``combine`` per shuffle, and one compiled program per state shape.
 
 Global and spectral measures live in cka, procrustes, cca and shape; local-neighbourhood
 ones in neighbours; rsa and predictivity have modules of their own.
@@ -78,6 +82,7 @@ class Measure:
   # Options that bring the measure back into its regime at n examples (None: none do).
   reduce_for: Callable[[int], dict[str, Any]] | None = None
   value_range: tuple[float, float] | None = (0.0, 1.0)
+  permute: Callable[[Any, jax.Array, Options], Any] | None = None
 
   def __post_init__(self):
     assert self.kind in ("similarity", "distance"), self.kind
@@ -179,25 +184,31 @@ def _cka_state(debiased: bool, kernel: str):
       xy = jnp.sum(x * y)
     return xy / jnp.sqrt(xx * yy)
 
-  return prepare, combine
+  def permute(state, perm, opts: Options):
+    s, ss = state  # the self-term is a sum over all examples: unchanged
+    if kernel == "linear" and opts["method"] == "feature":
+      return s[perm], ss
+    return s[perm][:, perm], ss  # centring commutes with a reordering
+
+  return prepare, combine, permute
 
 
 _CKA_INV = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
 
 
 def _cka(name: str, kernel: str, debiased: bool) -> Measure:
-  prepare, combine = _cka_state(debiased, kernel)
+  prepare, combine, permute = _cka_state(debiased, kernel)
   est = ("debiased (unbiased HSIC, Song et al. 2012)" if debiased
          else "biased HSIC (Kornblith et al. 2019)")
   if kernel == "linear":
     return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
                    f"Linear CKA, {est}.", prepare, combine,
                    defaults={"method": "auto"}, streaming=True, resolve=_resolve_linear,
-                   value_range=(-1.0, 1.0) if debiased else (0.0, 1.0))
+                   value_range=(-1.0, 1.0) if debiased else (0.0, 1.0), permute=permute)
   return Measure(name, "similarity", True, _CKA_INV, 4 if debiased else 2,
                  f"RBF CKA, bandwidth sigma_frac x median pairwise distance, {est}.",
                  prepare, combine, defaults={"sigma_frac": 1.0},
-                 value_range=(-1.0, 1.0) if debiased else (0.0, 1.0))
+                 value_range=(-1.0, 1.0) if debiased else (0.0, 1.0), permute=permute)
 
 
 # ----------------------------------------------------------------------------
@@ -236,6 +247,16 @@ def _svcca_invalid(n: int, d: int, opts: Mapping[str, Any]) -> str:
 
 _ROT = frozenset({"orthogonal", "isotropic_scaling", "translation", "permutation"})
 
+
+def _permute_rows(state: jax.Array, perm: jax.Array, opts: Options) -> jax.Array:
+  """A state of per-example rows, known up to an orthogonal map of its columns
+  (Procrustes, shape metric): reordering the examples reorders the rows."""
+  return state[perm]
+
+
+def _permute_basis(state, perm: jax.Array, opts: Options):
+  return cca_lib.permute(state, perm)
+
 MEASURES: dict[str, Measure] = {
     "cka_linear": _cka("cka_linear", "linear", False),
     "cka_linear_debiased": _cka("cka_linear_debiased", "linear", True),
@@ -247,37 +268,38 @@ MEASURES: dict[str, Measure] = {
         "unit-Frobenius activations, in [0, 2].",
         lambda x, o: procrustes_lib.prepare(x, o.get("width")),
         lambda a, b, o: procrustes_lib.combine(a, b), resolve=_resolve_width,
-        value_range=(0.0, 2.0)),
+        value_range=(0.0, 2.0), permute=_permute_rows),
     "cca": Measure(
         "cca", "similarity", True, _ROT | {"invertible_linear"}, 2,
         "Mean squared canonical correlation (R^2_CCA).",
         _basis_prepare(None), lambda a, b, o: cca_lib.cca_combine(a, b),
-        resolve=_resolve_width, invalid_at=_cca_invalid),
+        resolve=_resolve_width, invalid_at=_cca_invalid, permute=_permute_basis),
     "svcca": Measure(
         "svcca", "similarity", True, _ROT, 2,
         "SVCCA: top singular directions (keep = variance fraction or count, at most "
         "max_dims when > 0), then mean canonical correlation.",
         _basis_prepare("keep"), lambda a, b, o: cca_lib.svcca_combine(a, b),
         defaults={"keep": 0.99, "max_dims": 0}, resolve=_resolve_width,
-        invalid_at=_svcca_invalid, reduce_for=lambda n: {"max_dims": (n - 1) // 2}),
+        invalid_at=_svcca_invalid, reduce_for=lambda n: {"max_dims": (n - 1) // 2},
+        permute=_permute_basis),
     "pwcca": Measure(
         "pwcca", "similarity", False,
         frozenset({"isotropic_scaling", "translation", "permutation"}), 2,
         "Projection-weighted CCA (Morcos et al. 2018); weights from model A's side.",
         _basis_prepare(None), lambda a, b, o: cca_lib.pwcca_combine(a, b),
-        resolve=_resolve_width, invalid_at=_cca_invalid),
+        resolve=_resolve_width, invalid_at=_cca_invalid, permute=_permute_basis),
 }
 
 
 def _cka_angular() -> Measure:
-  prepare, combine = _cka_state(False, "linear")
+  prepare, combine, permute = _cka_state(False, "linear")
   return Measure(
       "cka_angular", "distance", True, _CKA_INV, 2,
       "arccos of linear CKA (biased HSIC): the angle between the centred Grams, a "
       "metric (Williams et al. 2021).", prepare,
       lambda a, b, o: jnp.arccos(jnp.clip(combine(a, b, o), -1.0, 1.0)),
       defaults={"method": "auto"}, resolve=_resolve_linear,
-      value_range=(0.0, np.pi / 2))
+      value_range=(0.0, np.pi / 2), permute=permute)
 
 
 def _shape_invariances(opts: Mapping[str, Any]) -> frozenset[str]:
@@ -304,11 +326,11 @@ _KNN_INV = frozenset({"orthogonal", "isotropic_scaling", "permutation"})
 
 
 def _knn(name: str, combine, description: str, symmetric: bool = True,
-         prepare=neighbours.prepare,
+         prepare=neighbours.prepare, permute=neighbours.permute,
          value_range: tuple[float, float] | None = (0.0, 1.0)) -> Measure:
   return Measure(name, "similarity", symmetric, _KNN_INV, 4,
                  f"{description} k nearest neighbours by cosine similarity.", prepare,
-                 combine, defaults={"k": 10}, value_range=value_range)
+                 combine, defaults={"k": 10}, value_range=value_range, permute=permute)
 
 
 MEASURES.update({
@@ -318,7 +340,8 @@ MEASURES.update({
     "cknna": _knn("cknna", neighbours.cknna,
                   "CKNNA (Huh et al. 2024): CKA restricted to pairs among both sides' "
                   "(asymmetric, as platonic-rep's: the masked Grams are not symmetric)",
-                  symmetric=False, prepare=neighbours.cknna_prepare, value_range=None),
+                  symmetric=False, prepare=neighbours.cknna_prepare,
+                  permute=neighbours.cknna_permute, value_range=None),
     "cycle_knn": _knn("cycle_knn", neighbours.cycle_knn,
                       "Cycle kNN (Huh et al. 2024): an example is found again among the "
                       "X-neighbours of its Y-neighbours;", symmetric=False),
@@ -338,7 +361,7 @@ MEASURES.update({
         defaults={"rdm": "correlation", "compare": "spearman"}, resolve=_resolve_rsa,
         invariances_at=lambda o: frozenset({"isotropic_scaling", "permutation"}) | (
             {"translation", "orthogonal"} if o["rdm"] == "euclidean" else set()),
-        value_range=(-1.0, 1.0)),
+        value_range=(-1.0, 1.0), permute=rsa_lib.permute),
     "linear_predictivity": Measure(
         "linear_predictivity", "similarity", False, _ROT, 4,
         "Cross-validated ridge R^2 of Y from X (folds contiguous; ridge relative to X's "
@@ -350,7 +373,8 @@ MEASURES.update({
         "Angular generalised shape metric (Williams et al. 2021), partial whitening "
         "alpha in [0, 1] (1: angular Procrustes; 0: CCA); a metric.",
         shape.prepare, shape.combine, defaults={"alpha": 1.0}, resolve=_resolve_width,
-        invariances_at=_shape_invariances, value_range=(0.0, np.pi / 2)),
+        invariances_at=_shape_invariances, value_range=(0.0, np.pi / 2),
+        permute=_permute_rows),
 })
 
 

@@ -63,6 +63,17 @@ def prepare(x: jax.Array, opts: Options) -> Neighbours:
   return Neighbours(idx, g)
 
 
+def inverse(perm: jax.Array) -> jax.Array:
+  """The permutation that undoes `perm` (old example -> its new position)."""
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def permute(nb: Neighbours, perm: jax.Array, opts: Options) -> Neighbours:
+  """`prepare` of the examples reordered so that new example i is old perm[i], from
+  the prepared state: the same neighbours, relabelled (no new top-k)."""
+  return Neighbours(inverse(perm)[nb.idx[perm]], nb.gram[perm][:, perm])
+
+
 def _matches(a: Neighbours, b: Neighbours) -> jax.Array:
   """(n, k, k): a.idx[i, s] == b.idx[i, t]."""
   return a.idx[:, :, None] == b.idx[:, None, :]
@@ -131,6 +142,11 @@ def cknna_prepare(x: jax.Array, opts: Options):
   mask = _mask(nb)
   masked = mask * nb.gram
   return nb, mask, _hsic_unbiased(masked, masked)
+
+
+def cknna_permute(state, perm: jax.Array, opts: Options):
+  nb, mask, self_hsic = state
+  return permute(nb, perm, opts), mask[perm][:, perm], self_hsic
 
 
 def cknna(a, b, opts: Options) -> jax.Array:

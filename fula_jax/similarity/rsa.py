@@ -53,6 +53,17 @@ def upper(m: jax.Array) -> jax.Array:
   return m[i, j]
 
 
+def permute(v: jax.Array, perm: jax.Array, opts: Options) -> jax.Array:
+  """`prepare` of the examples reordered so that new example i is old perm[i], from
+  the prepared state: each upper-triangle entry (i, j) is old entry (perm i, perm j)
+  (ranks and standardisation follow the entries)."""
+  n = perm.shape[0]
+  i, j = np.triu_indices(n, 1)
+  a = jnp.minimum(perm[i], perm[j])
+  b = jnp.maximum(perm[i], perm[j])
+  return v[a * n - a * (a + 1) // 2 + (b - a - 1)]
+
+
 def rankdata(v: jax.Array) -> jax.Array:
   """Ranks 1..m of a vector, ties given their average rank."""
   s = jnp.sort(v)
