@@ -12,6 +12,35 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-fula-jax-tfds")  # never download
 
+
+def _one_compilation_cache_for_subprocesses() -> None:
+  """One persistent XLA compilation cache for the jobs and notebook kernels that tests
+  start as processes of their own (`shared_runs.cli_env`, `run_notebook`): they compile
+  the same one-device programs (the quickstart's, then the notebook that explores its
+  results), and each reads back what an earlier one compiled. Set up here, before
+  pytest-xdist starts its workers, so both workers inherit the same directory. The
+  workers themselves do not use it: their programs are mostly their own, and writing
+  each one to disk (ImageNet-sized torch models included) cost more than it saved."""
+  if os.environ.get(XLA_CACHE_ENV):
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix="fula-jax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ[XLA_CACHE_ENV] = path
+
+
+XLA_CACHE_ENV = "FULA_JAX_TESTS_XLA_CACHE"
+_one_compilation_cache_for_subprocesses()
+
+
+def subprocess_cache_env() -> dict[str, str]:
+  """The environment variables that point a job's process at the run's shared cache."""
+  return {"JAX_COMPILATION_CACHE_DIR": os.environ[XLA_CACHE_ENV],
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
 _REPO = str(pathlib.Path(__file__).resolve().parents[1])
 NOTEBOOKS = pathlib.Path(_REPO) / "notebooks"
 if _REPO not in sys.path:
@@ -111,7 +140,8 @@ def run_notebook():
     if params:
       cell.source += "\n# set by the test\n" + "\n".join(
           f"{k} = {v!r}" for k, v in params.items())
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               **subprocess_cache_env())
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)

@@ -19,10 +19,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def cli_env(**extra: str) -> dict[str, str]:
   """The environment of a command-line job run by a test: one CPU device, the
-  repository importable, no verbose tracebacks; `extra` on top."""
+  repository importable, the run's shared compilation cache, no verbose tracebacks;
+  `extra` on top."""
+  from conftest import subprocess_cache_env
+
   from fula_jax import main
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=str(REPO))
+             PYTHONPATH=str(REPO), **subprocess_cache_env())
   env.pop(main.VERBOSE_ENV, None)
   return dict(env, **extra)
 
@@ -44,9 +47,7 @@ def quickstart_tiny(root: pathlib.Path) -> None:
   assert argv == ["-m", "fula_jax.main", "--config=configs/quickstart.py:tiny",
                   "--workdir=runs/quick start"], argv
   argv[2] = argv[2].replace("configs", os.path.relpath(REPO / "configs", cwd), 1)
-  env = cli_env(JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=cli_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
