@@ -22,6 +22,7 @@ similarity job (:mod:`job`) runs it on trained workdirs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -122,17 +123,27 @@ def options(points: Points | None = None, estimator: Estimator | str | None = No
           for group, cls in _TYPES.items()}
 
 
-def capture_fn(model, points: Sequence[str]):
-  """A jitted ``(variables, images) -> [activation at each point]`` of `model`."""
+def _capture(model, points: tuple[str, ...], variables, images):
   from fula_jax import models
+  logits, acts = models.capture(model, variables, images)
+  acts = {**acts, models.LOGITS: logits}
+  return [acts[p] for p in points]
 
-  @jax.jit
-  def capture(variables, images):
-    logits, acts = models.capture(model, variables, images)
-    acts = {**acts, models.LOGITS: logits}
-    return [acts[p] for p in points]
 
-  return capture
+_capture_jit = jax.jit(_capture, static_argnums=(0, 1))
+
+
+def capture_fn(model, points: Sequence[str]):
+  """A jitted ``(variables, images) -> [activation at each point]`` of `model`.
+
+  Equal models (two seeds of one architecture, or one model on both sides) share one
+  compiled program: a hashable model is a static argument of one jitted function."""
+  points = tuple(points)
+  try:
+    hash(model)
+  except TypeError:  # an unhashable model: a program of its own
+    return jax.jit(functools.partial(_capture, model, points))
+  return functools.partial(_capture_jit, model, points)
 
 
 def _points(model, points: Sequence[str] | None) -> list[str]:
