@@ -40,6 +40,6 @@ setup(
         "torch": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "torchax>=0.0.14.dev0"],
         "test": ["pytest>=8.0", "pytest-xdist>=3.0", "torch>=2.1", "torchvision>=0.16", "timm>=1.0",
                  "torchax>=0.0.14.dev0",
-                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "pytorch-cka>=1.1"],
     },
 )

@@ -33,7 +33,7 @@ from fula_jax import errors, registry
 JOBS = {
     "train": "fula_jax.train.loop:run",
     "similarity": "fula_jax.similarity.job:run",
-    "model_matrix": "fula_jax.similarity.across_models:run",
+    "model_matrix": "fula_jax.similarity.model_matrix_job:run",
     "stitch": "fula_jax.stitching.job:run",
     "quickstart": "fula_jax.quickstart:run",
     # Studies live in experiments/ (importable from the repository root).

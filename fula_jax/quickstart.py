@@ -47,7 +47,7 @@ def model_names(cfg_a: ml_collections.ConfigDict, cfg_b: ml_collections.ConfigDi
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from fula_jax.similarity import job as similarity_job
+  from fula_jax.similarity import layers
   from fula_jax import stitching
 
   workdir = io.path(workdir)
@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   test_split = data.source(cfg_a.data, "test")
 
   print("\n== Representational similarity (CKA over the test split)", flush=True)
-  sim = similarity_job.similarity_matrices(
+  sim = layers.matrices(
       model_a, vars_a, model_b, vars_b,
       data.eval_batches(test_split, config.similarity.batch_size),
       measures=tuple(config.similarity.measures),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fula_jax import defaults, errors, models, results, similarity
-from fula_jax.similarity import across_models
+from fula_jax.similarity import across_models, model_matrix_job
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir, capsys):
   config.models = tuple(dirs)
   config.measures = ("cka_linear_debiased", "mutual_knn")
   config.max_examples = 120
-  out = across_models.run(config, str(tmp_path / "zoo"))
+  out = model_matrix_job.run(config, str(tmp_path / "zoo"))
   assert set(out) == set(config.measures)
   mats = results.load(tmp_path / "zoo")
   m = mats["models_mutual_knn"]
@@ -83,7 +83,7 @@ def test_the_job_compares_a_zoo_of_workdirs(tmp_path, model_workdir, capsys):
   assert "**cnn_s0**" in report and "| `models_mutual_knn` | 3x3 |" in report
   config.models = (dirs[0],)
   with pytest.raises(errors.ConfigError, match="at least 2 models"):
-    across_models.run(config, str(tmp_path / "zoo2"))
+    model_matrix_job.run(config, str(tmp_path / "zoo2"))
 
 
 def test_asymmetric_cknna_fills_both_orders_of_every_matrix():

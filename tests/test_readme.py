@@ -286,6 +286,10 @@ def test_benchmarks_compare_like_with_like(walk):
   assert entry["sweep"]["compile_s"] <= entry["sweep"]["wall_s"]
   similarity = _ok(walk.step("Running jobs", "script", 1)).returned
   assert similarity["max_abs_diff"] < 1e-4 and similarity["ratio"] > 0
+  # Against PyTorch: fula_jax and pytorch-cka on the same torch weights agree.
+  peer = similarity["peer"]
+  assert peer["max_abs_diff_peer"] < 1e-4 and peer["finite"], peer
+  assert peer["ours_forward_s"] > 0 and peer["peer_s"] > 0 and peer["loop_s"] > 0
   data = _ok(walk.step("Running jobs", "script", 2))
   assert re.search(r"loader \(4 threads\): \d+ images/s over 64 PNGs", data.printed)
 

@@ -10,7 +10,7 @@ import pytest
 
 from fula_jax import defaults, models, registry, results
 from fula_jax.data import Split
-from fula_jax.similarity import SimilarityWarning, job, measures, minibatch, null
+from fula_jax.similarity import SimilarityWarning, job, layers, measures, minibatch, null
 
 import test_similarity_measures as refs  # NumPy references from the published formulas
 
@@ -78,7 +78,7 @@ def test_matrix_within_model_is_symmetric_and_matches_pairs():
 
 
 # ----------------------------------------------------------------------------
-# similarity_matrices and run() on tiny models
+# The engine (layers.matrices) and run() on tiny models
 # ----------------------------------------------------------------------------
 
 
@@ -108,10 +108,10 @@ def capture_all(model, variables, images, points):
   return {p: np.asarray(acts[p]) for p in points}
 
 
-def test_similarity_matrices_match_direct_computation():
+def test_layer_matrices_match_direct_computation():
   model_a, vars_a, model_b, vars_b = tiny_models()
   images, batches = image_batches()
-  mats = job.similarity_matrices(
+  mats = layers.matrices(
       model_a, vars_a, model_b, vars_b, batches=batches,
       measures=["cka_linear", "cka_linear_debiased", "svcca"], estimator="exact",
       max_examples=40, model_a_name="A", model_b_name="B", progress=False)
@@ -130,21 +130,57 @@ def test_similarity_matrices_match_direct_computation():
   assert mats[2].meta["n"] == 40
 
 
-def test_similarity_matrices_sharded_within_model_minibatch():
+def test_layer_matrices_sharded_within_model_minibatch():
   model_a, vars_a, _, _ = tiny_models()
   _, batches = image_batches(n=48, batch=16)
   kw = dict(batches=batches, measures=["cka_linear_debiased"], points_a=["fc1", "logits"],
             progress=False)
-  single = job.similarity_matrices(model_a, vars_a, **kw)[0]
-  sharded = job.similarity_matrices(model_a, vars_a, mesh=minibatch.batch_mesh(), **kw)[0]
+  single = layers.matrices(model_a, vars_a, **kw)[0]
+  sharded = layers.matrices(model_a, vars_a, mesh=minibatch.batch_mesh(), **kw)[0]
   assert single.rows == single.cols == ["fc1", "logits"]
   assert single.meta["within_model"] and sharded.meta["num_devices"] == 8
   np.testing.assert_allclose(sharded.matrix, single.matrix, rtol=1e-5)
   np.testing.assert_allclose(np.diag(single.matrix), 1.0, rtol=1e-5)
   with pytest.raises(registry.UnknownNameError, match="fc2"):
-    job.similarity_matrices(model_a, vars_a, batches=batches, points_a=["fc3"])
+    layers.matrices(model_a, vars_a, batches=batches, points_a=["fc3"])
   with pytest.raises(registry.UnknownNameError, match="svcca"):
-    job.similarity_matrices(model_a, vars_a, batches=batches, measures=["svca"])
+    layers.matrices(model_a, vars_a, batches=batches, measures=["svca"])
+
+
+def test_typed_options_equal_their_flat_keywords_and_one_model_equals_two_copies():
+  """`Points`/`Estimator`/`Uncertainty` and the flat keywords they group give the same
+  matrices; one model compared with itself (one forward pass per batch) equals the
+  two-model path fed the same model twice; a misspelt keyword names the valid ones."""
+  model_a, vars_a, _, _ = tiny_models()
+  _, batches = image_batches(n=48, batch=16)
+  measures_ = ["cka_linear_debiased", "procrustes"]
+  typed = layers.matrices(
+      model_a, vars_a, None, None, batches, measures_,
+      points=layers.Points(a=["fc1", "fc2"]),
+      estimator=layers.Estimator(max_examples=32),
+      uncertainty=layers.Uncertainty(permutations=8, seed=3), progress=False)
+  flat = layers.matrices(model_a, vars_a, None, None, batches, measures_,
+                         points_a=["fc1", "fc2"], max_examples=32, calibrate=8, seed=3,
+                         progress=False)
+  twice = layers.matrices(model_a, vars_a, model_a, vars_a, batches, measures_,
+                          points_a=["fc1", "fc2"], points_b=["fc1", "fc2"],
+                          max_examples=32, calibrate=8, seed=3, progress=False)
+  assert [m.measure for m in typed] == [m.measure for m in flat] == [
+      m.measure for m in twice] == ["cka_linear_debiased", "cka_linear_debiased_calibrated",
+                                    "procrustes", "procrustes_calibrated"]
+  assert typed[0].meta["within_model"] and not twice[0].meta["within_model"]
+  upper = np.triu(np.ones((2, 2), bool))
+  for t, f, w in zip(typed, flat, twice):
+    np.testing.assert_array_equal(t.matrix, f.matrix)
+    # A calibrated cell's null shuffles the column's examples: within one model the
+    # lower triangle mirrors the upper one, two copies draw it from the other side.
+    same = upper if t.measure.endswith("_calibrated") else np.ones((2, 2), bool)
+    np.testing.assert_allclose(t.matrix[same], w.matrix[same], rtol=1e-5, atol=1e-6)
+  assert typed[2].meta["max_examples"] == 32 and typed[3].meta["permutations"] == 8
+  with pytest.raises(registry.UnknownNameError, match="max_examples"):
+    layers.matrices(model_a, vars_a, None, None, batches, measures_, max_example=32)
+  with pytest.raises(registry.UnknownNameError, match="minibatch"):
+    layers.Estimator(linear_cka="streaming")
 
 
 def test_run_writes_every_matrix(tmp_path, monkeypatch):
@@ -196,7 +232,7 @@ def test_exact_estimator_refuses_statistics_that_do_not_fit():
   model_a, vars_a, model_b, vars_b = tiny_models()
   _, batches = image_batches(n=16, batch=16)
   with pytest.raises(ValueError, match="minibatch"):
-    job.similarity_matrices(model_a, vars_a, model_b, vars_b, batches,
+    layers.matrices(model_a, vars_a, model_b, vars_b, batches,
                             ["cka_linear"], estimator="exact", exact_max_bytes=1000,
                             progress=False)
 
@@ -213,7 +249,7 @@ def test_measures_outside_their_valid_regime_are_left_out_or_reduced():
   _, batches = image_batches(n=24, batch=24)
   left = {}
   with pytest.warns(SimilarityWarning, match="cca left out"):
-    mats = job.similarity_matrices(model_a, vars_a, model_b, vars_b, batches,
+    mats = layers.matrices(model_a, vars_a, model_b, vars_b, batches,
                                    ["cca", "svcca", "pwcca", "cka_linear"],
                                    max_examples=24, progress=False, left_out=left)
   assert set(left) == {"cca", "pwcca"} and "trivially 1" in left["cca"]

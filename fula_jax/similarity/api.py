@@ -24,15 +24,17 @@ def matrices(model_a: Any, vars_a: Any, model_b: Any = None, vars_b: Any = None,
              **kwargs: Any) -> dict[str, results.Matrix]:
   """``{measure: results.Matrix}`` of layer-by-layer similarity, rows = A's points.
 
-  `model_b` None compares A with itself. Other keyword arguments go to
-  `fula_jax.similarity.job.similarity_matrices` (points, estimator, mesh, ...).
+  `model_b` None compares A with itself. Other keyword arguments are those of the
+  engine, :func:`fula_jax.similarity.layers.matrices`: the typed `points`,
+  `estimator` and `uncertainty` (:class:`~fula_jax.similarity.layers.Points`, ...) or
+  their flat keywords (``points_a=[...]``, ``estimator='exact'``, ``calibrate=200``),
+  `mesh`, `progress`.
   """
   from fula_jax.data import as_batches
-  from fula_jax.similarity.job import similarity_matrices
+  from fula_jax.similarity import layers
   if data is None:
     raise ValueError("similarity.matrices needs data: images, a Split, or batches.")
   batches, n = as_batches(data, batch_size)
-  out = similarity_matrices(model_a, vars_a, model_b, vars_b, batches, measures,
-                            model_a_name=name_a, model_b_name=name_b, num_batches=n,
-                            **kwargs)
+  out = layers.matrices(model_a, vars_a, model_b, vars_b, batches, measures,
+                        model_a_name=name_a, model_b_name=name_b, num_batches=n, **kwargs)
   return {m.measure: m for m in out}
