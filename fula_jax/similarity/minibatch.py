@@ -174,7 +174,9 @@ def _layer_grams(x: jax.Array, m: jax.Array, *, estimators: tuple[str, ...],
   nonfinite = _psum(jnp.sum(real & ~finite).astype(jnp.int32), axis)
   x = jnp.where(real[:, None], x, 0.0)
   n = _psum(jnp.sum(m), axis)
-  mean = _psum(jnp.sum(x, axis=0), axis) / jnp.maximum(n, 1.0)
+  # The column sum as a matrix-vector product: XLA's CPU column reduction of a
+  # (256, 65536) activation takes 2.5x as long as the whole Gram; the product is fast.
+  mean = _psum(cka.dot(real.astype(x.dtype)[None, :], x)[0], axis) / jnp.maximum(n, 1.0)
   xc = jnp.where(real[:, None], x - mean, 0.0)
   spread = _psum(jnp.sum(xc * xc), axis)
   scale = _psum(jnp.sum(x * x), axis)
