@@ -43,16 +43,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fula_jax import models
-from fula_jax.similarity import cka
-from fula_jax.similarity import minibatch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fula_jax import models  # noqa: E402
+from fula_jax.similarity import cka  # noqa: E402
+from fula_jax.similarity import minibatch  # noqa: E402
 
 
 TINY = dict(model="cnn", width_multiplier=1.0, num_examples=96, batch_size=32,
@@ -226,44 +230,20 @@ def digits_32(n: int, size: int) -> np.ndarray:
 
 
 def torch_resnet18(width: int, seed: int):
-  """The CIFAR ResNet-18 layout of the zoo's `resnet18` in PyTorch: a 3x3 stem, four
-  stages of two basic blocks (widths w, 2w, 4w, 8w), points 'stem', 'layer1.0', ...."""
-  import collections
-
+  """The CIFAR ResNet-18 layout of the zoo's `resnet18` in PyTorch (the stitching
+  benchmark's, `torch_loop.build`) as one module: children '0' (the stem) to '8' (the
+  last block), then the pooling and the head."""
   import torch
   from torch import nn
-  from torch.nn import functional
 
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.shortcut = nn.Sequential()
-      if stride != 1 or cin != cout:
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      h = functional.relu(self.bn1(self.conv1(x)))
-      return functional.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
+  from experiments import torch_loop
   torch.manual_seed(seed)
-  layers = collections.OrderedDict(stem=nn.Sequential(
-      nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()))
-  cin = width
-  for s, mult in enumerate((1, 2, 4, 8)):
-    cout = width * mult
-    layers[f"layer{s + 1}"] = nn.Sequential(Block(cin, cout, 1 if s == 0 else 2),
-                                            Block(cout, cout, 1))
-    cin = cout
-  layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(cin, 10))
-  return nn.Sequential(layers).eval()
+  stages, head, _ = torch_loop.build([width, 2 * width, 4 * width, 8 * width],
+                                     [2, 2, 2, 2])
+  return nn.Sequential(*stages, head).eval()
 
 
-TORCH_POINTS = ["stem"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+TORCH_POINTS = [str(k) for k in range(9)]  # the stem and the 8 blocks
 
 
 def _torch_hsic(k, l):
