@@ -257,6 +257,7 @@ def _permute_rows(state: jax.Array, perm: jax.Array, opts: Options) -> jax.Array
 def _permute_basis(state, perm: jax.Array, opts: Options):
   return cca_lib.permute(state, perm)
 
+
 MEASURES: dict[str, Measure] = {
     "cka_linear": _cka("cka_linear", "linear", False),
     "cka_linear_debiased": _cka("cka_linear_debiased", "linear", True),
