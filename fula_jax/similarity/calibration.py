@@ -101,19 +101,15 @@ def calibrated_matrix(name: str, acts_a: Mapping[str, Any],
                   measures_lib.prepare_layer(m.name, frozen, v))
       return out
 
+    def cell(a, b):
+      (pa, sa), (pb, sb) = a, b
+      res = null.from_states(m.name, frozen, n, sa, sb, key,
+                             num_permutations=num_permutations, chunk=chunk,
+                             problems={"x": pa, "y": pb})
+      return _calibrated(m, res, num_permutations)
+
     sx = prepared(xs)
-    sy = sx if acts_b is None else prepared(ys)
-    states_a, states_b = list(sx.values()), list(sy.values())
-    cells = [[None] * len(states_b) for _ in states_a]
-    mirror = acts_b is None and m.symmetric
-    for i, (pa, sa) in enumerate(states_a):
-      for j, (pb, sb) in enumerate(states_b):
-        if mirror and j < i:
-          cells[i][j] = cells[j][i]
-          continue
-        res = null.from_states(m.name, frozen, n, sa, sb, key,
-                               num_permutations=num_permutations, chunk=chunk,
-                               problems={"x": pa, "y": pb})
-        cells[i][j] = _calibrated(m, res, num_permutations)
+    cells = measures_lib.map_cells(name, sx, None if acts_b is None else prepared(ys),
+                                   cell)
   return {f: np.asarray([[getattr(c, f) for c in row] for row in cells], np.float64)
           for f in ("score", "z", "p_value", "null_mean", "null_sd", "raw")}

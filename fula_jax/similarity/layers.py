@@ -327,9 +327,10 @@ def matrices(
                           "CKA (use estimator='exact' for that).")
       out.append(results.Matrix(mat, rows, cols, m.name, model_a_name, model_b_name,
                                 meta))
-  if collected:
+  if keep_examples:  # the kept examples, for the in-memory measures and uncertainty
     acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
     acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
+  if collected:
     n_kept = len(next(iter(acts_a.values())))
     dims = {f"{k} of {name}": int(np.prod(v.shape[1:]))
             for acts, name in ((acts_a, model_a_name), (acts_b or {}, model_b_name))
@@ -353,8 +354,6 @@ def matrices(
   order = {name: i for i, name in enumerate(measures)}
   out = sorted(out, key=lambda mtx: order[mtx.measure])
   if unc.permutations > 0 or unc.resamples > 0:
-    acts_a = {r: np.concatenate(v) for r, v in kept_a.items()}
-    acts_b = None if within else {c: np.concatenate(v) for c, v in kept_b.items()}
     bar = progress_lib.Progress("uncertainty", len(out), unit="matrix",
                                 every_s=progress_every_s,
                                 enabled=progress and jax.process_index() == 0)

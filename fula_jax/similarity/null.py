@@ -40,6 +40,20 @@ class NullResult:
   kind: str
 
 
+def _shuffle_keys(key: jax.Array, num_permutations: int, chunk: int | None):
+  """One key per shuffle, padded to whole chunks (one compiled body instead of a body
+  plus a remainder); the padding repeats the first key and is cut off afterwards."""
+  keys = jax.random.split(key, num_permutations)
+  if chunk is not None and num_permutations % chunk:
+    extra = chunk - num_permutations % chunk
+    keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)])
+  return keys
+
+
+def _chunk(chunk: int | None, num_permutations: int) -> int | None:
+  return None if chunk is None else max(1, min(int(chunk), num_permutations))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _run(name: str, opts: tuple, num_permutations: int, chunk: int | None,
          x: jax.Array, y: jax.Array, key: jax.Array):
@@ -47,11 +61,7 @@ def _run(name: str, opts: tuple, num_permutations: int, chunk: int | None,
   combine = functools.partial(measures_lib.combine_pair, name, opts)
   sx = prepare(x)
   observed = combine(sx, prepare(y))
-  keys = jax.random.split(key, num_permutations)
-  if chunk is not None and num_permutations % chunk:
-    # Pad to whole chunks (one compiled body instead of a body plus a remainder).
-    extra = chunk - num_permutations % chunk
-    keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)])
+  keys = _shuffle_keys(key, num_permutations, chunk)
 
   def one(k):
     perm = jax.random.permutation(k, y.shape[0])
@@ -67,10 +77,7 @@ def _run_prepared(name: str, opts: tuple, n: int, num_permutations: int,
   states (the measure's `permute`): one compiled program per state shape, shared by
   every cell of a matrix whose states share a shape."""
   m, o = measures_lib.MEASURES[name], dict(opts)
-  keys = jax.random.split(key, num_permutations)
-  if chunk is not None and num_permutations % chunk:
-    extra = chunk - num_permutations % chunk
-    keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)])
+  keys = _shuffle_keys(key, num_permutations, chunk)
 
   def one(k):
     return m.combine(sx, m.permute(sy, jax.random.permutation(k, n), o), o)
@@ -85,7 +92,7 @@ def from_states(measure: str, frozen: tuple, n: int, sx, sy, key: jax.Array, *,
   frozen options `frozen`) of a measure that declares `permute`; `problems` names the
   sides that cannot be measured (checks.layer_problem), which gives NaN."""
   m = measures_lib.get(measure)
-  chunk = None if chunk is None else max(1, min(int(chunk), num_permutations))
+  chunk = _chunk(chunk, num_permutations)
   if problems and any(problems.values()):
     return _result(m, float("nan"), np.full(num_permutations, np.nan), problems)
   observed = float(measures_lib.combine_pair(m.name, frozen, sx, sy))
@@ -114,13 +121,13 @@ def permutation_test(measure: str, x: jax.Array, y: jax.Array, key: jax.Array, *
               for side, v in (("x", x), ("y", y))}
   frozen = tuple(sorted(opts.items()))
   if m.permute is not None:
-    if any(problems.values()):
-      return _result(m, float("nan"), np.full(num_permutations, np.nan), problems)
-    return from_states(m.name, frozen, x.shape[0],
-                       measures_lib.prepare_layer(m.name, frozen, x),
-                       measures_lib.prepare_layer(m.name, frozen, y), key,
-                       num_permutations=num_permutations, chunk=chunk)
-  chunk = None if chunk is None else max(1, min(int(chunk), num_permutations))
+    sx, sy = (None, None) if any(problems.values()) else (
+        measures_lib.prepare_layer(m.name, frozen, x),
+        measures_lib.prepare_layer(m.name, frozen, y))
+    return from_states(m.name, frozen, x.shape[0], sx, sy, key,
+                       num_permutations=num_permutations, chunk=chunk,
+                       problems=problems)
+  chunk = _chunk(chunk, num_permutations)
   observed, null = _run(m.name, frozen, int(num_permutations), chunk, x, y, key)
   return _result(m, float(observed), np.asarray(null, np.float64), problems)
 
