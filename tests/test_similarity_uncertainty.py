@@ -137,6 +137,39 @@ def test_bootstrap_interval_covers_the_population_value_about_as_often_as_its_le
   assert 0.8 <= np.mean(hits) <= 0.97, np.mean(hits)
 
 
+
+def test_a_bootstrap_matrix_equals_bootstrapping_each_cell_alone():
+  """Layers of 4 and 7 features against 9: every cell's interval is the one
+  `bootstrap` gives that pair (same key, same resamples), though each layer is
+  prepared once per resample and the resamples run in chunks of 6 with a padded last
+  chunk; for a Gram state (one shape for every layer) and a feature state (one per
+  width)."""
+  from fula_jax.similarity import intervals
+  rng = np.random.default_rng(0)
+  a = {f"a{d}": rng.normal(size=(40, d)).astype(np.float32) for d in (4, 7)}
+  b = {"b9": (rng.normal(size=(40, 9)) + 0.1).astype(np.float32)}
+  b["b9"][:, :4] += a["a4"]
+  for name in ("cka_linear_debiased", "procrustes"):
+    low, high = intervals.bootstrap_matrix(name, a, b, 20, key=3, chunk=6)
+    for i, x in enumerate(a.values()):
+      alone = similarity.bootstrap(name, x, b["b9"], 20, key=3)
+      np.testing.assert_allclose([low[i, 0], high[i, 0]], [alone.low, alone.high],
+                                 rtol=1e-4, atol=1e-5, err_msg=f"{name} row {i}")
+      assert alone.high - alone.low > 1e-3  # a real interval, not a constant
+
+
+def test_a_bootstrap_matrix_compiles_one_combine_for_layers_of_every_width():
+  """A Gram-based measure's states share one shape: one compiled combine program for
+  every cell of a 3 x 3 matrix of layers of different widths."""
+  from fula_jax.similarity import intervals
+  rng = np.random.default_rng(1)
+  acts = {f"l{d}": rng.normal(size=(30, d)).astype(np.float32) for d in (3, 6, 11)}
+  before = intervals._combine_resampled._cache_size()
+  low, high = intervals.bootstrap_matrix("cka_linear", acts, {k: v + 1.0 for k, v in
+                                                              acts.items()}, 10)
+  assert intervals._combine_resampled._cache_size() - before == 1
+  assert np.all(low <= high) and np.isfinite(low).all()
+
 def test_bootstrap_rejects_bad_levels():
   x, y = _pair(0)
   with pytest.raises(ValueError, match="in \\(0, 1\\)"):
