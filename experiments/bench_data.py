@@ -63,13 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true",
                  help="seconds: the loader against the models' forward pass on 64 "
                       "images, no worker processes (a check that it runs)")
+  p.add_argument("--window_s", type=float, default=5.0,
+                 help="seconds each model's forward pass is timed over")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   p.add_argument("--root", default=None, help=argparse.SUPPRESS)
   p.add_argument("--in_memory", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.tiny:
     args.sizes, args.num_workers, args.throughput_only = "64", "0", True
-    args.batch_size = min(args.batch_size, 32)
+    args.batch_size, args.window_s = min(args.batch_size, 32), 0.5
   return args
 
 
@@ -103,8 +105,7 @@ def _models(image_size: int):
   for seed, name in enumerate(("cnn", "resnet20")):
     cfg = defaults.load_config(_REPO / "configs" / "train.py", f"model={name},runlocal")
     m = models.get_model(name, num_classes=NUM_CLASSES, **cfg.model.kwargs.to_dict())
-    v = jax.jit(lambda k, m=m: models.init(m, k, (1, image_size, image_size, 3)))(
-        jax.random.PRNGKey(seed))
+    v = models.init(m, jax.random.PRNGKey(seed), (1, image_size, image_size, 3))
     out += [m, v]
   return out
 
@@ -133,7 +134,7 @@ def child(args) -> dict:
       f = jax.jit(lambda x, m=m, v=v: models.forward(m, v, x))
       jax.block_until_ready(f(x))
       reps, t = 0, time.perf_counter()
-      while time.perf_counter() - t < 5.0:
+      while time.perf_counter() - t < args.window_s:
         jax.block_until_ready(f(x))
         reps += 1
       out[f"{key}_images_per_s"] = reps * args.batch_size / (time.perf_counter() - t)
@@ -159,8 +160,8 @@ def run_child(args, kind: str, root: pathlib.Path, in_memory: bool = False,
               num_workers: int = 0) -> dict:
   cmd = [sys.executable, __file__, f"--child={kind}", f"--root={root}",
          f"--image_size={args.image_size}", f"--batch_size={args.batch_size}",
-         f"--num_threads={args.num_threads}", f"--num_workers={num_workers}"
-         ] + (["--in_memory"] if in_memory else [])
+         f"--num_threads={args.num_threads}", f"--num_workers={num_workers}",
+         f"--window_s={args.window_s}"] + (["--in_memory"] if in_memory else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode:
     raise SystemExit(f"{kind} on {root} failed:\n{proc.stderr[-3000:]}")

@@ -117,8 +117,7 @@ def data(image_size: int):
 def donor(preset: str, seed: int, input_shape):
   name, kwargs = SMALL[preset]
   model = models.get_model(name, num_classes=10, **kwargs)
-  return model, jax.jit(lambda k: models.init(model, k, input_shape))(
-      jax.random.PRNGKey(seed))
+  return model, models.init(model, jax.random.PRNGKey(seed), input_shape)
 
 
 def time_jax(label, a, b, train, test, cfg):

@@ -77,8 +77,7 @@ def model_workdir():
     cfg.data.channels = channels
     io.write_json(path / checkpoint.CONFIG_FILE, cfg.to_dict())
     model = models.get_model(name, num_classes=10, **kwargs)
-    variables = jax.jit(lambda k: models.init(model, k, (1, 8, 8, channels)))(
-        jax.random.PRNGKey(seed))
+    variables = models.init(model, jax.random.PRNGKey(seed), (1, 8, 8, channels))
     tree = {"step": np.int32(1), **jax.tree_util.tree_map(np.asarray, variables)}
     mngr = checkpoint.manager(path)
     mngr.save(1, args=ocp.args.StandardSave(tree))

@@ -16,7 +16,7 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _mlp(seed, widths=(16, 8)):
   m = models.get_model("mlp", widths=widths)
-  return m, jax.jit(lambda k: models.init(m, k, (1, 8, 8, 1)))(jax.random.PRNGKey(seed))
+  return m, models.init(m, jax.random.PRNGKey(seed), (1, 8, 8, 1))
 
 
 def test_each_cell_is_the_measure_of_the_two_models_activations():

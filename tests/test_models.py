@@ -493,3 +493,20 @@ def test_batch_norm_momentum_on_the_first_layer(name, first):
   new = updates["batch_stats"][point][bn]
   _close(new["mean"], 0.9 * old["mean"] + 0.1 * pre.mean(0), rtol=1e-4)
   _close(new["var"], 0.9 * old["var"] + 0.1 * pre.var(0), rtol=1e-4)
+
+
+def test_init_gives_flax_own_initial_variables_eagerly_and_inside_a_trace():
+  """`models.init` compiles the initialisers without XLA's optimisation passes on the
+  CPU (they run once); the variables are Flax's own `Module.init` values (to float32
+  rounding: unfused arithmetic may differ in the last place), and the same call works
+  inside a caller's jit (where the compiler options cannot apply)."""
+  model = models.get_model("mlp")
+  key = jax.random.PRNGKey(5)
+  flax_own = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8, 8, 1)), train=False))(key)
+  ours = models.init(model, key, (1, 8, 8, 1))
+  traced = jax.jit(lambda k: models.init(model, k, (1, 8, 8, 1)))(key)
+  chex.assert_trees_all_close(ours, flax_own, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_equal(traced, flax_own)
+  other = models.init(model, jax.random.PRNGKey(6), [1, 8, 8, 1])
+  kernel = lambda v: np.asarray(v["params"]["fc1"]["kernel"])
+  assert not np.allclose(kernel(other), kernel(ours))  # the key, not the shape, decides

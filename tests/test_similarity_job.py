@@ -87,8 +87,8 @@ def tiny_models():
   model_a = models.get_model("mlp", widths=(12, 6), num_classes=3)
   model_b = models.get_model("mlp", widths=(10,), num_classes=3)
   shape = (1, 4, 4, 1)
-  vars_a = jax.jit(lambda k: models.init(model_a, k, shape))(jax.random.PRNGKey(0))
-  vars_b = jax.jit(lambda k: models.init(model_b, k, shape))(jax.random.PRNGKey(1))
+  vars_a = models.init(model_a, jax.random.PRNGKey(0), shape)
+  vars_b = models.init(model_b, jax.random.PRNGKey(1), shape)
   return model_a, vars_a, model_b, vars_b
 
 

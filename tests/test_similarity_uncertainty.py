@@ -207,8 +207,8 @@ def test_output_measures_match_numpy():
 
 def test_the_job_writes_intervals_and_calibrated_matrices(tmp_path):
   model = models.get_model("mlp", widths=(8, 8))
-  va = jax.jit(lambda k: models.init(model, k, (1, 8, 8, 1)))(jax.random.PRNGKey(0))
-  vb = jax.jit(lambda k: models.init(model, k, (1, 8, 8, 1)))(jax.random.PRNGKey(1))
+  va = models.init(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+  vb = models.init(model, jax.random.PRNGKey(1), (1, 8, 8, 1))
   images = np.random.default_rng(0).uniform(size=(96, 8, 8, 1)).astype(np.float32)
   mats = similarity.matrices(model, va, model, vb, images,
                              ("cka_linear_debiased", "mutual_knn"), batch_size=32,

@@ -65,8 +65,8 @@ SPEC = textwrap.dedent("""
     def donors():
       a = models.get_model("mlp", widths=(8, 8))
       b = models.get_model("mlp", widths=(8, 6))
-      va = jax.jit(lambda k: models.init(a, k, (1, 8, 8, 1)))(jax.random.PRNGKey(0))
-      vb = jax.jit(lambda k: models.init(b, k, (1, 8, 8, 1)))(jax.random.PRNGKey(1))
+      va = models.init(a, jax.random.PRNGKey(0), (1, 8, 8, 1))
+      vb = models.init(b, jax.random.PRNGKey(1), (1, 8, 8, 1))
       return a, va, b, vb
 
     def folder_splits(root, reads=None):

@@ -84,7 +84,7 @@ KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs
         "jax_persistent_cache_min_entry_size_bytes", "jax_enable_x64")
 before = {k: getattr(jax.config, k) for k in KEYS}
 a = models.get_model("mlp", widths=(8,))
-va = jax.jit(lambda k: models.init(a, k, (1, 8, 8, 1)))(jax.random.PRNGKey(0))
+va = models.init(a, jax.random.PRNGKey(0), (1, 8, 8, 1))
 train, test = testing.synthetic_splits(64, 32)
 stitching.run_sweep(a, va, a, va, train, test,
                     dict(objectives=["dm"], progress=False, baselines=False),
