@@ -178,8 +178,6 @@ def _layer_grams(x: jax.Array, m: jax.Array, *, estimators: tuple[str, ...],
   # (256, 65536) activation takes 2.5x as long as the whole Gram; the product is fast.
   mean = _psum(cka.dot(real.astype(x.dtype)[None, :], x)[0], axis) / jnp.maximum(n, 1.0)
   xc = jnp.where(real[:, None], x - mean, 0.0)
-  spread = _psum(jnp.sum(xc * xc), axis)
-  scale = _psum(jnp.sum(x * x), axis)
 
   m_all = _gather(m, axis)
   big = m_all.shape[0]
@@ -188,6 +186,11 @@ def _layer_grams(x: jax.Array, m: jax.Array, *, estimators: tuple[str, ...],
   pair = m[:, None] * m_all[None, :]
   xc_all = _gather(xc, axis)
   k = cka.dot(xc, xc_all.T)
+  # Both sums of squares from what is already here, not two more passes over the
+  # (b, features) activation: the centred one is the Gram's trace, and the raw one
+  # adds n |mean|^2 (the centred rows sum to zero).
+  spread = _psum(jnp.sum(jnp.where(diag, k, 0.0)), axis)
+  scale = spread + n * jnp.sum(mean * mean)
   if kernel == "rbf":
     sq = jnp.sum(xc * xc, axis=1)
     d2 = jnp.maximum(sq[:, None] + _gather(sq, axis)[None, :] - 2.0 * k, 0.0)
