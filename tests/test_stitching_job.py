@@ -131,8 +131,13 @@ def test_ctrl_c_ends_with_one_line_and_a_rerun_resumes(tmp_path, model_workdir):
          "--config.stitch.grouping=single", "--config.stitch.max_stitches_per_wave=1",
          "--config.stitch.progress=False", "--config.stitch.baselines=False"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  # The job with SIGINT raising KeyboardInterrupt, as from a shell: a child inherits an
+  # ignored SIGINT, and an earlier test in this worker process may have left it
+  # ignored here (the job then never sees the signal and finishes with status 0).
+  shim = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+          " runpy.run_module('fula_jax.main', run_name='__main__', alter_sys=True)")
+  proc = subprocess.Popen([sys.executable, "-c", shim, *cmd[3:]], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 240
     while not list(wd.glob("stitch/*/*.json")):
