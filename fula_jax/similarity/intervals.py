@@ -24,6 +24,7 @@ import numpy as np
 
 from fula_jax.similarity import cka
 from fula_jax.similarity import measures as measures_lib
+from fula_jax.similarity import null
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +79,9 @@ def bootstrap(name: str, x, y, num_resamples: int = 1000, *, level: float = 0.9,
 def _resample_indices(key: jax.Array, n: int, num_resamples: int, chunk: int
                       ) -> jax.Array:
   """``(B', n)`` example indices of every resample, the draws `bootstrap` makes, padded
-  with the first resample to whole chunks (one compiled program, cut off later)."""
-  keys = jax.random.split(key, num_resamples)
-  idx = jax.vmap(lambda k: jax.random.randint(k, (n,), 0, n))(keys)
-  extra = -num_resamples % chunk
-  return jnp.concatenate([idx, jnp.repeat(idx[:1], extra, axis=0)]) if extra else idx
+  with the first resample to whole chunks (cut off later)."""
+  keys = null.padded_keys(key, num_resamples, chunk)
+  return jax.vmap(lambda k: jax.random.randint(k, (n,), 0, n))(keys)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -152,8 +151,9 @@ def bootstrap_matrix(name: str, acts_a: Mapping[str, Any],
   low, high = (np.full((len(xs), len(ys)), np.nan) for _ in range(2))
   for i, row in enumerate(grid):
     for j, cell in enumerate(row):
-      values = np.concatenate([np.asarray(s, np.float64) for s in samples[cell]])
-      finite = values[:num_resamples][np.isfinite(values[:num_resamples])]
+      values = np.concatenate([np.asarray(s, np.float64)
+                               for s in samples[cell]])[:num_resamples]
+      finite = values[np.isfinite(values)]
       if finite.size >= 2:
         low[i, j], high[i, j] = np.quantile(
             finite, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])

@@ -40,9 +40,10 @@ class NullResult:
   kind: str
 
 
-def _shuffle_keys(key: jax.Array, num_permutations: int, chunk: int | None):
-  """One key per shuffle, padded to whole chunks (one compiled body instead of a body
-  plus a remainder); the padding repeats the first key and is cut off afterwards."""
+def padded_keys(key: jax.Array, num_permutations: int, chunk: int | None):
+  """One key per shuffle (or resample), padded to whole chunks (one compiled body
+  instead of a body plus a remainder); the padding repeats the first key and is cut
+  off afterwards."""
   keys = jax.random.split(key, num_permutations)
   if chunk is not None and num_permutations % chunk:
     extra = chunk - num_permutations % chunk
@@ -61,7 +62,7 @@ def _run(name: str, opts: tuple, num_permutations: int, chunk: int | None,
   combine = functools.partial(measures_lib.combine_pair, name, opts)
   sx = prepare(x)
   observed = combine(sx, prepare(y))
-  keys = _shuffle_keys(key, num_permutations, chunk)
+  keys = padded_keys(key, num_permutations, chunk)
 
   def one(k):
     perm = jax.random.permutation(k, y.shape[0])
@@ -77,7 +78,7 @@ def _run_prepared(name: str, opts: tuple, n: int, num_permutations: int,
   states (the measure's `permute`): one compiled program per state shape, shared by
   every cell of a matrix whose states share a shape."""
   m, o = measures_lib.MEASURES[name], dict(opts)
-  keys = _shuffle_keys(key, num_permutations, chunk)
+  keys = padded_keys(key, num_permutations, chunk)
 
   def one(k):
     return m.combine(sx, m.permute(sy, jax.random.permutation(k, n), o), o)
