@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments.fula_report import display, ladder_order, split_key
+from experiments.fula_report import display, ladder_order
 from fula_jax import reporting
 
 
@@ -62,7 +62,7 @@ def cross_figure(arch: str, res: Any, objectives: Sequence[str], form: str = "af
   fig = reporting.figure(((2.4 + 0.55 * n) * ncols, (1.9 + 0.45 * n) * nrows + 0.4))
   for j, obj in enumerate(objectives):
     ax = fig.add_subplot(nrows, ncols, j + 1)
-    key = next(k for k in res.values if split_key(k) == (obj, form))
+    key = next(k for k in res.values if res.objective_map(k) == (obj, form))
     mats[f"stitch_{key}/accuracy"].plot(ax=ax, vmin=0.0, vmax=1.0, fmt=".2f")
     ax.set_title(f"{display(obj)} stitched accuracy", fontsize=9)
     ax.set_xlabel("end model (standard), point")

@@ -38,13 +38,6 @@ def pair_name(pair: Sequence[str]) -> str:
   return f"{pair[0]}->{pair[1]}"
 
 
-def split_key(key: str) -> tuple[str, str]:
-  """A sweep's objective key as (objective, map): 'fula@lowrank' -> ('fula', 'lowrank');
-  a plain name is the default affine map."""
-  objective, _, form = key.partition("@")
-  return objective, form or "affine"
-
-
 def main_map(maps: Sequence[str]) -> str:
   """The map the main findings use: `affine` when swept, else the lowest on the
   ladder."""
@@ -189,7 +182,7 @@ def cross_summary(res: Any, form: str = "affine") -> dict[str, dict[str, float]]
   (a `stitching.SweepResult`)."""
   out = {}
   for key, measures in res.values.items():
-    obj, m_form = split_key(key)
+    obj, m_form = res.objective_map(key)
     if m_form != form:
       continue
     m = measures["accuracy"]

@@ -237,7 +237,7 @@ def depth_records(arch: str, testbed: str, pair: str, res: stitching.SweepResult
   cells, _ = stitch_plan.parse_pairs(pairs_spec, res.rows, res.cols)
   out = []
   for key, measures in res.values.items():
-    obj, form = report.split_key(key)
+    obj, form = res.objective_map(key)
     for r, c in cells:
       i, j = res.rows.index(r), res.cols.index(c)
       for measure, m in measures.items():

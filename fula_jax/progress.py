@@ -90,3 +90,13 @@ def phase(doing: str, done: str, *, enabled: bool = True, stream: TextIO | None 
   yield
   if enabled:
     print(f"{done} in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], phase: str):
+  """Adds the block's wall time to ``seconds[phase]`` (a run's time per phase)."""
+  t0 = time.perf_counter()
+  try:
+    yield
+  finally:
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0

@@ -51,12 +51,10 @@ def test_a_sweep_names_its_compile_phase_per_wave(capsys):
 def test_after_each_wave_compiles_the_eta_counts_the_later_waves_compiles():
   from fula_jax.stitching import api
   bar = progress_lib.Progress("sweep", 10, enabled=False)
-  waves, seconds = ["w1", "w2", "w3"], {"compile": 12.0}
-  advance = api._Advance(bar, waves, seconds)
-  advance.compiled("w1")        # 12 s for one wave: two more to come
+  advance = api._Advance(bar, ["w1", "w2", "w3"])
+  advance.compiled("w1", 12.0)  # 12 s for one wave: two more to come
   assert bar.pending_s == 24.0
-  seconds["compile"] = 30.0     # the second took 18 s: 15 s a wave, one more
-  advance.compiled("w2")
+  advance.compiled("w2", 18.0)  # 30 s for two: 15 s a wave, one more
   assert bar.pending_s == 15.0
-  advance.compiled("w3")
+  advance.compiled("w3", 0.0)
   assert bar.pending_s == 0.0

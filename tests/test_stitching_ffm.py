@@ -27,7 +27,8 @@ def test_ffm_matches_only_the_last_point_and_self_stitches_reach_own_accuracy():
 def test_ffm_options_come_from_the_sweep_config():
   from fula_jax.stitching import settings
   sci, _, _ = settings.split({"objectives": ["ffm"], "ffm": {"squared": True}})
-  assert sci.objective("ffm").squared and sci.objective("ffm").normalise == "example"
+  ffm = sci.arm("ffm").objective
+  assert ffm.squared and ffm.normalise == "example"
 
 
 def test_ffm_then_tlm_switches_loss_at_its_share_of_the_steps():

@@ -259,3 +259,26 @@ def test_ood_scores_per_cell_are_in_distribution_for_a_self_stitch_and_not_from_
   # The reference enters evaluation as the warm-up compiled it (replicated over the
   # mesh), so no evaluation program compiles a second time.
   assert far.stats["programs_compiled_late"] == 0
+
+
+def test_units_hold_objective_and_map_as_two_axes_and_pgd_is_shared_by_objectives(donor):
+  """Every (objective, map) trains with that objective's loss through that map, and a
+  stitched model under attack does not depend on what trained it: one PGD program per
+  (end point, map), whatever the objectives."""
+  model, variables, train, test, _ = donor
+  profile = {}
+  res = stitching.run_sweep(
+      model, variables, model, variables, train, test,
+      dict(BASE, objectives=["tlm", "fula"], map=["affine", "lowrank"], steps=2,
+           pgd=dict(enabled=True, eps=0.1, step_size=0.03, steps=1, num_examples=100)),
+      profile=profile)
+  assert sorted(res.values) == ["fula", "fula@lowrank", "tlm", "tlm@lowrank"]
+  trained = {(ctx.objective.name, ctx.fmap.key) for name, ctx in profile
+             if name == "train_step"}
+  assert trained == {(o, m) for o in ("tlm", "fula") for m in ("affine", "lowrank")}
+  attacked = [ctx for name, ctx in profile if name == "pgd_correct"]
+  assert {ctx.unit.objective for ctx in attacked} == {None}
+  assert sorted((ctx.unit.end, ctx.unit.fmap.key) for ctx in attacked) == sorted(
+      (c, m) for c in res.cols for m in ("affine", "lowrank"))
+  for key in res.values:  # the diagonal cells, each attacked
+    assert np.isfinite(np.diag(res.values[key]["pgd_accuracy"])).all(), key

@@ -296,3 +296,18 @@ def test_prefix_tokens_pass_through_and_only_grid_tokens_are_resampled():
     maps.plan("a", (17, 3), "b", (4, 4, 5))
   with pytest.raises(registry.UnknownNameError, match="pool"):
     maps.plan("a", (4, 4, 3), "b", (17, 5), dst_prefix=1, c2t="mean")
+
+
+def test_measures_declare_their_passes_and_report_only_when_the_pass_runs():
+  from fula_jax.stitching import measures
+  names = lambda passes: {m.name for m in measures.active(passes)}
+  plain = names(())
+  assert {"accuracy", "converged", "dm_error"} <= plain
+  assert not plain & {"pgd_accuracy", "energy_ood", "mahalanobis_ratio"}
+  assert names([measures.PGD]) - plain == {"pgd_accuracy"}
+  assert names([measures.OOD]) - plain == {"energy_ood", "mahalanobis_ratio"}
+  assert names(measures.PASSES) == set(measures.NAMES)
+  assert measures.needed(measures.active([measures.PGD]), measures.PGD)
+  assert not measures.needed(measures.active([measures.PGD]), measures.OOD)
+  with pytest.raises(ValueError, match="passes: pgd, ood"):
+    measures.active(["attack"])

@@ -143,11 +143,11 @@ def test_plan_one_training_program_per_end_point_and_objective():
             num_devices=4, batch_sizes=(64, 128), bytes_per_stitch=lambda e, w: 1,
             budget_bytes=1e9, max_group_size=0, fingerprints={"tlm": "x", "fula": "y"})
   units = plan.plan(cells, objs, finished=set(), grouping="end", **kw)
-  assert {(u.objective, u.end) for u in units} == {(o, e) for o in ("tlm", "fula")
-                                                  for e in ("b0", "b1", "bv")}
-  u = next(u for u in units if u.objective == "tlm" and u.end == "b0")
+  assert {(u.arm, u.end) for u in units} == {(o, e) for o in ("tlm", "fula")
+                                            for e in ("b0", "b1", "bv")}
+  u = next(u for u in units if u.arm == "tlm" and u.end == "b0")
   assert u.fronts == ("a0", "a1", "a2") and u.width == 16 and u.ways == 1
-  f = next(u for u in units if u.objective == "fula" and u.end == "b0")
+  f = next(u for u in units if u.arm == "fula" and u.end == "b0")
   assert f.ways == 4 and f.size == 4 and f.padded_fronts[-1] == "a0"
   # Finished cells are not planned again; a budget of one stitch splits the rest.
   done = {("tlm", "a0", "b0")}

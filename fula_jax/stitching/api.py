@@ -17,6 +17,7 @@ Colab use, with models and data in memory::
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -25,14 +26,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fula_jax import errors, registry
+from fula_jax import errors, registry, sharding
 from fula_jax.errors import ConfigError
 from fula_jax.progress import Progress
 from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import store as store_lib
-from fula_jax.stitching.result import (NOT_REQUESTED, ConvergenceWarning, SweepResult,
-                                       objective_and_map)
+from fula_jax.stitching.result import NOT_REQUESTED, ConvergenceWarning, SweepResult
 from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
 
@@ -110,12 +110,11 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
       unstitchable[(r, c)] = str(e)
 
   finished, end = sw.store.load()
-  if end:
-    sw.end_accuracy = {"": end["end_accuracy"], **end["end_accuracy_sets"]}
+  end_accuracy = ({"": end["end_accuracy"], **end["end_accuracy_sets"]} if end else {})
   units = plan_lib.plan(
-      stitchable, sci.objectives, finished=finished, shapes_a=sw.shapes_a,
+      stitchable, sci.arms, finished=finished, shapes_a=sw.shapes_a,
       shapes_b={p: sw.shapes_b[p] for p in sw.points_b},
-      trains={o.name: sw.stitch_steps(o.name) > 0 for o in sci.objectives},
+      trains={a.name: sw.stitch_steps(a.name) > 0 for a in sci.arms},
       grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
       bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
       max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints,
@@ -126,16 +125,17 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),
                                unit="batch", every_s=ex.progress_every_s, enabled=show),
-                      waves, sw.seconds)
+                      waves)
   wanted = set(stitchable)
   resumed = sum(1 for (_, r, c) in finished if (r, c) in wanted)
   if show:
-    print(f"stitch sweep: {len(pairs)} cells x {len(sci.objectives)} objectives; "
+    print(f"stitch sweep: {len(pairs)} cells x {len(sci.arms)} objectives; "
           f"{resumed} (objective, cell) results resumed from the workdir; "
           f"{sum(len(u.fronts) for u in units)} stitches in {len(units)} units, "
           f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
           f"processes).", flush=True)
-  records = dict(finished)
+  records, kept_params = dict(finished), {}
+  count, seconds = _Counts(), {}
   ahead: dict[int, concurrent.futures.Future] = {}
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
 
@@ -145,10 +145,16 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
 
   try:
     for k, w in enumerate(waves):
-      records.update(w.run(progress, ahead=ahead.pop(k, None),
-                           compiled=lambda k=k: compile_next(k + 1)))
+      out = w.run(progress, ahead=ahead.pop(k, None),
+                  compiled=lambda k=k: compile_next(k + 1))
+      records.update(out.records)
+      kept_params.update(out.params)
+      end_accuracy = out.end_accuracy
+      count.add(out.warm_up, out.late)
+      for phase, t in out.seconds.items():
+        seconds[phase] = seconds.get(phase, 0.0) + t
   except KeyboardInterrupt:
-    total = len(stitchable) * len(sci.objectives)
+    total = len(stitchable) * len(sci.arms)
     kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if
             sw.workdir else "; with a workdir, a rerun would resume them")
     raise errors.Interrupted(
@@ -165,7 +171,7 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   values: dict[str, dict[str, np.ndarray]] = {}
   reasons: dict[str, dict[str, str]] = {}
   requested = set(pairs)
-  for obj in sci.objectives:
+  for arm in sci.arms:
     mats = {m: np.full((len(rows), len(cols)), np.nan) for m in measures}
     why: dict[str, str] = {}
     for a, r in enumerate(rows):
@@ -176,22 +182,22 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
         if (r, c) in unstitchable:
           why[plan_lib.cell_key(r, c)] = unstitchable[(r, c)]
           continue
-        rec = records[(obj.name, r, c)]
+        rec = records[(arm.name, r, c)]
         for m in measures:
           mats[m][a, b] = store_lib.from_json_value(rec["metrics"].get(m))
         if rec["status"] != "ok":
           why[plan_lib.cell_key(r, c)] = f"{rec['status']}: {rec['reason']}"
-    values[obj.name], reasons[obj.name] = mats, why
+    values[arm.name], reasons[arm.name] = mats, why
   stats = {"units_computed": len(units), "waves": len(waves),
-           "programs_compiled": sw.count.compiled,
-           "programs_compiled_late": sw.count.compiled_late,
-           "programs_from_cache": sw.count.from_cache,
-           "compile_seconds": sw.count.seconds,
-           "compile_seconds_blocking": sw.seconds.get("compile", 0.0) + sw.count.late_seconds,
+           "programs_compiled": count.compiled,
+           "programs_compiled_late": count.compiled_late,
+           "programs_from_cache": count.from_cache,
+           "compile_seconds": count.seconds,
+           "compile_seconds_blocking": seconds.get("compile", 0.0) + count.late_seconds,
            "stitches_computed": sum(len(u.fronts) for u in units),
            "stitches_resumed": resumed, "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
-           "phase_seconds": dict(sw.seconds)}
+           "phase_seconds": seconds}
   same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
   baseline = {}
   if ex.baselines and not same:
@@ -203,11 +209,11 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
           "self_stitch": same, "baseline_accuracy": baseline,
           "n_test": len(test), "train": train.name, "test": test.name,
           "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
-          "end_accuracy_sets": {k: v for k, v in sw.end_accuracy.items() if k},
+          "end_accuracy_sets": {k: v for k, v in end_accuracy.items() if k},
           "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n},
-          "objective_maps": {o.name: objective_and_map(o) for o in sci.objectives}}
-  return SweepResult(rows, cols, values, reasons, sw.end_accuracy.get("", float("nan")),
-                     stats, meta, sw.kept_params)
+          "objective_maps": {a.name: (a.objective.name, a.fmap.key) for a in sci.arms}}
+  return SweepResult(rows, cols, values, reasons, end_accuracy.get("", float("nan")),
+                     stats, meta, kept_params)
 
 
 def _baselines(model_b: Any, vars_b: Any, train, test, cfg: Any, cols: list[str],
@@ -235,21 +241,40 @@ def _named(cfg: Any) -> Any:
   return plain
 
 
+@dataclasses.dataclass
+class _Counts:
+  """Programs compiled over a sweep's waves, and the seconds it waited for them."""
+  compiled: int = 0
+  compiled_late: int = 0
+  from_cache: int = 0
+  seconds: float = 0.0
+  late_seconds: float = 0.0  # compiling inside a wave's run, which waits for it
+
+  def add(self, warm_up: sharding.CompileCount, late: sharding.CompileCount) -> None:
+    for c in (warm_up, late):
+      self.compiled += c.compiled
+      self.from_cache += c.from_cache
+      self.seconds += c.seconds
+    self.compiled_late += late.compiled
+    self.late_seconds += late.seconds
+
+
 class _Advance:
   """The sweep's progress bar, advanced batch by batch by every wave."""
 
-  def __init__(self, bar: Progress, waves: Sequence[Wave] = (),
-               seconds: Mapping[str, float] | None = None):
-    self.bar, self.count, self.waves, self.seconds = bar, 0, list(waves), seconds or {}
+  def __init__(self, bar: Progress, waves: Sequence[Wave] = ()):
+    self.bar, self.count, self.waves, self.waited = bar, 0, list(waves), 0.0
 
   def advance(self) -> None:
     self.count += 1
     self.bar.update(self.count)
 
-  def compiled(self, wave: Wave) -> None:
-    """`wave` has compiled: the ETA counts the waves after it at the compile pace so far."""
+  def compiled(self, wave: Wave, waited: float) -> None:
+    """`wave` has compiled after `waited` seconds: the ETA counts the waves after it at
+    the compile pace so far."""
+    self.waited += waited
     done = self.waves.index(wave) + 1
-    self.bar.pending_s = self.seconds.get("compile", 0.0) / done * (len(self.waves) - done)
+    self.bar.pending_s = self.waited / done * (len(self.waves) - done)
 
 
 def sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,

@@ -1,7 +1,7 @@
 """The capacity ladder of stitch maps (``stitch.map``: a name or a list), by name: the
 checks, options and closed forms the sweep engine calls, each answered by the map's
-class in :mod:`.feature_maps` (which lists the maps), and `Mapped`, an objective
-trained through a map other than the default affine one.
+class in :mod:`.feature_maps` (which lists the maps), and the sweep's two axes: a
+`MapChoice` (one ``stitch.map`` entry) and an `Arm` (an objective through one).
 """
 
 from __future__ import annotations
@@ -168,43 +168,83 @@ def fit_from_stats(name: str, stats: Any, ridge: float = 1e-6,
 
 
 # ----------------------------------------------------------------------------
-# An objective trained through a map of the ladder (what `stitch.map` makes).
+# The sweep's two axes: a stitch map (`MapChoice`) and an objective, paired in an `Arm`.
 # ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class Mapped(Objective):
-  """`objective` trained (or solved) through stitch map `form` of this ladder other
-  than the default affine one. Its name, ``<objective>@<form>``, keys its results and
-  its resume files, so each (objective, map) is a matrix of its own and resumes on its
-  own; its settings (the fingerprint) include the map and its options.
+class MapChoice:
+  """One entry of ``stitch.map``: map `form` of this ladder with the options that
+  differ from the defaults; `label` is the entry when it set options of its own
+  ('lowrank:rank=4'), so one sweep can hold several of one map."""
+  form: str = "affine"
+  options: tuple[tuple[str, Any], ...] = ()
+  label: str = ""
+
+  @property
+  def key(self) -> str:
+    """What names the map in result keys and tables."""
+    return self.label or self.form
+
+  @property
+  def option_values(self) -> dict[str, Any]:
+    """Every option of the map, defaults included."""
+    return dict(DEFAULTS, **dict(self.options))
+
+  @property
+  def fixed(self) -> bool:
+    """Never trained (identity, permutation)."""
+    return self.form in FIXED
+
+  @property
+  def is_default(self) -> bool:
+    return self.form == "affine" and not self.options and not self.label
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """What one matrix of a sweep trains: `objective` through stitch map `fmap`. Its name,
+  the objective's for the default affine map and ``<objective>@<map>`` otherwise, keys
+  its results and resume files, so each (objective, map) is a matrix of its own and
+  resumes on its own; its settings (the fingerprint) include a non-default map.
 
   A fixed map (identity, permutation) is never trained: every objective evaluates the
   same map. DM needs the map's closed form; without one (norm_affine, mlp) it trains
   the map from a random start on DM's loss for ``dm.refine_epochs``.
   """
   objective: Objective
-  form: str = "affine"
-  options: tuple[tuple[str, Any], ...] = ()
-  label: str = ""  # the map entry when it set its own options ('lowrank:rank=4')
+  fmap: MapChoice = MapChoice()
 
   @property
   def name(self) -> str:
-    return f"{self.objective.name}@{self.label or self.form}"
+    base = self.objective.name
+    return base if self.fmap.is_default else f"{base}@{self.fmap.key}"
 
   @property
   def closed_form(self) -> bool:
-    return self.form in FIXED or (self.objective.closed_form and
-                                  has_closed_form(self.form, dict(self.options)))
+    """Solved, not trained from gradients alone: a fixed map, or DM through a map
+    with a closed form."""
+    return self.fmap.fixed or (self.objective.closed_form and
+                               has_closed_form(self.fmap.form, dict(self.fmap.options)))
 
   @property
   def unsolvable(self) -> str:
     """Why DM cannot use this map without refinement ('' when it can)."""
-    if self.objective.closed_form and not has_closed_form(self.form, dict(self.options)):
-      return (f"the {self.form} map has no closed form for DM (closed forms: "
+    if self.objective.closed_form and not has_closed_form(self.fmap.form,
+                                                          dict(self.fmap.options)):
+      return (f"the {self.fmap.form} map has no closed form for DM (closed forms: "
               f"{closed_forms()}); set "
               "dm.refine_epochs > 0 to train it on DM's loss from a random start")
     return ""
+
+  def inapplicable(self, c_in: int, c_out: int, steps: int) -> str:
+    """Why this arm cannot give a stitch of these widths a value ('' when it can):
+    the map cannot join the widths, or DM has no closed form and no `steps`."""
+    try:
+      check(self.fmap.form, c_in, c_out, self.fmap.option_values)
+    except ValueError as e:
+      return str(e)
+    return self.unsolvable if not steps else ""
 
   @property
   def decomposable(self) -> bool:
@@ -212,33 +252,19 @@ class Mapped(Objective):
 
   @property
   def num_examples(self) -> int:
+    """Rows DM's least squares accumulates (0 for the other objectives)."""
     return getattr(self.objective, "num_examples", 0)
 
-  def train_end(self, points_b, j):
-    return self.objective.train_end(points_b, j)
-
-  def targets(self, points_b, j):
-    return self.objective.targets(points_b, j)
-
-  def train_steps(self, steps, steps_per_epoch):
-    if self.form in FIXED:
+  def train_steps(self, steps: int, steps_per_epoch: int) -> int:
+    if self.fmap.fixed:
       return 0
     return self.objective.train_steps(steps, steps_per_epoch)
 
-  def loss(self, outs, shared, where):
-    return self.objective.loss(outs, shared, where)
-
-  def loss_at(self, outs, shared, where, step, steps):
-    return self.objective.loss_at(outs, shared, where, step, steps)
-
-  def eval_terms(self, outs, shared, mask, where):
-    return self.objective.eval_terms(outs, shared, mask, where)
-
-  def eval_value(self, terms, n, where):
-    return self.objective.eval_value(terms, n, where)
-
   def settings(self) -> dict[str, Any]:
-    return dict(self.objective.settings(), map=self.form, map_options=dict(self.options))
+    if self.fmap.is_default:
+      return self.objective.settings()
+    return dict(self.objective.settings(), map=self.fmap.form,
+                map_options=dict(self.fmap.options))
 
 
 def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
@@ -256,13 +282,11 @@ def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
   return form, own
 
 
-def with_map(objective: Objective, form: str, options: Mapping[str, Any] | None = None,
-             label: str = "") -> Objective:
-  """`objective` through map `form` (the objective itself for the default affine map
-  without options, so existing results keep their names and fingerprints); `label`
+def arm(objective: Objective, form: str = "affine",
+        options: Mapping[str, Any] | None = None, label: str = "") -> Arm:
+  """`objective` through map `form` with `options` (only those that differ from the
+  defaults are kept, so a map's results keep their names and fingerprints); `label`
   names a map entry with options of its own."""
   registry.lookup("stitch map", form, MAPS)
-  opts = options_of(form, options)
-  if form == "affine" and not opts and not label:
-    return objective
-  return Mapped(objective, form, tuple(sorted(opts.items())), label)
+  return Arm(objective, MapChoice(form, tuple(sorted(options_of(form, options).items())),
+                                  label))

@@ -3,15 +3,18 @@
 A measure may add per-batch sums to the evaluation program (`terms`, run per stitch
 inside the compiled program on each held-out batch; padded rows are masked out) and
 turns the summed terms, and whatever else the run recorded, into one number per stitch
-on the host (`value`). Adding a measure is one class here and one entry in `MEASURES`:
-the programs, the accumulator shapes (`jax.eval_shape` of the terms) and the result
-matrices all follow from it.
+on the host (`value`). A measure that needs a pass of its own over the data declares
+it (`needs`: the PGD attack, or the end model's OOD reference); the sweep runs a pass
+only when an active measure needs it, and a measure whose pass is switched off is not
+reported. Adding a measure is one class here and one entry in `MEASURES`: the programs,
+the accumulator shapes (`jax.eval_shape` of the terms) and the result matrices all
+follow from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +50,18 @@ class Readout:
   trend: np.ndarray | None = None  # (S, 3, 3) see programs.StitchState.trend
 
 
+PGD = "pgd"  # pass: the sweep's PGD attack on every stitched model (stitch.pgd)
+OOD = "ood"  # pass, and shared key: the end model's own reference (stitch.ood_examples)
+PASSES = (PGD, OOD)
+
+
 class Measure:
   """Base: no device terms; `value` must be defined. `undefined` says when the value is
-  NaN on a stitch that ran fine (stored as that cell's reason)."""
+  NaN on a stitch that ran fine (stored as that cell's reason); `needs` names the pass
+  the measure reads (one of `PASSES`; '' for none)."""
   name = "measure"
   undefined = ""
+  needs = ""
 
   def terms(self, b: Batch) -> dict[str, jax.Array]:
     return {}
@@ -200,6 +210,7 @@ class PGDAccuracy(Measure):
   """Accuracy of the stitched model under the sweep's PGD attack."""
   name = "pgd_accuracy"
   undefined = "no PGD attack was run on this cell"
+  needs = PGD
 
   def value(self, r):
     if r.pgd_accuracy is None:
@@ -255,14 +266,12 @@ class ErrorConsistency(Measure):
       return np.asarray(outputs.kappa(observed, acc, r.end_accuracy), np.float64)
 
 
-OOD = "ood"  # shared key: the end model's own reference at the unit's end point
-
-
 class EnergyOOD(Measure):
   """Fraction of held-out examples whose stitched logits have a higher free energy
   (Liu et al. 2020) than the `quantile` of the end model's own energies on its reference
   examples: about 1 - quantile for a stitch g cannot tell from itself."""
   name = "energy_ood"
+  needs = OOD
 
   def terms(self, b):
     if OOD not in b.shared:
@@ -279,6 +288,7 @@ class MahalanobisRatio(Measure):
   at j (its reference examples), over that of g's own held-out activations at j: about 1
   in distribution, large for activations g never produces (stitching-ood's argument)."""
   name = "mahalanobis_ratio"
+  needs = OOD
 
   def terms(self, b):
     if OOD not in b.shared:
@@ -305,11 +315,18 @@ UNDEFINED = {m.name: m.undefined for m in MEASURES}
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")
 
 
-def active(pgd: bool, ood: bool = False) -> tuple[Measure, ...]:
-  """The measures a sweep reports (PGD and the OOD scores only when they run)."""
-  off = ({"pgd_accuracy"} if not pgd else set()) | (
-      {"energy_ood", "mahalanobis_ratio"} if not ood else set())
-  return tuple(m for m in MEASURES if m.name not in off)
+def active(passes: Collection[str] = ()) -> tuple[Measure, ...]:
+  """The measures a sweep reports when it can run `passes` (some of `PASSES`): every
+  measure that needs no pass, or one of those."""
+  for p in passes:
+    if p not in PASSES:
+      raise ValueError(f"Unknown measure pass {p!r}; passes: {', '.join(PASSES)}.")
+  return tuple(m for m in MEASURES if not m.needs or m.needs in passes)
+
+
+def needed(measures: Sequence[Measure], which: str) -> bool:
+  """Whether one of `measures` needs pass `which`: the sweep runs it only then."""
+  return any(m.needs == which for m in measures)
 
 
 def terms(b: Batch, measures: Sequence[Measure] = MEASURES) -> dict[str, jax.Array]:

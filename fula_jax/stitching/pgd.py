@@ -19,18 +19,10 @@ from fula_jax.stitching.stacks import own_params
 
 
 @dataclasses.dataclass(frozen=True)
-class MapOnly:
-  """What the attack needs of a unit's objective: its stitch map. The stitched model
-  does not depend on the objective that trained it, so units of every objective share
-  one PGD program."""
-  form: str = "affine"
-  options: tuple = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class PGDContext:
   """A unit's stitched models under attack: f to the deepest front, the front chosen
-  per stitch, the stitch, g to the logits."""
+  per stitch, the stitch, g to the logits (`unit` without its objective, which the
+  stitched model does not depend on)."""
   unit: UnitContext
   model_a: Any
   points: tuple[str, ...]          # the unit's distinct front points, in f's order

@@ -1,14 +1,14 @@
 """Planning, pure: requested cells -> units of stitches -> waves. No arrays, no devices.
 
 A *unit* is the stitches one compiled program trains together under `jax.vmap`: one
-objective, one end point j of g, and a set of front points of f, one stitch each. With
-the default grouping ('end') every front into j shares the unit, whatever its shape:
-each stitch maps its own front onto j's grid inside the program, so there is one
-training program per (end point, objective). 'shape' groups only fronts of the same
-shape (the previous engine's layout, kept to check that merging changes no number) and
-'single' makes one unit per stitch (the one-pair-at-a-time baseline). A unit larger
-than the memory budget is split into equal chunks, which share their program. Units are
-laid out on a (stitch x batch) view of the devices.
+arm (an objective through a stitch map), one end point j of g, and a set of front
+points of f, one stitch each. With the default grouping ('end') every front into j
+shares the unit, whatever its shape: each stitch maps its own front onto j's grid
+inside the program, so there is one training program per (end point, arm). 'shape'
+groups only fronts of the same shape (the previous engine's layout, kept to check that
+merging changes no number) and 'single' makes one unit per stitch (the one-pair-at-a-
+time baseline). A unit larger than the memory budget is split into equal chunks, which
+share their program. Units are laid out on a (stitch x batch) view of the devices.
 
 A *wave* is a run of consecutive units up to a stitch budget; per batch, each wave runs
 both donors once and every unit of the wave steps on those activations.
@@ -76,14 +76,15 @@ def safe_name(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """Stitches of one objective into end point `end`, trained by one program call.
+  """Stitches of one arm (an objective through a stitch map, named `arm`) into end
+  point `end`, trained by one program call.
 
   Stitch s maps front point ``fronts[s]`` (per-example shape ``front_shapes[s]``) to
   `end`; the program pads the stitch axis to `size` (repeating the first front; padded
   stitches take no steps) and stores every stitch's kernel with `width` rows (the
   widest front's features).
   """
-  objective: str
+  arm: str
   end: str
   end_shape: tuple[int, ...]
   fronts: tuple[str, ...]
@@ -144,7 +145,7 @@ def group(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple[int, ..
   return list(table.values())
 
 
-def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
+def plan(cells: Sequence[tuple[str, str]], arms: Sequence[Any], *,
          finished: Any, shapes_a: Mapping[str, tuple[int, ...]],
          shapes_b: Mapping[str, tuple[int, ...]], trains: Mapping[str, bool],
          grouping: str, num_devices: int, batch_sizes: Sequence[int],
@@ -153,10 +154,10 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
          prefix_a: Mapping[str, int] | None = None,
          prefix_b: Mapping[str, int] | None = None,
          batch_split: bool = True) -> list[Unit]:
-  """Units for every (objective, cell) not in `finished`, laid out over the devices.
+  """Units for every (arm, cell) not in `finished`, laid out over the devices.
 
-  `objectives` are values with `.name` and `.decomposable`; `trains[name]` says whether
-  that objective takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
+  `arms` are values with `.name` and `.decomposable`; `trains[name]` says whether that
+  arm takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
   one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens;
   `batch_split=False` keeps every stitch's batch on one device (BatchNorms in train mode
   need the whole batch's statistics).
@@ -171,8 +172,8 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
     cap = max(1, int(budget_bytes // max(per, 1))) * num_devices
     if max_group_size:
       cap = min(cap, int(max_group_size))
-    for obj in objectives:
-      todo = [r for r, c in members if (obj.name, r, c) not in finished]
+    for arm in arms:
+      todo = [r for r, c in members if (arm.name, r, c) not in finished]
       if not todo:
         continue
       n_chunks = -(-len(todo) // cap)
@@ -180,16 +181,16 @@ def plan(cells: Sequence[tuple[str, str]], objectives: Sequence[Any], *,
       for k in range(n_chunks):
         fronts = tuple(todo[k * per_chunk:(k + 1) * per_chunk])
         ways = stitch_ways(len(fronts), num_devices, batch_sizes,
-                           obj.decomposable and batch_split)
+                           arm.decomposable and batch_split)
         size = -(-len(fronts) // ways) * ways
-        uid = safe_name(f"{end}-{digest([fronts, width, fingerprints[obj.name]], 12)}")
-        units.append(Unit(obj.name, end, tuple(shapes_b[end]), fronts,
+        uid = safe_name(f"{end}-{digest([fronts, width, fingerprints[arm.name]], 12)}")
+        units.append(Unit(arm.name, end, tuple(shapes_b[end]), fronts,
                           tuple(tuple(shapes_a[r]) for r in fronts), width, size, ways,
-                          trains[obj.name], uid,
+                          trains[arm.name], uid,
                           tuple(int(prefix_a.get(r, 0)) for r in fronts),
                           int(prefix_b.get(end, 0))))
-  order = {o.name: k for k, o in enumerate(objectives)}
-  units.sort(key=lambda u: (points_b.index(u.end), order[u.objective], u.width))
+  order = {a.name: k for k, a in enumerate(arms)}
+  units.sort(key=lambda u: (points_b.index(u.end), order[u.arm], u.width))
   return units
 
 

@@ -2,23 +2,23 @@
 evaluation, least-squares statistics and PGD.
 
 Each program is a module-level function jitted with a static, hashable context (the end
-model, the unit's shapes, its objective, the mesh), so JAX's own cache shares a program
-between units, waves and sweeps of one context and shapes, and the persistent compilation
-cache keeps it. Inside a unit's program each stitch maps its own front (f's activation at
-its point, replicated from the donor pass) onto the end point's grid with its own shapes
--- the affine map before an upsampling resize and after a downsampling one, the cheaper
-order -- so stitches from fronts of every shape share the program without padding any
-activation (a nonlinear map of :mod:`.ladder` runs after the resize); then, under
-`jax.vmap` over the stitches, g's tail runs (only as far as the objective reads), with
-parameters stacked and padded to the unit's widest front (:mod:`.stacks`). The programs
-are `shard_map`s over a (stitch x batch) mesh: each stitch's batch is split over the
-batch axis (gradients averaged, sums reduced) and, when a unit must, its stitches over
-the stitch axis (each device then runs the tails of its own stitches). Donor variables
-are arguments, never closure constants. BatchNorm runs in inference mode, unless the
-sweep sets ``donor_bn='train'``: then while stitches train, the donors normalise by each
-whole batch's statistics (such units never split a stitch's batch over devices) and every
-stitch carries its own copy of g's running averages (`StitchState.bn`), updated with g's
-momentum and used when it is evaluated. """
+model, the unit's shapes, its objective and stitch map, the mesh), so JAX's own cache
+shares a program between units, waves and sweeps of one context and shapes, and the
+persistent compilation cache keeps it. Inside a unit's program each stitch maps its own
+front (f's activation at its point, replicated from the donor pass) onto the end point's
+grid with its own shapes -- the affine map before an upsampling resize and after a
+downsampling one, the cheaper order -- so stitches from fronts of every shape share the
+program without padding any activation (a nonlinear map of :mod:`.ladder` runs after the
+resize); then, under `jax.vmap` over the stitches, g's tail runs (only as far as the
+objective reads), with parameters stacked and padded to the unit's widest front
+(:mod:`.stacks`). The programs are `shard_map`s over a (stitch x batch) mesh: each
+stitch's batch is split over the batch axis (gradients averaged, sums reduced) and, when
+a unit must, its stitches over the stitch axis (each device then runs the tails of its
+own stitches). Donor variables are arguments, never closure constants. BatchNorm runs in
+inference mode, unless the sweep sets ``donor_bn='train'``: then while stitches train,
+the donors normalise by each whole batch's statistics (such units never split a stitch's
+batch over devices) and every stitch carries its own copy of g's running averages
+(`StitchState.bn`), updated with g's momentum and used when it is evaluated. """
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ class UnitContext:
   end_shape: tuple[int, ...]
   front_shapes: tuple[tuple[int, ...], ...]  # one per (padded) stitch
   width: int
-  objective: Objective
+  objective: Objective | None  # None: a program that does not depend on it (PGD)
+  fmap: ladder.MapChoice
   mesh: Mesh
   adam: tuple[float, float, float] = (0.9, 0.999, 1e-8)
   front_prefix: tuple[int, ...] = ()  # prefix tokens of each (padded) stitch's front
@@ -139,18 +140,17 @@ class UnitContext:
 
   @property
   def form(self) -> str:
-    """The stitch map (:mod:`.ladder`) the objective trains: 'affine' unless mapped."""
-    return getattr(self.objective, "form", "affine")
+    """The unit's stitch map (:mod:`.ladder`)."""
+    return self.fmap.form
 
   @property
   def form_key(self) -> tuple[str, tuple]:
-    """The map and the options that differ from its defaults (what a closed form of
-    this unit is keyed by)."""
-    return self.form, tuple(sorted(getattr(self.objective, "options", ())))
+    """The map and its non-default options (what a closed form is keyed by)."""
+    return self.fmap.form, self.fmap.options
 
   @property
   def form_options(self) -> dict[str, Any]:
-    return dict(ladder.DEFAULTS, **dict(self.form_key[1]))
+    return self.fmap.option_values
 
   @property
   def split(self) -> bool:

@@ -10,19 +10,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fula_jax.stitching import ladder
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 
 TABLE_COLUMNS = ("objective", "map", "row", "col", "measure", "value", "reason")
 
-
-def objective_and_map(objective: Any) -> tuple[str, str]:
-  """(objective, map) of one of a sweep's objectives: ('fula', 'lowrank:rank=4') for
-  one trained through a map of the ladder, (name, 'affine') for a plain one."""
-  if isinstance(objective, ladder.Mapped):
-    return objective.objective.name, objective.label or objective.form
-  return objective.name, "affine"
 
 NOT_REQUESTED = "not among the requested cells (stitch.pairs, rows, cols)"
 
@@ -61,14 +53,20 @@ class SweepResult:
                                    model_b=model_b, meta=meta)
     return out
 
+  def objective_map(self, key: str) -> tuple[str, str]:
+    """(objective, map) of the matrix keyed `key`: ('fula', 'lowrank:rank=4') for
+    'fula@lowrank:rank=4', (key, 'affine') for a plain objective."""
+    objective, form = self.meta.get("objective_maps", {}).get(key, (key, "affine"))
+    return objective, form
+
   def table(self) -> Any:
     """Every cell of every (objective, map) and measure as one tidy pandas DataFrame,
     columns ``TABLE_COLUMNS`` (a NaN cell keeps its reason): for groupby and plots."""
     import pandas as pd
-    split, late = self.meta.get("objective_maps", {}), self.unconverged()
+    late = self.unconverged()
     out = []
     for key, measures in self.values.items():
-      objective, form = split.get(key, (key, "affine"))
+      objective, form = self.objective_map(key)
       for measure, m in measures.items():
         why = self._reasons(key, measure, m, late.get(key, {}))
         for (i, r), (j, c) in itertools.product(enumerate(self.rows), enumerate(self.cols)):

@@ -10,9 +10,7 @@ held in memory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -26,7 +24,6 @@ from fula_jax.progress import Progress
 from fula_jax.stitching import plan as plan_lib, programs as P, settings
 from fula_jax.stitching import measures as measures_lib, pgd as pgd_lib, store as store_lib
 from fula_jax.stitching import ood as ood_lib
-from fula_jax.stitching.wave import UnitRun
 
 DEVICES = "devices"
 
@@ -51,25 +48,6 @@ class View:
     kw = dict(process_index=jax.process_index(), process_count=jax.process_count(),
               limit=self.limit)
     return zip(self.a.eval_batches(self.batch, **kw), self.b.eval_batches(self.batch, **kw))
-
-
-@dataclasses.dataclass
-class Counts:
-  compiled: int = 0
-  compiled_late: int = 0
-  from_cache: int = 0
-  seconds: float = 0.0
-  late_seconds: float = 0.0  # compiling inside the run, which waits for it
-
-  def add_warm_up(self, c: sharding.CompileCount) -> None:
-    self.compiled += c.compiled
-    self.from_cache += c.from_cache
-    self.seconds += c.seconds
-
-  def add_late(self, c: sharding.CompileCount) -> None:
-    self.add_warm_up(c)
-    self.compiled_late += c.compiled
-    self.late_seconds += c.seconds
 
 
 def point_shapes(model: Any, variables: Any, image_shape: tuple[int, ...]
@@ -129,7 +107,9 @@ class Sweep:
       self.test_views[name] = View(a, b, self.eval_batch,
                                    limit=n_fit if name == measures_lib.FIT else None)
     _check_views(self.train, self.train_b, self.test_views)
-    self.measures = measures_lib.active(sci.pgd.enabled, ex.ood_examples > 0)
+    self.measures = measures_lib.active(
+        [p for p, on in ((measures_lib.PGD, sci.pgd.enabled),
+                         (measures_lib.OOD, ex.ood_examples > 0)) if on])
     self._ood: dict[str, dict[str, jax.Array]] | None = None
     self.donor_ctx = P.DonorContext(model_a, model_b, self.mesh)
     # donor_bn='train': the donors' BatchNorms by batch statistics while stitches train
@@ -150,22 +130,23 @@ class Sweep:
         **({"ood": [ex.ood_examples, ex.ood_quantile, ex.ood_ridge]}
            if ex.ood_examples else {})))
     self.keep_params, self.profile = keep_params, profile
-    self.kept_params: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
-    self.count = Counts()
-    self.seconds: dict[str, float] = {}  # wall time per phase, over all waves
-    self.end_accuracy: dict[str, float] = {}
     self._bytes: dict[tuple[str, int], int] = {}
 
   # -- settings per unit
 
-  def stitch_steps(self, objective: str) -> int:
-    return self.science.objective(objective).train_steps(self.steps, self.steps_per_epoch)
+  def needs(self, which: str) -> bool:
+    """Whether an active measure needs pass `which` (`measures.PASSES`)."""
+    return measures_lib.needed(self.measures, which)
+
+  def stitch_steps(self, arm: str) -> int:
+    return self.science.arm(arm).train_steps(self.steps, self.steps_per_epoch)
 
   def unit_context(self, u: plan_lib.Unit) -> P.UnitContext:
     mesh = sharding.grid_mesh(self.mesh.devices.flat, u.ways, (P.AXIS, P.BATCH))
     sci = self.science
+    arm = sci.arm(u.arm)
     return P.UnitContext(self.model_b, self.points_b, u.end, u.end_shape,
-                         u.padded_shapes, u.width, sci.objective(u.objective), mesh,
+                         u.padded_shapes, u.width, arm.objective, arm.fmap, mesh,
                          sci.adam, u.padded_prefix, u.end_prefix, sci.c2t, sci.t2c,
                          bn_train=bool(self.host_bn_b))
 
@@ -234,7 +215,7 @@ class Sweep:
     Replicated over the mesh, as the warm-up declares it: host arrays would make every
     evaluation program compile a second time, for uncommitted inputs."""
     ex = self.execution
-    if not ex.ood_examples or self._ood is not None:
+    if not self.needs(measures_lib.OOD) or self._ood is not None:
       return self._ood
     view = View(self.train, self.train_b, self.eval_batch, limit=ex.ood_examples)
     gauss = {p: ood_lib.gaussian_zeros(self.shapes_b[p][-1]) for p in self.points_b}
@@ -257,17 +238,6 @@ class Sweep:
     return float(np.sum(np.asarray(out["mask"]) *
                         (np.argmax(logits, -1) == np.asarray(out["label"]))))
 
-  @contextlib.contextmanager
-  def timed(self, phase: str):
-    t0 = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-  def set_end_accuracy(self, acc: Mapping[str, float]) -> None:
-    self.end_accuracy = dict(acc)
-
   def call(self, fn, *args, ctx) -> Any:
     if self.profile is not None:
       rec = self.profile.setdefault((fn.__name__, ctx), {"flops": 0.0, "calls": 0})
@@ -279,49 +249,55 @@ class Sweep:
 
   # -- PGD on the stitched models
 
-  def pgd_context(self, r: UnitRun) -> pgd_lib.PGDContext:
-    points = tuple(p for p in self.points_a if p in r.unit.fronts)
+  def pgd_context(self, u: plan_lib.Unit, ctx: P.UnitContext) -> pgd_lib.PGDContext:
+    points = tuple(p for p in self.points_a if p in u.fronts)
     pgd = self.science.pgd
-    unit = dataclasses.replace(r.ctx, objective=pgd_lib.MapOnly(*r.ctx.form_key))
+    # The stitched model does not depend on the objective that trained it, so the units
+    # of every objective share one PGD program.
+    unit = dataclasses.replace(ctx, objective=None)
     return pgd_lib.PGDContext(unit, self.model_a, points,
                               tuple(self.shapes_a[p] for p in points), pgd.norm,
                               pgd.steps, pgd.random_start,
                               tuple(self.prefix_a.get(p, 0) for p in points))
 
-  def _pgd_static(self, r: UnitRun):
-    ctx = self.pgd_context(r)
-    which = np.array([ctx.points.index(f) for f in r.unit.padded_fronts], np.int32)
-    base = [plan_lib.cell_rng(self.science.seed + 1, f, r.unit.end)
-            for f in r.unit.padded_fronts]
+  def _pgd_static(self, u: plan_lib.Unit, ctx: P.UnitContext):
+    ctx = self.pgd_context(u, ctx)
+    which = np.array([ctx.points.index(f) for f in u.padded_fronts], np.int32)
+    base = [plan_lib.cell_rng(self.science.seed + 1, f, u.end) for f in u.padded_fronts]
     return ctx, which, base
 
-  def pgd_args_abstract(self, r: UnitRun, params: Any, bn: Any) -> tuple:
+  def pgd_args_abstract(self, u: plan_lib.Unit, ctx: P.UnitContext, params: Any,
+                        bn: Any) -> tuple:
     view = self.test_views[""]
     shard = sharding.split(self.mesh)
     b = self.eval_batch
     sds = lambda shape, dtype, s=shard: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
     scalar = jax.ShapeDtypeStruct((), np.float32)
-    return (params, bn, sds((r.unit.size,), np.int32, r.sharding),
-            sds((r.unit.size, 2), np.uint32, r.sharding), self.vars_a, self.vars_b,
+    stitches = P.stitch_sharding(ctx.mesh)
+    return (params, bn, sds((u.size,), np.int32, stitches),
+            sds((u.size, 2), np.uint32, stitches), self.vars_a, self.vars_b,
             sds((b,) + view.a.image_shape, np.float32), sds((b,), np.int32),
             sds((b,), np.float32), jax.ShapeDtypeStruct((), np.int32), scalar, scalar)
 
-  def pgd(self, r: UnitRun) -> np.ndarray:
-    """Accuracy of each stitched model of `r` under PGD on the first test examples."""
+  def pgd(self, u: plan_lib.Unit, unit_ctx: P.UnitContext, state: P.StitchState
+          ) -> np.ndarray:
+    """Accuracy of each stitched model of unit `u` (trained to `state`) under PGD on
+    the first test examples."""
     pgd = self.science.pgd
     view = View(self.test_views[""].a, self.test_views[""].a, self.eval_batch,
                 pgd.num_examples)
-    ctx, which, base = self._pgd_static(r)
-    which = sharding.put(which, r.sharding)
-    correct = np.zeros((r.unit.size,))
-    bar = Progress(f"stitch PGD ({r.unit.objective} -> {r.unit.end})", view.num_batches,
+    ctx, which, base = self._pgd_static(u, unit_ctx)
+    stitches = P.stitch_sharding(unit_ctx.mesh)
+    which = sharding.put(which, stitches)
+    correct = np.zeros((u.size,))
+    bar = Progress(f"stitch PGD ({u.arm} -> {u.end})", view.num_batches,
                    unit="batch", every_s=self.execution.progress_every_s,
                    enabled=self.execution.progress and jax.process_index() == 0)
     for b, (batch, _) in enumerate(view.batches()):
       keys = np.stack([np.asarray(jax.random.fold_in(k, b)) for k in base])
       mask = batch.get("mask", np.ones(batch["label"].shape, np.float32))
-      out = self.call(pgd_lib.pgd_correct, r.state.params, r.state.bn, which,
-                      sharding.put(keys.astype(np.uint32), r.sharding), self.vars_a,
+      out = self.call(pgd_lib.pgd_correct, state.params, state.bn, which,
+                      sharding.put(keys.astype(np.uint32), stitches), self.vars_a,
                       self.vars_b, self.place(batch["image"]), self.place(batch["label"]),
                       self.place(np.asarray(mask, np.float32)), np.int32(b * self.eval_batch),
                       np.float32(pgd.eps), np.float32(pgd.step_size), ctx=ctx)

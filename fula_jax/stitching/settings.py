@@ -1,7 +1,7 @@
 """A sweep's settings in three parts: what it computes, which cells, and how it runs.
 
-* `Science`: everything that changes a stitch's numbers (objectives as values, the
-  optimiser, init, epochs, batch size, seed, PGD). A finished result's fingerprint is
+* `Science`: everything that changes a stitch's numbers (the arms: objectives as
+  values, each through a stitch map; the optimiser, init, epochs, batch size, seed, PGD). A finished result's fingerprint is
   a digest of these and of nothing else.
 * `Cells`: which cells of the matrix to compute (results are stored per cell).
 * `Execution`: how the work is laid out (grouping, waves, memory budget, devices,
@@ -65,7 +65,7 @@ class Science:
   with Adam at 1e-3. From the least-squares start a self-stitch begins at the model's
   own accuracy; at 1e-2, 100 steps reach the accuracy 1,000 steps reach at 1e-3 (the
   quickstart's CNN -> ResNet-20 cells), and `measures.Converged` checks every cell."""
-  objectives: tuple[objectives_lib.Objective, ...] = ()
+  arms: tuple[ladder.Arm, ...] = ()  # (objective, stitch map) pairs, one matrix each
   batch_size: int = 256
   epochs: float = 3.0
   steps: int = 0                  # > 0 overrides epochs and min_steps
@@ -83,22 +83,22 @@ class Science:
   t2c: str = "drop"   # a token source's prefix tokens into a map: drop | cls
   donor_bn: str = "eval"  # the donors' BatchNorms while stitches train (DONOR_BN)
 
-  def objective(self, name: str) -> objectives_lib.Objective:
-    return {o.name: o for o in self.objectives}[name]
+  def arm(self, name: str) -> ladder.Arm:
+    return {a.name: a for a in self.arms}[name]
 
   def lr(self, row: str, col: str) -> float:
     return dict(self.cell_lr).get(f"{row}->{col}", self.learning_rate)
 
-  def fingerprint_fields(self, objective: str) -> dict[str, Any]:
-    """What identifies the numbers of `objective`'s stitches (apart from models and
-    data): the shared settings and that objective's own."""
+  def fingerprint_fields(self, arm: str) -> dict[str, Any]:
+    """What identifies the numbers of `arm`'s stitches (apart from models and data): the
+    shared settings and that objective's and map's own."""
     shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "objectives"}
+              if f.name != "arms"}
     for name, default in _LATER_DEFAULTS.items():
       if shared[name] == default:
         del shared[name]
     shared["pgd"] = dataclasses.asdict(self.pgd)
-    return dict(shared, objective=self.objective(objective).settings())
+    return dict(shared, objective=self.arm(arm).settings())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,24 +237,25 @@ def parse_cell_lr(spec: Any) -> tuple[tuple[str, float], ...]:
   return tuple(sorted(out.items()))
 
 
-def make_objectives(cfg: Mapping[str, Any]) -> tuple[objectives_lib.Objective, ...]:
-  """The objectives of a resolved config, as values (names are configured from the
-  'slm', 'dm' and 'fula' blocks; `Objective` values are taken as they are)."""
+def make_arms(cfg: Mapping[str, Any]) -> tuple[ladder.Arm, ...]:
+  """Every (objective, stitch map) of a resolved config, objectives first: the
+  objectives configured from the 'slm', 'dm' and 'fula' blocks (`Objective` values are
+  taken as they are), the maps from 'map' and 'map_options'."""
   forms = list(cfg.get("map") or ["affine"])
   if len(set(forms)) != len(forms):
     raise ConfigError(f"Stitch maps must be distinct, got {forms}.")
   entries = [(entry, *ladder.parse_entry(entry)) for entry in forms]
   shared = dict(cfg.get("map_options") or {})
-  objs = tuple(ladder.with_map(objectives_lib.get(o, cfg), form, dict(shared, **own),
-                               entry if own else "")
+  arms = tuple(ladder.arm(objectives_lib.get(o, cfg), form, dict(shared, **own),
+                         entry if own else "")
                for o in cfg["objectives"] for entry, form, own in entries)
-  names = [o.name for o in objs]
-  if not objs:
+  names = [a.name for a in arms]
+  if not arms:
     raise ConfigError("No stitching objectives: set objectives to some of "
                       f"{', '.join(objectives_lib.OBJECTIVES)}.")
   if len(set(names)) != len(names):
     raise ConfigError(f"Objectives must be distinct, got {names}.")
-  return objs
+  return arms
 
 
 def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
@@ -265,7 +266,7 @@ def split(cfg: Mapping[str, Any] | None) -> tuple[Science, Cells, Execution]:
   registry.lookup("attack norm", full["pgd"]["norm"], dict.fromkeys(("linf", "l2")))
   adam = full["adam"]
   science = Science(
-      objectives=make_objectives(full), batch_size=int(full["batch_size"]),
+      arms=make_arms(full), batch_size=int(full["batch_size"]),
       epochs=float(full["epochs"]), steps=int(full["steps"]),
       min_steps=int(full["min_steps"]),
       learning_rate=float(full["learning_rate"]),

@@ -1,13 +1,14 @@
-"""The resume store: fingerprints, one file per finished unit and objective, atomic writes.
+"""The resume store: fingerprints, one file per finished unit and arm, atomic writes.
 
-A unit's results go to ``<workdir>/stitch/<objective>/<uid>.json`` (and ``.npz`` with
-the stitch parameters when asked: kernels stacked with `width` rows, cell k's own being
+A unit's results go to ``<workdir>/stitch/<arm>/<uid>.json``, named by the arm
+(``fula``, or ``fula@lowrank`` through a map other than affine), and to ``.npz`` with
+the stitch parameters when asked (kernels stacked with `width` rows, cell k's own being
 its first ``in_features[k]``), written atomically by process 0, the parameters first: a
 JSON file marks a finished unit. Each file records its cells and the fingerprint of
-everything that determines their numbers: the science settings, the objective, both
-donors (a digest of their variables) and the data (a digest of the examples). A rerun
-loads every cell whose fingerprint matches and plans only the rest, so an interrupted
-sweep recomputes nothing it finished.
+everything that determines their numbers: the science settings, the objective and its
+map, both donors (a digest of their variables) and the data (a digest of the examples).
+A rerun loads every cell whose fingerprint matches and plans only the rest, so an
+interrupted sweep recomputes nothing it finished.
 """
 
 from __future__ import annotations
@@ -54,23 +55,23 @@ class Store:
     """`identity`: what else the numbers depend on (models, data), JSON-able."""
     self.workdir = workdir
     self.fingerprints = {
-        o.name: plan_lib.digest(dict(science.fingerprint_fields(o.name), **identity,
+        a.name: plan_lib.digest(dict(science.fingerprint_fields(a.name), **identity,
                                      version=FORMAT_VERSION), 24)
-        for o in science.objectives}
+        for a in science.arms}
 
-  def path(self, objective: str, uid: str, suffix: str = ".json"):
-    return fio.path(self.workdir) / "stitch" / objective / f"{uid}{suffix}"
+  def path(self, arm: str, uid: str, suffix: str = ".json"):
+    return fio.path(self.workdir) / "stitch" / arm / f"{uid}{suffix}"
 
   def load(self) -> tuple[dict[tuple[str, str, str], dict[str, Any]], dict[str, Any]]:
-    """Finished cells ``{(objective, row, col): record}`` with matching fingerprints,
+    """Finished cells ``{(arm, row, col): record}`` with matching fingerprints,
     and the end model's accuracies recorded with them ({} when none)."""
     done: dict[tuple[str, str, str], dict[str, Any]] = {}
     end: dict[str, Any] = {}
     if self.workdir is None:
       return done, end
     root = fio.path(self.workdir) / "stitch"
-    for obj, fp in self.fingerprints.items():
-      folder = root / obj
+    for arm, fp in self.fingerprints.items():
+      folder = root / arm
       if not folder.exists():
         continue
       for path in sorted(folder.glob("*.json")):
@@ -85,7 +86,7 @@ class Store:
                  "end_accuracy_sets": {k: float(v) for k, v in
                                        rec.get("end_accuracy_sets", {}).items()}}
         for c in rec.get("cells", []):
-          done[(obj, c["row"], c["col"])] = c
+          done[(arm, c["row"], c["col"])] = c
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       mine = np.frombuffer(bytes.fromhex(plan_lib.digest(sorted(done), 32)), np.uint8)
@@ -102,10 +103,10 @@ class Store:
     if self.workdir is None or not fio.is_writer():
       return
     if params is not None:  # kernels padded to the unit's widest front (zero rows)
-      fio.write_npz(self.path(unit.objective, unit.uid, ".npz"), **params)
-    fio.write_json(self.path(unit.objective, unit.uid), {
-        "version": FORMAT_VERSION, "objective": unit.objective, "uid": unit.uid,
-        "fingerprint": self.fingerprints[unit.objective], "end": unit.end,
+      fio.write_npz(self.path(unit.arm, unit.uid, ".npz"), **params)
+    fio.write_json(self.path(unit.arm, unit.uid), {
+        "version": FORMAT_VERSION, "objective": unit.arm, "uid": unit.uid,
+        "fingerprint": self.fingerprints[unit.arm], "end": unit.end,
         "fronts": list(unit.fronts), "width": unit.width,
         "in_features": [int(shape[-1]) for shape in unit.front_shapes],
         "end_accuracy": end_accuracy, "end_accuracy_sets": dict(end_accuracy_sets),

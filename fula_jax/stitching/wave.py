@@ -5,7 +5,8 @@ unit of the wave steps on those shared activations. Least-squares statistics (fo
 ``init='lstsq'``) come first, over the same batch stream; evaluation runs one donor pass
 per held-out batch again. Every program the wave calls is compiled first (a named phase
 of the progress output), in threads, from its calls' exact shapes and shardings, filling
-JAX's caches: the wave itself then compiles nothing.
+JAX's caches: the wave itself then compiles nothing. A wave returns what it computed (a
+`WaveResult`) and sets nothing on the sweep.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fula_jax import sharding
-from fula_jax.stitching import compiling, ladder, lstsq, stacks
+from fula_jax.progress import timed
+from fula_jax.stitching import compiling, ladder, lstsq, runner, stacks
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 from fula_jax.stitching import pgd as pgd_lib
@@ -36,7 +38,7 @@ class UnitRun:
   """A unit and everything its run holds, on the devices until it is written."""
   unit: plan_lib.Unit
   ctx: P.UnitContext
-  state: Any = None                       # P.StitchState
+  state: P.StitchState | None = None
   max_steps: int = 0
   failed: dict[int, str] = dataclasses.field(default_factory=dict)  # stitch -> why
   sums: dict[str, Any] = dataclasses.field(default_factory=dict)    # set -> eval sums
@@ -57,28 +59,28 @@ def _sds(tree: Any, sharding_: Any = None) -> Any:
 class Wave:
   """Runs one wave for a sweep (`runner.Sweep` supplies donors, data and settings)."""
 
-  def __init__(self, sweep: Any, units: Sequence[plan_lib.Unit], label: str = ""):
+  def __init__(self, sweep: runner.Sweep, units: Sequence[plan_lib.Unit], label=""):
     self.sw = sweep
     self.label = label  # 'wave k/W: ' in its progress lines
     self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
     sci = sweep.science
     self.needs_init = any(self._lstsq_init(r) for r in self.runs)
-    self.needs_dm = any(sci.objective(r.unit.objective).closed_form for r in self.runs)
+    self.needs_dm = any(sci.arm(r.unit.arm).closed_form for r in self.runs)
     self.init_batches = (-(-sci.lstsq_examples // sweep.batch) if self.needs_init else 0)
-    dm_examples = max([sci.objective(r.unit.objective).num_examples
+    dm_examples = max([sci.arm(r.unit.arm).num_examples
                        for r in self.runs
-                       if sci.objective(r.unit.objective).closed_form] + [0])
+                       if sci.arm(r.unit.arm).closed_form] + [0])
     self.dm_batches = ((-(-dm_examples // sweep.batch) if dm_examples
                         else sweep.steps_per_epoch) if self.needs_dm else 0)
     for r in self.runs:
-      r.max_steps = sweep.stitch_steps(r.unit.objective) if r.unit.trains else 0
+      r.max_steps = sweep.stitch_steps(r.unit.arm) if r.unit.trains else 0
     self.train_steps = max([r.max_steps for r in self.runs] + [0])
 
   def _lstsq_init(self, r: UnitRun) -> bool:
     """Whether `r`'s start needs the statistics pass: its trained map starts from its
     closed form (init='lstsq'), or holds fitting-set statistics whatever the init."""
     sci = self.sw.science
-    if sci.objective(r.unit.objective).closed_form:
+    if sci.arm(r.unit.arm).closed_form:
       return False
     form, opts = r.ctx.form, r.ctx.form_options
     return ((sci.init == "lstsq" and ladder.has_closed_form(form, opts))
@@ -97,7 +99,7 @@ class Wave:
     jobs: dict[tuple, list[UnitRun]] = {}
     sci = self.sw.science
     for r in self.runs:
-      if sci.objective(r.unit.objective).closed_form or self._lstsq_init(r):
+      if sci.arm(r.unit.arm).closed_form or self._lstsq_init(r):
         key = (r.unit.end, r.unit.padded_fronts, r.unit.width, r.unit.ways)
         jobs.setdefault(key, []).append(r)
     return jobs
@@ -147,9 +149,9 @@ class Wave:
           _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.vars_b,
           tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
           as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
-      if sw.science.pgd.enabled:
-        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(r, state.params, state.bn),
-                      {"ctx": sw.pgd_context(r)}))
+      if sw.needs(measures_lib.PGD):
+        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(
+            r.unit, r.ctx, state.params, state.bn), {"ctx": sw.pgd_context(r.unit, r.ctx)}))
     self._compile(calls, announce)
 
   def _ends(self) -> str:
@@ -254,21 +256,21 @@ class Wave:
     sci = self.sw.science
     for r in self.runs:
       u = r.unit
-      obj = sci.objective(u.objective)
+      arm = sci.arm(u.arm)
       form = r.ctx.form
       salts = [plan_lib.cell_salt(f, u.end) for f in u.padded_fronts]
       params = stacks.init_params(form, r.ctx.form_options,
                                   [s[-1] for s in u.padded_shapes], u.end_shape[-1],
                                   u.width, sci.seed, salts, r.ctx.learned_prefix)
-      solutions = (dm_sol if obj.closed_form else
+      solutions = (dm_sol if arm.closed_form else
                    init_sol if self._lstsq_init(r) else {})
       for s, row in enumerate(u.padded_fronts):
         sol, err = solutions.get(r.ctx.form_key + (row, u.end), ({}, ""))
-        if sci.init != "lstsq" and not obj.closed_form:  # statistics, random weights
+        if sci.init != "lstsq" and not arm.closed_form:  # statistics, random weights
           sol = ladder.statistics(sol)
         stacks.place(params, s, sol)
-        why = err or _inapplicable(obj, form, u.padded_shapes[s][-1], u.end_shape[-1],
-                                   r.ctx.form_options, r.max_steps)
+        why = err or arm.inapplicable(u.padded_shapes[s][-1], u.end_shape[-1],
+                                      r.max_steps)
         if why and s < len(u.fronts):
           r.failed[s] = why
       r.state = sharding.put_tree(self.initial_host_state(r, params), r.sharding)
@@ -309,7 +311,7 @@ class Wave:
               end_accuracy: Mapping[str, float]) -> list[dict[str, Any]]:
     """One JSON-able record per stitch of `r`: status, reason, every measure."""
     sw, u = self.sw, r.unit
-    obj = sw.science.objective(u.objective)
+    obj = sw.science.arm(u.arm).objective
     where = Where(u.end, sw.points_b)
     train_loss = np.where(state.loss_weight > 0,
                           state.loss_sum / np.maximum(state.loss_weight, 1e-30), np.nan)
@@ -344,65 +346,65 @@ class Wave:
     return out
 
   def run(self, progress, *, ahead: concurrent.futures.Future | None = None,
-          compiled: Callable[[], None] = lambda: None
-          ) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Run the wave and write its units; the records of its stitches. `ahead`: its
-    programs compiling in the background (`compile_ahead`), else compiled here;
-    `compiled()` is called once they are (to start the next wave's)."""
+          compiled: Callable[[], None] = lambda: None) -> WaveResult:
+    """Run the wave and write its units. `ahead`: its programs compiling in the
+    background (`compile_ahead`), else compiled here; `compiled()` is called once they
+    are (to start the next wave's)."""
     sw = self.sw
     t0 = time.perf_counter()
-    with progress.bar.paused(), sw.timed("compile"):  # the time the sweep waits
+    seconds: dict[str, float] = {}
+    with progress.bar.paused(), timed(seconds, "compile"):  # the time the sweep waits
       if ahead is None:
         with sharding.count_compiles() as warm:
           self.warm_up()
       else:
         warm = compiling.wait_for(ahead, f"stitch sweep: {self.label}", self._ends(),
                                   announce=sw.execution.progress and jax.process_index() == 0)
-    sw.count.add_warm_up(warm)
-    progress.compiled(self)
+    progress.compiled(self, seconds["compile"])
     compiled()
     with sharding.count_compiles() as late:
-      with sw.timed("least_squares"):
+      with timed(seconds, "least_squares"):
         init_sol, dm_sol = self.least_squares(progress)
         self.init_states(init_sol, dm_sol)
-      with sw.timed("train"):
+      with timed(seconds, "train"):
         self.train(progress)
         jax.block_until_ready([r.state for r in self.runs])
-      with sw.timed("evaluate"):
+      with timed(seconds, "evaluate"):
         end_correct = {name: self.evaluate(name, progress) for name in sw.test_views}
         jax.block_until_ready([r.sums for r in self.runs])
       end_accuracy = {name: c / sw.test_views[name].n for name, c in end_correct.items()}
-      sw.set_end_accuracy(end_accuracy)
-      if sw.science.pgd.enabled:
-        with sw.timed("pgd"):
+      if sw.needs(measures_lib.PGD):
+        with timed(seconds, "pgd"):
           for r in self.runs:
-            r.pgd = sw.pgd(r)
-    sw.count.add_late(late)
-    seconds = (time.perf_counter() - t0) / max(len(self.runs), 1)
+            r.pgd = sw.pgd(r.unit, r.ctx, r.state)
+    per_unit = (time.perf_counter() - t0) / max(len(self.runs), 1)
     host = sharding.fetch([(r.state, r.sums) for r in self.runs])
-    records = {}
+    records, kept = {}, {}
     for r, (state, sums) in zip(self.runs, host):
       recs = self.records(r, state, sums, end_accuracy)
       n = len(r.unit.fronts)
       params = {k: np.asarray(v)[:n] for k, v in state.params.items()}
       for s, (row, rec) in enumerate(zip(r.unit.fronts, recs)):
-        records[(r.unit.objective, row, r.unit.end)] = rec
+        records[(r.unit.arm, row, r.unit.end)] = rec
         if sw.keep_params:
-          sw.kept_params[(r.unit.objective, row, r.unit.end)] = {
+          kept[(r.unit.arm, row, r.unit.end)] = {
               k: np.asarray(v)
               for k, v in stacks.stitch_params(params, s, r.ctx.specs()[s]).items()}
       sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
-                     seconds=seconds, end_accuracy=end_accuracy[""],
+                     seconds=per_unit, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
-    return records
+    return WaveResult(records, end_accuracy, kept, warm, late, seconds)
 
 
-def _inapplicable(obj: Any, form: str, c_in: int, c_out: int,
-                  options: Mapping[str, Any], steps: int) -> str:
-  """Why map `form` cannot give this cell a value ('' when it can)."""
-  try:
-    ladder.check(form, c_in, c_out, options)
-  except ValueError as e:
-    return str(e)
-  return obj.unsolvable if getattr(obj, "unsolvable", "") and not steps else ""
-
+@dataclasses.dataclass(frozen=True)
+class WaveResult:
+  """What one wave computed: a record per (arm, row, col), the end model's accuracy per
+  evaluation set ('' the test split), the stitch parameters when kept, the programs
+  compiled before it ran (`warm_up`) and while it ran (`late`, which it waited for),
+  and its wall time per phase."""
+  records: dict[tuple[str, str, str], dict[str, Any]]
+  end_accuracy: dict[str, float]
+  params: dict[tuple[str, str, str], dict[str, np.ndarray]]
+  warm_up: sharding.CompileCount
+  late: sharding.CompileCount
+  seconds: dict[str, float]
