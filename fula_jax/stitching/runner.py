@@ -260,8 +260,8 @@ class Sweep:
                               pgd.steps, pgd.random_start,
                               tuple(self.prefix_a.get(p, 0) for p in points))
 
-  def _pgd_static(self, u: plan_lib.Unit, ctx: P.UnitContext):
-    ctx = self.pgd_context(u, ctx)
+  def _pgd_static(self, u: plan_lib.Unit, unit_ctx: P.UnitContext):
+    ctx = self.pgd_context(u, unit_ctx)
     which = np.array([ctx.points.index(f) for f in u.padded_fronts], np.int32)
     base = [plan_lib.cell_rng(self.science.seed + 1, f, u.end) for f in u.padded_fronts]
     return ctx, which, base

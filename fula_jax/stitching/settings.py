@@ -1,8 +1,8 @@
 """A sweep's settings in three parts: what it computes, which cells, and how it runs.
 
 * `Science`: everything that changes a stitch's numbers (the arms: objectives as
-  values, each through a stitch map; the optimiser, init, epochs, batch size, seed, PGD). A finished result's fingerprint is
-  a digest of these and of nothing else.
+  values, each through a stitch map; the optimiser, init, epochs, batch size, seed,
+  PGD). A finished result's fingerprint is a digest of these and of nothing else.
 * `Cells`: which cells of the matrix to compute (results are stored per cell).
 * `Execution`: how the work is laid out (grouping, waves, memory budget, devices,
   evaluation batch, progress, the compilation cache); the numbers do not depend on it
@@ -247,7 +247,7 @@ def make_arms(cfg: Mapping[str, Any]) -> tuple[ladder.Arm, ...]:
   entries = [(entry, *ladder.parse_entry(entry)) for entry in forms]
   shared = dict(cfg.get("map_options") or {})
   arms = tuple(ladder.arm(objectives_lib.get(o, cfg), form, dict(shared, **own),
-                         entry if own else "")
+                          entry if own else "")
                for o in cfg["objectives"] for entry, form, own in entries)
   names = [a.name for a in arms]
   if not arms:

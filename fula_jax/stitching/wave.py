@@ -59,17 +59,17 @@ def _sds(tree: Any, sharding_: Any = None) -> Any:
 class Wave:
   """Runs one wave for a sweep (`runner.Sweep` supplies donors, data and settings)."""
 
-  def __init__(self, sweep: runner.Sweep, units: Sequence[plan_lib.Unit], label=""):
+  def __init__(self, sweep: runner.Sweep, units: Sequence[plan_lib.Unit],
+               label: str = ""):
     self.sw = sweep
     self.label = label  # 'wave k/W: ' in its progress lines
     self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
     sci = sweep.science
+    solved = [sci.arm(r.unit.arm) for r in self.runs if sci.arm(r.unit.arm).closed_form]
     self.needs_init = any(self._lstsq_init(r) for r in self.runs)
-    self.needs_dm = any(sci.arm(r.unit.arm).closed_form for r in self.runs)
+    self.needs_dm = bool(solved)
     self.init_batches = (-(-sci.lstsq_examples // sweep.batch) if self.needs_init else 0)
-    dm_examples = max([sci.arm(r.unit.arm).num_examples
-                       for r in self.runs
-                       if sci.arm(r.unit.arm).closed_form] + [0])
+    dm_examples = max([a.num_examples for a in solved] + [0])
     self.dm_batches = ((-(-dm_examples // sweep.batch) if dm_examples
                         else sweep.steps_per_epoch) if self.needs_dm else 0)
     for r in self.runs:
