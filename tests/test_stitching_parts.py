@@ -306,8 +306,68 @@ def test_measures_declare_their_passes_and_report_only_when_the_pass_runs():
   assert not plain & {"pgd_accuracy", "energy_ood", "mahalanobis_ratio"}
   assert names([measures.PGD]) - plain == {"pgd_accuracy"}
   assert names([measures.OOD]) - plain == {"energy_ood", "mahalanobis_ratio"}
-  assert names(measures.PASSES) == set(measures.NAMES)
+  assert names([measures.FIT]) - plain == {"accuracy@fit", "fit_gap"}
+  assert names(measures.PASSES) == set(measures.NAMES) | {"accuracy@fit", "fit_gap"}
   assert measures.needed(measures.active([measures.PGD]), measures.PGD)
   assert not measures.needed(measures.active([measures.PGD]), measures.OOD)
-  with pytest.raises(ValueError, match="passes: pgd, ood"):
+  with pytest.raises(ValueError, match="passes: pgd, ood, fit"):
     measures.active(["attack"])
+  # Evaluation sets the caller names: one accuracy each, read in the order given.
+  given = measures.active([measures.FIT], ["shifted", "blank"])
+  assert [m.name for m in given][-4:] == ["accuracy@shifted", "accuracy@blank",
+                                          "accuracy@fit", "fit_gap"]
+  assert measures.eval_sets(given) == ("shifted", "blank", "fit")
+  assert measures.eval_sets(measures.active()) == ()
+  with pytest.raises(ValueError, match="'fit' is the fitting split's"):
+    measures.active([measures.FIT], ["fit"])
+  # Without the fitting split's pass, 'fit' is a set name like any other.
+  assert [m.name for m in measures.active([], ["fit"])][-1] == "accuracy@fit"
+
+
+def test_set_measures_read_their_own_set_and_the_gap_is_the_difference():
+  """accuracy@<set> counts that set's correct answers over its size; fit_gap subtracts
+  the test accuracy, per stitch (NumPy by hand on made-up sums)."""
+  from fula_jax.stitching import measures
+  correct = lambda c: {"accuracy/correct": np.asarray(c, np.float64)}
+  base = dict(end_accuracy=0.9, objective=None, where=None,
+              train_loss=np.zeros(3), pgd_accuracy=None)
+  fit = measures.Readout(correct([40, 50, 10]), 50.0, **base)
+  shifted = measures.Readout(correct([1, 2, 3]), 4.0, **base)
+  test = measures.Readout(correct([30, 45, 20]), 60.0, **base,
+                          sets={"fit": fit, "shifted": shifted})
+  values = measures.values(test, measures.active([measures.FIT], ["shifted"])[-3:])
+  np.testing.assert_allclose(values["accuracy@shifted"], [0.25, 0.5, 0.75])
+  np.testing.assert_allclose(values["accuracy@fit"], [0.8, 1.0, 0.2])
+  np.testing.assert_allclose(values["fit_gap"], [0.8 - 0.5, 1.0 - 0.75, 0.2 - 1 / 3])
+
+
+def test_the_sweep_context_is_frozen_and_holds_the_views_its_measures_read():
+  """`context.build` makes evaluation views for exactly the sets the active measures
+  read (the caller's, then the fitting split's first fit_gap_examples), and the OOD
+  settings join the fingerprint only when the OOD pass runs."""
+  import dataclasses
+  from fula_jax import models
+  from fula_jax.stitching import context, passes, testing
+  model = models.get_model("mlp", widths=(8,))
+  variables = models.init(model, jax.random.PRNGKey(0), (1, 8, 8, 1))
+  train, test = testing.synthetic_splits(64, 32)
+  extra, _ = testing.synthetic_splits(12, 4, seed=1)
+
+  def build(cfg, eval_sets=None):
+    return context.build(model, variables, model, variables, train, test,
+                         dict(cfg, progress=False), None, train_b=None, test_b=None,
+                         name_a="A", name_b="B", mesh=None, keep_params=False,
+                         profile=None, eval_sets=eval_sets)
+
+  sw = build(dict(fit_gap_examples=16, ood_examples=20, ood_quantile=0.9),
+             {"extra": extra})
+  assert list(sw.test_views) == ["", "extra", "fit"]
+  assert (sw.test_views["fit"].a is train and sw.test_views["fit"].n == 16
+          and sw.test_views["extra"].n == 12 and sw.test_views[""].n == 32)
+  assert passes.fingerprint(sw) == {"ood": [20, 0.9, sw.execution.ood_ridge]}
+  assert list(sw.identity["data"]) == ["", "extra", "fit"]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    sw.steps = 1
+  plain = build({})
+  assert list(plain.test_views) == [""] and passes.fingerprint(plain) == {}
+  assert passes.ood_reference(plain) is None

@@ -2,7 +2,8 @@
 
 A whole L_A x L_B stitching matrix for several objectives, resumably: the requested
 cells are planned into units and waves (:mod:`.plan`), what a previous run finished is
-loaded (:mod:`.store`), each wave runs (:mod:`.wave`, set up by :mod:`.runner`), and
+loaded (:mod:`.store`), each wave runs (:mod:`.wave`, reading the sweep's frozen
+:mod:`.context`; the OOD reference and PGD are :mod:`.passes`), and
 every cell of every objective and measure (:mod:`.measures`) comes back as arrays or as
 `results.Matrix`.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -28,12 +30,11 @@ from jax.sharding import Mesh
 
 from fula_jax import errors, registry, sharding
 from fula_jax.errors import ConfigError
-from fula_jax.progress import Progress
-from fula_jax.stitching import invariance, maps, plan as plan_lib, settings
-from fula_jax.stitching import measures as measures_lib
+from fula_jax.progress import Progress, timed
+from fula_jax.stitching import context as context_lib, invariance, maps, passes
+from fula_jax.stitching import plan as plan_lib, settings
 from fula_jax.stitching import store as store_lib
 from fula_jax.stitching.result import NOT_REQUESTED, ConvergenceWarning, SweepResult
-from fula_jax.stitching.runner import Sweep
 from fula_jax.stitching.wave import Wave
 
 def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
@@ -80,62 +81,153 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
                         "(inverted through the front model); it takes no train_b, test_b "
                         "or eval_sets.")
     sub = dict(full, invariance=dict(inv, examples=0, test_examples=0))
-    return invariance.run(run_sweep, model_a, vars_a, model_b, vars_b, train, test, sub,
-                          workdir, inv, name_a=name_a, name_b=name_b, mesh=mesh,
-                          keep_params=keep_params, profile=profile)
+    parts = [(row, run_sweep(model_a, vars_a, model_b, vars_b, row.train, row.test,
+                             row.cfg, row.workdir, name_a=name_a, name_b=name_b,
+                             mesh=mesh, keep_params=keep_params, profile=profile))
+             for row in invariance.row_sweeps(model_a, vars_a, model_b, train, test, sub,
+                                              workdir, inv)]
+    return invariance.merge(parts, model_a, model_b, sub, inv)
   train_b = None if train_b is None else as_source(train_b, "train_b")
   test_b = None if test_b is None else as_source(test_b, "test_b")
-  sw = Sweep(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
-             train_b=train_b, test_b=test_b, name_a=name_a, name_b=name_b, mesh=mesh,
-             keep_params=keep_params, profile=profile, eval_sets=eval_sets)
-  sci, ex = sw.science, sw.execution
-  rows = list(sw.cells.rows or sw.points_a)
-  cols = list(sw.cells.cols or sw.points_b)
+  sw = context_lib.build(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir,
+                         train_b=train_b, test_b=test_b, name_a=name_a, name_b=name_b,
+                         mesh=mesh, keep_params=keep_params, profile=profile,
+                         eval_sets=eval_sets)
+  grid = _grid(sw, name_a, name_b)
+  store = store_lib.Store(sw.workdir, sw.science,
+                          dict(sw.identity, **passes.fingerprint(sw)))
+  finished, end = store.load()
+  units = _plan(sw, grid.stitchable, finished, store.fingerprints)
+  done = _run_units(sw, units, store, grid, finished, end)
+  stats = {"units_computed": len(units), "waves": done.waves, **done.compile_stats(),
+           "stitches_computed": sum(len(u.fronts) for u in units),
+           "stitches_resumed": grid.count(finished), "devices": sw.n_dev,
+           "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
+           "phase_seconds": done.seconds}
+  same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
+  baseline = {}
+  if sw.execution.baselines and not same:
+    baseline = _baselines(model_b, vars_b, train_b or train, test_b or test, cfg,
+                          grid.cols, workdir, name_b, mesh)
+  num_classes = getattr(train, "num_classes", None)
+  meta = {"settings": settings.resolve(_named(cfg)), "n_train": len(train),
+          "chance": 1.0 / num_classes if num_classes else None,
+          "self_stitch": same, "baseline_accuracy": baseline,
+          "n_test": len(test), "train": train.name, "test": test.name,
+          "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
+          "end_accuracy_sets": {k: v for k, v in done.end_accuracy.items() if k},
+          "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n},
+          "objective_maps": {a.name: (a.objective.name, a.fmap.key)
+                             for a in sw.science.arms}}
+  values, reasons = _matrices(sw, grid, done.records)
+  return SweepResult(grid.rows, grid.cols, values, reasons,
+                     done.end_accuracy.get("", float("nan")), stats, meta, done.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+  """The cells a sweep was asked for: its rows and cols, the requested (row, col)
+  pairs, those that can be stitched, and why each of the others cannot."""
+  rows: list[str]
+  cols: list[str]
+  pairs: list[tuple[str, str]]
+  stitchable: list[tuple[str, str]]
+  unstitchable: dict[tuple[str, str], str]
+
+  def count(self, records: Mapping[tuple[str, str, str], Any]) -> int:
+    """How many of `records` ((arm, row, col) keys) are of this grid's cells."""
+    wanted = set(self.stitchable)
+    return sum(1 for (_, r, c) in records if (r, c) in wanted)
+
+
+def _grid(sw: context_lib.SweepContext, name_a: str, name_b: str) -> _Grid:
+  """The requested cells, every point name checked; a cell whose shapes cannot be
+  stitched is an error when the caller named it, else a NaN cell with its reason."""
+  sci = sw.science
+  rows = list(sw.cells.rows or sw.a.points)
+  cols = list(sw.cells.cols or sw.b.points)
   pairs, explicit = plan_lib.parse_pairs(sw.cells.pairs, rows, cols)
   for r, c in [(r, cols[0]) for r in rows] + [(rows[0], c) for c in cols] + pairs:
-    if r not in sw.points_a:
-      raise registry.unknown(f"stitch point of the front model ({name_a})", r, sw.points_a)
-    if c not in sw.points_b:
-      raise registry.unknown(f"stitch point of the end model ({name_b})", c, sw.points_b)
+    if r not in sw.a.points:
+      raise registry.unknown(f"stitch point of the front model ({name_a})", r, sw.a.points)
+    if c not in sw.b.points:
+      raise registry.unknown(f"stitch point of the end model ({name_b})", c, sw.b.points)
   unstitchable: dict[tuple[str, str], str] = {}
   stitchable = []
   for r, c in pairs:
     try:
-      maps.plan(r, sw.shapes_a[r], c, sw.shapes_b[c], src_prefix=sw.prefix_a.get(r, 0),
-                dst_prefix=sw.prefix_b.get(c, 0), c2t=sci.c2t, t2c=sci.t2c)
+      maps.plan(r, sw.a.shapes[r], c, sw.b.shapes[c], src_prefix=sw.a.prefix.get(r, 0),
+                dst_prefix=sw.b.prefix.get(c, 0), c2t=sci.c2t, t2c=sci.t2c)
       stitchable.append((r, c))
     except maps.UnstitchableError as e:
       if explicit:
         raise
       unstitchable[(r, c)] = str(e)
+  return _Grid(rows, cols, pairs, stitchable, unstitchable)
 
-  finished, end = sw.store.load()
-  end_accuracy = ({"": end["end_accuracy"], **end["end_accuracy_sets"]} if end else {})
-  units = plan_lib.plan(
-      stitchable, sci.arms, finished=finished, shapes_a=sw.shapes_a,
-      shapes_b={p: sw.shapes_b[p] for p in sw.points_b},
+
+def _plan(sw: context_lib.SweepContext, stitchable: Sequence[tuple[str, str]],
+          finished: Mapping, fingerprints: Any) -> list[plan_lib.Unit]:
+  """The units of every (arm, cell) not finished yet."""
+  sci, ex = sw.science, sw.execution
+  return plan_lib.plan(
+      stitchable, sci.arms, finished=finished, shapes_a=sw.a.shapes,
+      shapes_b={p: sw.b.shapes[p] for p in sw.b.points},
       trains={a.name: sw.stitch_steps(a.name) > 0 for a in sci.arms},
       grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
-      bytes_per_stitch=sw.bytes_per_stitch, budget_bytes=ex.memory_budget_mb * 2**20,
-      max_group_size=ex.max_group_size, fingerprints=sw.store.fingerprints,
-      prefix_a=sw.prefix_a, prefix_b=sw.prefix_b, batch_split=not sw.bn_train)
+      bytes_per_stitch=functools.cache(sw.bytes_per_stitch),
+      budget_bytes=ex.memory_budget_mb * 2**20, max_group_size=ex.max_group_size,
+      fingerprints=fingerprints, prefix_a=sw.a.prefix, prefix_b=sw.b.prefix,
+      batch_split=not sw.bn_train)
+
+
+@dataclasses.dataclass
+class _Done:
+  """Every (arm, row, col) record of a sweep (resumed and computed), the parameters
+  kept, the end model's accuracy per evaluation set, and what the run compiled and
+  how long each phase took."""
+  records: dict[tuple[str, str, str], dict[str, Any]]
+  end_accuracy: dict[str, float]
+  params: dict = dataclasses.field(default_factory=dict)
+  count: _Counts = dataclasses.field(default_factory=lambda: _Counts())
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  waves: int = 0
+
+  def compile_stats(self) -> dict[str, Any]:
+    c = self.count
+    return {"programs_compiled": c.compiled, "programs_compiled_late": c.compiled_late,
+            "programs_from_cache": c.from_cache, "compile_seconds": c.seconds,
+            "compile_seconds_blocking": self.seconds.get("compile", 0.0) + c.late_seconds}
+
+
+def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
+               store: store_lib.Store, grid: _Grid, finished: Mapping,
+               end: Mapping | None) -> _Done:
+  """Run `units` wave by wave (the next wave's programs compiling while one runs),
+  each written to `store` as it finishes; with the `finished` records, everything the
+  sweep's matrices are made of. Ctrl-C says what is kept and how to resume."""
+  ex = sw.execution
+  done = _Done(dict(finished), ({"": end["end_accuracy"], **end["end_accuracy_sets"]}
+                                if end else {}))
+  reference = None
+  if units and sw.needs(passes.OOD):
+    with timed(done.seconds, "ood_reference"), sharding.count_compiles() as compiles:
+      reference = passes.ood_reference(sw)
+    done.count.add_pass(compiles)
   packed = plan_lib.pack_waves(units, ex.max_stitches_per_wave)
-  waves = [Wave(sw, w, f"wave {k + 1}/{len(packed)}: " if len(packed) > 1 else "")
-           for k, w in enumerate(packed)]
+  waves = [Wave(sw, w, f"wave {k + 1}/{len(packed)}: " if len(packed) > 1 else "",
+                store=store, reference=reference) for k, w in enumerate(packed)]
+  done.waves = len(waves)
   show = ex.progress and jax.process_index() == 0
   progress = _Advance(Progress("stitch sweep", sum(w.num_batches() for w in waves),
                                unit="batch", every_s=ex.progress_every_s, enabled=show),
                       waves)
-  wanted = set(stitchable)
-  resumed = sum(1 for (_, r, c) in finished if (r, c) in wanted)
   if show:
-    print(f"stitch sweep: {len(pairs)} cells x {len(sci.arms)} objectives; "
-          f"{resumed} (objective, cell) results resumed from the workdir; "
-          f"{sum(len(u.fronts) for u in units)} stitches in {len(units)} units, "
-          f"{len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
+    print(f"stitch sweep: {len(grid.pairs)} cells x {len(sw.science.arms)} objectives; "
+          f"{grid.count(finished)} (objective, cell) results resumed from the "
+          f"workdir; {sum(len(u.fronts) for u in units)} stitches in {len(units)} "
+          f"units, {len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
           f"processes).", flush=True)
-  records, kept_params = dict(finished), {}
-  count, seconds = _Counts(), {}
   ahead: dict[int, concurrent.futures.Future] = {}
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
 
@@ -147,73 +239,53 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     for k, w in enumerate(waves):
       out = w.run(progress, ahead=ahead.pop(k, None),
                   compiled=lambda k=k: compile_next(k + 1))
-      records.update(out.records)
-      kept_params.update(out.params)
-      end_accuracy = out.end_accuracy
-      count.add(out.warm_up, out.late)
+      done.records.update(out.records)
+      done.params.update(out.params)
+      done.end_accuracy = out.end_accuracy
+      done.count.add(out.warm_up, out.late)
       for phase, t in out.seconds.items():
-        seconds[phase] = seconds.get(phase, 0.0) + t
+        done.seconds[phase] = done.seconds.get(phase, 0.0) + t
   except KeyboardInterrupt:
-    total = len(stitchable) * len(sci.arms)
+    total = len(grid.stitchable) * len(sw.science.arms)
     kept = (f" and saved in {sw.workdir}; rerun the same command to resume" if
             sw.workdir else "; with a workdir, a rerun would resume them")
     raise errors.Interrupted(
-        f"interrupted: {sum(1 for (_, r, c) in records if (r, c) in wanted)} of {total} "
+        f"interrupted: {grid.count(done.records)} of {total} "
         f"(objective, cell) results done{kept}") from None
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fula_jax.stitching done")
+  return done
 
-  measures = [m.name for m in sw.measures] + [f"accuracy@{n}" for n in sw.eval_sets] + (
-      [measures_lib.FIT_GAP] if measures_lib.FIT in sw.eval_sets else [])
+
+def _matrices(sw: context_lib.SweepContext, grid: _Grid,
+              records: Mapping[tuple[str, str, str], Mapping[str, Any]]
+              ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, str]]]:
+  """arm -> measure -> (rows x cols) values, and arm -> cell -> why it is NaN."""
+  measures = [m.name for m in sw.measures]
   values: dict[str, dict[str, np.ndarray]] = {}
   reasons: dict[str, dict[str, str]] = {}
-  requested = set(pairs)
-  for arm in sci.arms:
-    mats = {m: np.full((len(rows), len(cols)), np.nan) for m in measures}
+  requested = set(grid.pairs)
+  for arm in sw.science.arms:
+    mats = {m: np.full((len(grid.rows), len(grid.cols)), np.nan) for m in measures}
     why: dict[str, str] = {}
-    for a, r in enumerate(rows):
-      for b, c in enumerate(cols):
+    for a, r in enumerate(grid.rows):
+      for b, c in enumerate(grid.cols):
+        key = plan_lib.cell_key(r, c)
         if (r, c) not in requested:
-          why[plan_lib.cell_key(r, c)] = NOT_REQUESTED
-          continue
-        if (r, c) in unstitchable:
-          why[plan_lib.cell_key(r, c)] = unstitchable[(r, c)]
-          continue
-        rec = records[(arm.name, r, c)]
-        for m in measures:
-          mats[m][a, b] = store_lib.from_json_value(rec["metrics"].get(m))
-        if rec["status"] != "ok":
-          why[plan_lib.cell_key(r, c)] = f"{rec['status']}: {rec['reason']}"
+          why[key] = NOT_REQUESTED
+        elif (r, c) in grid.unstitchable:
+          why[key] = grid.unstitchable[(r, c)]
+        else:
+          rec = records[(arm.name, r, c)]
+          for m in measures:
+            mats[m][a, b] = store_lib.from_json_value(rec["metrics"].get(m))
+          if rec["status"] != "ok":
+            why[key] = f"{rec['status']}: {rec['reason']}"
     values[arm.name], reasons[arm.name] = mats, why
-  stats = {"units_computed": len(units), "waves": len(waves),
-           "programs_compiled": count.compiled,
-           "programs_compiled_late": count.compiled_late,
-           "programs_from_cache": count.from_cache,
-           "compile_seconds": count.seconds,
-           "compile_seconds_blocking": seconds.get("compile", 0.0) + count.late_seconds,
-           "stitches_computed": sum(len(u.fronts) for u in units),
-           "stitches_resumed": resumed, "devices": sw.n_dev,
-           "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
-           "phase_seconds": seconds}
-  same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
-  baseline = {}
-  if ex.baselines and not same:
-    baseline = _baselines(model_b, vars_b, train_b or train, test_b or test, cfg, cols,
-                          workdir, name_b, mesh)
-  num_classes = getattr(train, "num_classes", None)
-  meta = {"settings": settings.resolve(_named(cfg)), "n_train": len(train),
-          "chance": 1.0 / num_classes if num_classes else None,
-          "self_stitch": same, "baseline_accuracy": baseline,
-          "n_test": len(test), "train": train.name, "test": test.name,
-          "batch_size": sw.batch, "steps": sw.steps, "estimator": "stitching",
-          "end_accuracy_sets": {k: v for k, v in end_accuracy.items() if k},
-          "eval_sets": {n: v.a.name for n, v in sw.test_views.items() if n},
-          "objective_maps": {a.name: (a.objective.name, a.fmap.key) for a in sci.arms}}
-  return SweepResult(rows, cols, values, reasons, end_accuracy.get("", float("nan")),
-                     stats, meta, kept_params)
+  return values, reasons
 
 
 def _baselines(model_b: Any, vars_b: Any, train, test, cfg: Any, cols: list[str],
@@ -248,7 +320,7 @@ class _Counts:
   compiled_late: int = 0
   from_cache: int = 0
   seconds: float = 0.0
-  late_seconds: float = 0.0  # compiling inside a wave's run, which waits for it
+  late_seconds: float = 0.0  # compiling in a wave's run or a pass, which waits for it
 
   def add(self, warm_up: sharding.CompileCount, late: sharding.CompileCount) -> None:
     for c in (warm_up, late):
@@ -257,6 +329,13 @@ class _Counts:
       self.seconds += c.seconds
     self.compiled_late += late.compiled
     self.late_seconds += late.seconds
+
+  def add_pass(self, c: sharding.CompileCount) -> None:
+    """What a pass outside the waves (the OOD reference) compiled as it ran."""
+    self.compiled += c.compiled
+    self.from_cache += c.from_cache
+    self.seconds += c.seconds
+    self.late_seconds += c.seconds
 
 
 class _Advance:

@@ -13,14 +13,15 @@ are g's. It applies to every objective and map.
 ``stitch.invariance.examples=N`` (and ``test_examples``) turns it on in `run_sweep`: per
 front point, the inverted sets (kept in ``<workdir>/invariance/<point>.npz`` and reused)
 and a sweep of that row on them (``<workdir>/invariance/<point>/``, resumed like any
-sweep); the rows make up one `SweepResult`. g's accuracy differs per row (each row has
+sweep; `row_sweeps`); the rows make up one `SweepResult` (`merge`). g's accuracy differs per row (each row has
 its own test images): ``meta['end_accuracy_by_row']``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -112,34 +113,48 @@ def options(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
   return out
 
 
-def run(sweep: Callable[..., Any], model_a: Any, vars_a: Any, model_b: Any, vars_b: Any,
-        train: Any, test: Any, cfg: Mapping[str, Any], workdir: str | None,
-        opts: Mapping[str, Any], **kw: Any) -> Any:
-  """One sweep per front point with requested cells, on its inverted sets (`sweep` is
-  `run_sweep`; its cells are that row's), merged into one result over every cell."""
+@dataclasses.dataclass(frozen=True)
+class RowSweep:
+  """The sweep of the stitches out of front point `point`: its cells (`cfg`), on that
+  point's inverted fitting and test sets, resumed from `workdir`."""
+  point: str
+  train: Split
+  test: Split
+  cfg: dict[str, Any]
+  workdir: str | None
+  inversion_loss: dict[str, float]  # mean relative loss of the inversions, per set
+
+
+def row_sweeps(model_a: Any, vars_a: Any, model_b: Any, train: Any, test: Any,
+               cfg: Mapping[str, Any], workdir: str | None, opts: Mapping[str, Any]
+               ) -> Iterator[RowSweep]:
+  """One sweep per front point with requested cells, its inverted sets made (or read
+  back) as it is reached; `run_sweep` runs each and `merge` makes one result."""
   folder = None if workdir is None else fio.path(workdir) / "invariance"
-  rows = list(cfg.get("rows") or model_a.point_names)
-  cols = list(cfg.get("cols") or model_b.point_names)
-  cells, _ = plan_lib.parse_pairs(cfg["pairs"], rows, cols)
-  parts, info = {}, {}
+  rows, cols, cells = _cells(model_a, model_b, cfg)
   for point in rows:
     mine = [c for r, c in cells if r == point]
     if not mine:
       continue
-    fit, held, info[point] = inverted_sets(model_a, vars_a, point, train, test, opts,
-                                           int(train.num_classes), folder)
-    sub = dict(cfg, rows=[point], cols=mine, pairs="all")
-    parts[point] = sweep(model_a, vars_a, model_b, vars_b, fit, held, sub,
-                         None if folder is None else str(folder / point), **kw)
+    fit, held, info = inverted_sets(model_a, vars_a, point, train, test, opts,
+                                    int(train.num_classes), folder)
+    yield RowSweep(point, fit, held, dict(cfg, rows=[point], cols=mine, pairs="all"),
+                   None if folder is None else str(folder / point), info)
+
+
+def merge(parts: Sequence[tuple[RowSweep, SweepResult]], model_a: Any, model_b: Any,
+          cfg: Mapping[str, Any], opts: Mapping[str, Any]) -> SweepResult:
+  """The row sweeps' results as one over every requested cell."""
+  rows, cols, cells = _cells(model_a, model_b, cfg)
   if not parts:
     raise ConfigError(f"No cells requested (pairs={cfg['pairs']!r} over rows {rows} and "
                       f"cols {cols}).")
-  first = next(iter(parts.values()))
+  first = parts[0][1]
   values = {obj: {m: np.full((len(rows), len(cols)), np.nan) for m in ms}
             for obj, ms in first.values.items()}
   reasons = {obj: {} for obj in first.values}
-  for point, part in parts.items():
-    i = rows.index(point)
+  for row, part in parts:
+    i = rows.index(row.point)
     for obj, ms in part.values.items():
       for m, arr in ms.items():
         values[obj][m][i, [cols.index(c) for c in part.cols]] = arr[0]
@@ -148,11 +163,19 @@ def run(sweep: Callable[..., Any], model_a: Any, vars_a: Any, model_b: Any, vars
   for obj in reasons:
     reasons[obj].update({plan_lib.cell_key(r, c): NOT_REQUESTED for r in rows for c in cols
                          if plan_lib.cell_key(r, c) not in wanted})
-  params = {k: v for part in parts.values() for k, v in part.params.items()}
-  stats = {k: sum(part.stats[k] for part in parts.values()) for k, v in first.stats.items()
+  params = {k: v for _, part in parts for k, v in part.params.items()}
+  stats = {k: sum(part.stats[k] for _, part in parts) for k, v in first.stats.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-  by_row = {p: part.end_accuracy for p, part in parts.items()}
+  by_row = {row.point: part.end_accuracy for row, part in parts}
+  info = {row.point: row.inversion_loss for row, _ in parts}
   meta = dict(first.meta, invariance=dict(opts, inversion_loss=info),
               end_accuracy_by_row=by_row)
   return SweepResult(rows, cols, values, reasons, float(np.mean(list(by_row.values()))),
                      stats, meta, params)
+
+
+def _cells(model_a: Any, model_b: Any, cfg: Mapping[str, Any]
+           ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+  rows = list(cfg.get("rows") or model_a.point_names)
+  cols = list(cfg.get("cols") or model_b.point_names)
+  return rows, cols, plan_lib.parse_pairs(cfg["pairs"], rows, cols)[0]

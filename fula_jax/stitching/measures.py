@@ -4,8 +4,10 @@ A measure may add per-batch sums to the evaluation program (`terms`, run per sti
 inside the compiled program on each held-out batch; padded rows are masked out) and
 turns the summed terms, and whatever else the run recorded, into one number per stitch
 on the host (`value`). A measure that needs a pass of its own over the data declares
-it (`needs`: the PGD attack, or the end model's OOD reference); the sweep runs a pass
-only when an active measure needs it, and a measure whose pass is switched off is not
+it (`needs`: the PGD attack, the end model's OOD reference, or the evaluation of the
+fitting split), and one read on an evaluation set besides the test split names that
+set (`eval_set`; ``accuracy@<set>``): the sweep runs a pass, or evaluates on a set, only
+when an active measure asks for it, and a measure whose pass is switched off is not
 reported. Adding a measure is one class here and one entry in `MEASURES`: the programs,
 the accumulator shapes (`jax.eval_shape` of the terms) and the result matrices all
 follow from it.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fula_jax.errors import ConfigError
 from fula_jax.models.base import LOGITS
 from fula_jax.similarity import outputs
 from fula_jax.stitching import ood as ood_lib
@@ -48,20 +51,25 @@ class Readout:
   train_loss: np.ndarray          # (S,) mean training loss of the last epoch (NaN: none)
   pgd_accuracy: np.ndarray | None  # (S,) or None when PGD is off
   trend: np.ndarray | None = None  # (S, 3, 3) see programs.StitchState.trend
+  sets: Mapping[str, "Readout"] = dataclasses.field(default_factory=dict)
+  # ^ the same stitches read out on every other evaluation set, by name
 
 
 PGD = "pgd"  # pass: the sweep's PGD attack on every stitched model (stitch.pgd)
 OOD = "ood"  # pass, and shared key: the end model's own reference (stitch.ood_examples)
-PASSES = (PGD, OOD)
+FIT = "fit"  # pass: evaluation on the first fit_gap_examples of the fitting split
+PASSES = (PGD, OOD, FIT)
 
 
 class Measure:
   """Base: no device terms; `value` must be defined. `undefined` says when the value is
   NaN on a stitch that ran fine (stored as that cell's reason); `needs` names the pass
-  the measure reads (one of `PASSES`; '' for none)."""
+  the measure reads (one of `PASSES`; '' for none); `eval_set` the evaluation set
+  besides the test split whose readout it reads (`Readout.sets`; '' for none)."""
   name = "measure"
   undefined = ""
   needs = ""
+  eval_set = ""
 
   def terms(self, b: Batch) -> dict[str, jax.Array]:
     return {}
@@ -218,6 +226,38 @@ class PGDAccuracy(Measure):
     return np.asarray(r.pgd_accuracy, np.float64)
 
 
+class AccuracyOn(Measure):
+  """Accuracy of the stitched model on the evaluation set `set_name` (reported as
+  ``accuracy@<set_name>``), one of the sets the caller gives (`run_sweep`'s
+  `eval_sets`)."""
+
+  def __init__(self, eval_set: str):
+    self.eval_set = eval_set
+    self.name = f"accuracy@{eval_set}"
+
+  def value(self, r):
+    return Accuracy().value(r.sets[self.eval_set])
+
+
+class FitAccuracy(AccuracyOn):
+  """Accuracy of the stitched model on the first fit_gap_examples of the split it was
+  fitted on (``accuracy@fit``)."""
+  needs = FIT
+
+  def __init__(self):
+    super().__init__(FIT)
+
+
+class FitGap(Measure):
+  """``accuracy@fit - accuracy``: how much better a stitch does on examples it was
+  fitted on than on held-out ones (its generalisation gap)."""
+  name = "fit_gap"
+  needs = eval_set = FIT
+
+  def value(self, r):
+    return FitAccuracy().value(r) - Accuracy().value(r)
+
+
 def _predicted(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, -1)
 
@@ -308,25 +348,37 @@ MEASURES: tuple[Measure, ...] = (Accuracy(), RelativeAccuracy(), Loss(), TrainLo
                                  Disagreement(), JSD(), ErrorConsistency(), EnergyOOD(),
                                  MahalanobisRatio())
 NAMES = tuple(m.name for m in MEASURES)
-FIT = "fit"          # evaluation set: the first fit_gap_examples of the fitting split
-FIT_GAP = "fit_gap"  # accuracy@fit - accuracy: the stitch's generalisation gap
 UNDEFINED = {m.name: m.undefined for m in MEASURES}
 # Measures whose non-finite value marks a stitch as diverged.
 REQUIRED_FINITE = ("accuracy", "loss", "dm_error")
 
 
-def active(passes: Collection[str] = ()) -> tuple[Measure, ...]:
-  """The measures a sweep reports when it can run `passes` (some of `PASSES`): every
-  measure that needs no pass, or one of those."""
+def active(passes: Collection[str] = (), eval_sets: Sequence[str] = ()
+           ) -> tuple[Measure, ...]:
+  """The measures a sweep reports when it runs `passes` (some of `PASSES`) and
+  evaluates on the named `eval_sets` too: every measure that needs no pass or one of
+  those, then ``accuracy@<set>`` per set, then the fitting split's accuracy and gap."""
   for p in passes:
     if p not in PASSES:
       raise ValueError(f"Unknown measure pass {p!r}; passes: {', '.join(PASSES)}.")
-  return tuple(m for m in MEASURES if not m.needs or m.needs in passes)
+  if FIT in passes and FIT in eval_sets:
+    raise ConfigError(f"The evaluation set name {FIT!r} is the fitting split's when "
+                      "fit_gap_examples > 0; give yours another name.")
+  out = [m for m in MEASURES if not m.needs or m.needs in passes]
+  out += [AccuracyOn(name) for name in eval_sets]
+  if FIT in passes:
+    out += [FitAccuracy(), FitGap()]
+  return tuple(out)
 
 
 def needed(measures: Sequence[Measure], which: str) -> bool:
   """Whether one of `measures` needs pass `which`: the sweep runs it only then."""
   return any(m.needs == which for m in measures)
+
+
+def eval_sets(measures: Sequence[Measure]) -> tuple[str, ...]:
+  """The evaluation sets beyond the test split that `measures` read, in their order."""
+  return tuple(dict.fromkeys(m.eval_set for m in measures if m.eval_set))
 
 
 def terms(b: Batch, measures: Sequence[Measure] = MEASURES) -> dict[str, jax.Array]:

@@ -22,13 +22,13 @@ import numpy as np
 
 from fula_jax import sharding
 from fula_jax.progress import timed
-from fula_jax.stitching import compiling, ladder, lstsq, runner, stacks
+from fula_jax.stitching import compiling, ladder, lstsq, passes, records, stacks
 from fula_jax.stitching import measures as measures_lib
 from fula_jax.stitching import plan as plan_lib
 from fula_jax.stitching import pgd as pgd_lib
 from fula_jax.stitching import programs as P
 from fula_jax.stitching import store as store_lib
-from fula_jax.stitching.objectives import Where
+from fula_jax.stitching.context import SweepContext
 
 AHEAD = "ahead"  # compile scope of a wave compiling while an earlier one runs
 
@@ -57,11 +57,14 @@ def _sds(tree: Any, sharding_: Any = None) -> Any:
 
 
 class Wave:
-  """Runs one wave for a sweep (`runner.Sweep` supplies donors, data and settings)."""
+  """Runs one wave of a sweep (its context supplies donors, data and settings) and
+  writes its units to `store`; `reference`: g's OOD reference (`passes.ood_reference`)
+  when the OOD scores are on."""
 
-  def __init__(self, sweep: runner.Sweep, units: Sequence[plan_lib.Unit],
-               label: str = ""):
-    self.sw = sweep
+  def __init__(self, sweep: SweepContext, units: Sequence[plan_lib.Unit],
+               label: str = "", *, store: store_lib.Store,
+               reference: passes.Reference | None = None):
+    self.sw, self.store, self.reference = sweep, store, reference
     self.label = label  # 'wave k/W: ' in its progress lines
     self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
     sci = sweep.science
@@ -141,17 +144,19 @@ class Wave:
       if r.max_steps:
         out = donors[False]
         calls.append((P.train_step, (
-            state, sw.vars_b, tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
+            state, sw.b.variables,
+            tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
             as_rep(self.shared(r, out, train=True)), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32)), {"ctx": r.ctx}))
       out = donors[True]
       calls.append((P.evaluate, (
-          _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.vars_b,
+          _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.b.variables,
           tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
           as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
       if sw.needs(measures_lib.PGD):
-        calls.append((pgd_lib.pgd_correct, sw.pgd_args_abstract(
-            r.unit, r.ctx, state.params, state.bn), {"ctx": sw.pgd_context(r.unit, r.ctx)}))
+        calls.append((pgd_lib.pgd_correct, passes.pgd_args_abstract(
+            sw, r.unit, r.ctx, state.params, state.bn),
+            {"ctx": passes.pgd_context(sw, r.unit, r.ctx)}))
     self._compile(calls, announce)
 
   def _ends(self) -> str:
@@ -172,7 +177,7 @@ class Wave:
     targets = r.ctx.train_targets() if train else r.ctx.eval_targets()
     shared = {"label": out["label"], "teacher": out["logits_b"],
               "targets": {p: out["acts_b"][p] for p in targets}}
-    reference = None if train else self.sw.ood_reference()
+    reference = None if train else self.reference
     return shared if reference is None else dict(shared, **{
         measures_lib.OOD: reference[r.unit.end]})
 
@@ -180,11 +185,10 @@ class Wave:
     """Zeroed evaluation sums of `r`'s stitches (their shapes traced once per unit)."""
     sw = self.sw
     if r.sum_shapes is None:
-      reference = sw.ood_reference()
       r.sum_shapes = P.eval_terms_shapes(
-          r.ctx, sw.vars_b, sw.eval_batch, sw.num_classes,
-          {p: sw.shapes_b[p] for p in r.ctx.eval_targets()},
-          None if reference is None else reference[r.unit.end])
+          r.ctx, sw.b.variables, sw.eval_batch, sw.num_classes,
+          {p: sw.b.shapes[p] for p in r.ctx.eval_targets()},
+          None if self.reference is None else self.reference[r.unit.end])
     return {k: np.zeros((r.unit.size,) + tuple(v.shape), np.float32)
             for k, v in r.sum_shapes.items()}
 
@@ -284,7 +288,7 @@ class Wave:
                                                train=True)):
       for r in self.runs:
         if step < r.max_steps:
-          r.state = sw.call(P.train_step, r.state, sw.vars_b,
+          r.state = sw.call(P.train_step, r.state, sw.b.variables,
                             tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
                             self.shared(r, out, train=True), window, np.int32(step),
                             ctx=r.ctx)
@@ -301,49 +305,11 @@ class Wave:
       end_correct += sw.end_correct(out)
       for r in self.runs:
         r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, r.state.bn,
-                               sw.vars_b,
+                               sw.b.variables,
                                tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
                                self.shared(r, out, train=False), out["mask"], ctx=r.ctx)
       progress.advance()
     return end_correct
-
-  def records(self, r: UnitRun, state: P.StitchState, sums: Mapping[str, Mapping],
-              end_accuracy: Mapping[str, float]) -> list[dict[str, Any]]:
-    """One JSON-able record per stitch of `r`: status, reason, every measure."""
-    sw, u = self.sw, r.unit
-    obj = sw.science.arm(u.arm).objective
-    where = Where(u.end, sw.points_b)
-    train_loss = np.where(state.loss_weight > 0,
-                          state.loss_sum / np.maximum(state.loss_weight, 1e-30), np.nan)
-
-    def readout(name):
-      return measures_lib.Readout(sums[name], sw.test_views[name].n,
-                                  end_accuracy[name], obj, where, train_loss, r.pgd,
-                                  np.asarray(state.trend))
-
-    values = measures_lib.values(readout(""), sw.measures)
-    for name in sw.eval_sets:
-      values[f"accuracy@{name}"] = measures_lib.Accuracy().value(readout(name))
-    if measures_lib.FIT in sw.eval_sets:
-      values[measures_lib.FIT_GAP] = (values[f"accuracy@{measures_lib.FIT}"] -
-                                      values["accuracy"])
-    out = []
-    for s, row in enumerate(u.fronts):
-      metrics = {k: float(v[s]) for k, v in values.items()}
-      status, reason = "ok", ""
-      if s in r.failed:
-        status, reason = "failed", r.failed[s]
-      elif bool(state.diverged[s]):
-        status, reason = "diverged", (
-            f"non-finite loss or parameters at training step "
-            f"{int(state.diverged_step[s])} (learning rate {float(state.lr[s]):g})")
-      elif not all(np.isfinite(metrics[m]) for m in measures_lib.REQUIRED_FINITE):
-        status, reason = "diverged", "non-finite value on the test split"
-      if status != "ok":
-        metrics = {k: float("nan") for k in metrics}
-      out.append({"row": row, "col": u.end, "status": status, "reason": reason,
-                  "metrics": {k: store_lib.to_json_value(v) for k, v in metrics.items()}})
-    return out
 
   def run(self, progress, *, ahead: concurrent.futures.Future | None = None,
           compiled: Callable[[], None] = lambda: None) -> WaveResult:
@@ -376,24 +342,24 @@ class Wave:
       if sw.needs(measures_lib.PGD):
         with timed(seconds, "pgd"):
           for r in self.runs:
-            r.pgd = sw.pgd(r.unit, r.ctx, r.state)
+            r.pgd = passes.pgd_accuracy(sw, r.unit, r.ctx, r.state)
     per_unit = (time.perf_counter() - t0) / max(len(self.runs), 1)
     host = sharding.fetch([(r.state, r.sums) for r in self.runs])
-    records, kept = {}, {}
+    done, kept = {}, {}
     for r, (state, sums) in zip(self.runs, host):
-      recs = self.records(r, state, sums, end_accuracy)
+      recs = records.unit_records(sw, r.unit, state, sums, end_accuracy, r.failed, r.pgd)
       n = len(r.unit.fronts)
       params = {k: np.asarray(v)[:n] for k, v in state.params.items()}
       for s, (row, rec) in enumerate(zip(r.unit.fronts, recs)):
-        records[(r.unit.arm, row, r.unit.end)] = rec
+        done[(r.unit.arm, row, r.unit.end)] = rec
         if sw.keep_params:
           kept[(r.unit.arm, row, r.unit.end)] = {
               k: np.asarray(v)
               for k, v in stacks.stitch_params(params, s, r.ctx.specs()[s]).items()}
-      sw.store.write(r.unit, recs, params if sw.execution.save_params else None,
+      self.store.write(r.unit, recs, params if sw.execution.save_params else None,
                      seconds=per_unit, end_accuracy=end_accuracy[""],
                      end_accuracy_sets={k: v for k, v in end_accuracy.items() if k})
-    return WaveResult(records, end_accuracy, kept, warm, late, seconds)
+    return WaveResult(done, end_accuracy, kept, warm, late, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
