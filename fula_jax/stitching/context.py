@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from fula_jax import io as fio
 from fula_jax import sharding
@@ -28,7 +29,7 @@ from fula_jax.stitching import programs as P, settings, store as store_lib
 DEVICES = "devices"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class View:
   """A held-out set as both models see it (same examples, same order)."""
   a: Any
@@ -82,7 +83,7 @@ class SweepContext:
   workdir: str | None
   a: Donor                      # the front model f
   b: Donor                      # the end model g
-  mesh: Any
+  mesh: Mesh
   train: Any                    # the fitting split as f sees it ...
   train_b: Any                  # ... and as g sees it
   test_views: Mapping[str, View]  # '' the test split; then the other evaluation sets
