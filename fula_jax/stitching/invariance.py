@@ -13,8 +13,8 @@ are g's. It applies to every objective and map.
 ``stitch.invariance.examples=N`` (and ``test_examples``) turns it on in `run_sweep`: per
 front point, the inverted sets (kept in ``<workdir>/invariance/<point>.npz`` and reused)
 and a sweep of that row on them (``<workdir>/invariance/<point>/``, resumed like any
-sweep; `row_sweeps`); the rows make up one `SweepResult` (`merge`). g's accuracy differs per row (each row has
-its own test images): ``meta['end_accuracy_by_row']``.
+sweep; `row_sweeps`); the rows make up one `SweepResult` (`merge`). g's accuracy
+differs per row (each row has its own test images): ``meta['end_accuracy_by_row']``.
 """
 
 from __future__ import annotations
