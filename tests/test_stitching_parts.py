@@ -370,4 +370,7 @@ def test_the_sweep_context_is_frozen_and_holds_the_views_its_measures_read():
     sw.steps = 1
   plain = build({})
   assert list(plain.test_views) == [""] and passes.fingerprint(plain) == {}
+  # Without fit_gap_examples, a set of the caller's may be called 'fit'.
+  theirs = build({}, {"fit": extra})
+  assert theirs.test_views["fit"].a is extra and theirs.test_views["fit"].n == 12
   assert passes.ood_reference(plain) is None

@@ -232,7 +232,10 @@ def build(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, *, train_
       [p for p, on in ((measures_lib.PGD, science.pgd.enabled),
                        (measures_lib.OOD, ex.ood_examples > 0),
                        (measures_lib.FIT, n_fit > 0)) if on], list(sources))
-  sources[measures_lib.FIT] = (train, train_b)
+  limits = {}
+  if n_fit:
+    sources[measures_lib.FIT] = (train, train_b)
+    limits[measures_lib.FIT] = n_fit
   n_train = len(train)
   batch = min(science.batch_size, n_train)
   steps_per_epoch = max(1, n_train // batch)
@@ -240,8 +243,7 @@ def build(model_a, vars_a, model_b, vars_b, train, test, cfg, workdir, *, train_
   eval_batch = -(-min(ex.eval_batch_size, len(test)) // n_dev) * n_dev
   views = {"": View(test, test_b or test, eval_batch)}
   for name in measures_lib.eval_sets(measures):
-    views[name] = View(*sources[name], eval_batch,
-                       limit=n_fit if name == measures_lib.FIT else None)
+    views[name] = View(*sources[name], eval_batch, limit=limits.get(name))
   _check_views(train, train_b, views)
   bn_train = science.donor_bn == "train"
   if bn_train:
