@@ -218,7 +218,8 @@ def test_sweep_between_a_zoo_cnn_and_an_adapted_cls_vit_fills_every_stitchable_c
   cnn = models.get_model("cnn", widths=(8, 16))
   vc = testing.train_donor(cnn, digits[0], steps=100, lr=3e-3)
   cfg = dict(objectives=["dm", "fula"], steps=3, progress=False, batch_size=100,
-             eval_batch_size=100, compilation_cache="off")
+             eval_batch_size=100, compilation_cache="off",
+             baselines=False)  # checked in test_stitching_convergence
   mesh = sharding.line_mesh("d", sharding.devices(1))
   test = digits[1]
   for (ma, va), (mb, vb) in (((cnn, vc), (vit, vv)), ((vit, vv), (cnn, vc))):

@@ -17,7 +17,7 @@ from fula_jax.stitching import settings, testing
 STEPS, LR, BATCH = 6, 1e-2, 100
 CFG = dict(objectives=["tlm"], pairs="conv1->conv1", steps=STEPS, learning_rate=LR,
            batch_size=BATCH, eval_batch_size=200, init="random", progress=False,
-           compilation_cache="off")
+           compilation_cache="off", baselines=False)  # checked in test_stitching_convergence
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from fula_jax import models, sharding, stitching
 from fula_jax.similarity import outputs
 from fula_jax.stitching import maps, stacks, testing
 
-BASE = dict(batch_size=100, eval_batch_size=100, progress=False)
+# No test here reads the end model's self-stitch baselines (a second sweep per call);
+# test_stitching_convergence checks them.
+BASE = dict(batch_size=100, eval_batch_size=100, progress=False, baselines=False)
 
 
 @pytest.fixture(scope="module")

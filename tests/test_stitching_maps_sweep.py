@@ -10,8 +10,10 @@ import pytest
 from fula_jax import models, stitching
 from fula_jax.stitching import ladder, lstsq, testing
 
+# No test here reads the end model's self-stitch baselines (a second sweep per call);
+# test_stitching_convergence checks them.
 BASE = dict(pairs="diagonal", batch_size=100, eval_batch_size=200, progress=False,
-            compilation_cache="off", learning_rate=1e-2)
+            compilation_cache="off", learning_rate=1e-2, baselines=False)
 
 
 @pytest.fixture(scope="module")
