@@ -75,9 +75,9 @@ def run_study(name: str, root: pathlib.Path) -> None:
 def _study(name: str):
   def make(root: pathlib.Path) -> None:
     """`run_study` in a process of its own on one CPU device, as a study runs on a CPU
-    machine. In a test worker it would run on the worker's 8 fake devices, a fifth
-    slower (FuLA at tiny: 86 s against 67 s); the tests that rerun it (and the README
-    walk) resume it there, on 8."""
+    machine. In a test worker it would run on the worker's 8 fake devices, about a
+    quarter slower (FuLA at tiny: 86 s against 67 s); the tests that rerun it (and the
+    README walk) resume it there, on 8."""
     proc = subprocess.run([sys.executable, __file__, name, str(root)], env=cli_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
