@@ -100,19 +100,27 @@ def test_tiny_models_learned_and_the_robust_ones_are_robust(tiny_run):
   assert report.index("## Models") < report.index("**Finding")
 
 
+def train_runlocal_grid_ends(workdir) -> tuple:
+  """(specs, the grid's two ends, rows, trained) of the study's own `prepare_zoo` at
+  configs/study_jones.py:runlocal, for the models at the ends of its eps grid only."""
+  config = study_config.get_config("runlocal")
+  specs, eps = study.check_grid(config)
+  ends = (min(eps), max(eps))
+  test = data.source(config.data, "test")
+  _, rows, trained, _ = study.prepare_zoo(config, workdir, specs, ends, test,
+                                          jax.random.PRNGKey(0), max(eps))
+  return specs, ends, rows, trained
+
+
 def test_runlocal_donors_at_both_ends_of_the_eps_grid_learned_and_resist_pgd(tmp_path):
   """configs/study_jones.py:runlocal, the README's CPU-scale run, trains models that can
   carry its finding. Trained here by the study's own code, at the grid's two ends: the
   clean models and the most robust ones (eps 0.2, the hardest to train; the middle
   radii train the same way with a smaller attack). Measured: clean 0.94-0.98, robust
   accuracy at their own eps 0.42-0.58, chance 0.1."""
-  config = study_config.get_config("runlocal")
-  specs, eps = study.check_grid(config)
-  ends = (min(eps), max(eps))
+  specs, ends, rows, trained = shared_runs.in_own_process(
+      "test_study_jones", "train_runlocal_grid_ends", tmp_path)
   assert ends == (0.0, 0.2)
-  test = data.source(config.data, "test")
-  _, rows, trained, _ = study.prepare_zoo(config, tmp_path, specs, ends, test,
-                                          jax.random.PRNGKey(0), max(eps))
   assert len(trained) == 2 * len(specs) == len(rows)
   for r in rows:
     assert r["clean"] > 0.9, r
