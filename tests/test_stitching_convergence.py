@@ -106,13 +106,20 @@ def test_library_defaults_recover_a_self_stitch_and_converge(donor):
     assert np.all(conv == 1.0) if obj != "dm" else np.all(np.isnan(conv)), (obj, conv)
 
 
-def test_every_sweep_carries_its_baselines(donor):
-  """B's own accuracy, chance, and B's self-stitch at each of its points (a sub-sweep
-  with the same settings, equal to running that self-stitch directly); cells read
-  relative to it through `analysis.relative_to_baseline`. Opt out with baselines=False."""
+@pytest.fixture(scope="module")
+def other(donor):
+  """A second model of the donor's architecture (another seed): the end model."""
+  model, _, train, _ = donor
+  return testing.train_donor(model, train, steps=300, seed=1)
+
+
+def test_every_sweep_carries_its_baselines(donor, other):
+  """B's own accuracy, chance, and B's self-stitch at each of its points (trained with
+  the same settings, equal to running that self-stitch directly); cells read relative
+  to it through `analysis.relative_to_baseline`. Opt out with baselines=False, which
+  changes no other number."""
   from fula_jax import analysis
   model, v, train, test = donor
-  other = testing.train_donor(model, train, steps=300, seed=1)
   cfg = dict(objectives=["tlm", "dm"], steps=10, progress=False)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", stitching.ConvergenceWarning)
@@ -132,3 +139,37 @@ def test_every_sweep_carries_its_baselines(donor):
     np.testing.assert_array_equal(off[f"stitch_{obj}/accuracy"].matrix, m.matrix)
   with pytest.raises(ValueError, match="baselines=True"):
     analysis.relative_to_baseline(off["stitch_tlm/accuracy"])
+
+
+def test_baselines_share_their_columns_units_and_resume_with_them(donor, other, tmp_path):
+  """The self-stitch into column c trains in the units of the sweep's other stitches
+  into c (one more stitch in programs the sweep compiles anyway), is written with them,
+  and a rerun resumes it. With PGD on, the baselines take units of their own, which the
+  attack skips; their accuracies are the same."""
+  model, v, train, test = donor
+  cfg = dict(objectives=["tlm", "dm"], steps=10, progress=False)
+  n_cols = len(model.point_names)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", stitching.ConvergenceWarning)
+    on = stitching.run_sweep(model, v, model, other, train, test, cfg, str(tmp_path))
+    off = stitching.run_sweep(model, v, model, other, train, test,
+                              dict(cfg, baselines=False))
+    again = stitching.run_sweep(model, v, model, other, train, test, cfg, str(tmp_path))
+    pgd = dict(cfg, pgd=dict(enabled=True, steps=2, num_examples=32))
+    attacked = stitching.run_sweep(model, v, model, other, train, test, pgd)
+  assert on.stats["units_computed"] == off.stats["units_computed"] == 2 * n_cols
+  assert on.stats["stitches_computed"] == off.stats["stitches_computed"] > 2 * n_cols
+  assert on.stats["baseline_stitches_computed"] == 2 * n_cols
+  assert off.stats["baseline_stitches_computed"] == 0 and off.meta["baseline_accuracy"] == {}
+  for name in ("units_computed", "stitches_computed", "baseline_stitches_computed"):
+    assert again.stats[name] == 0, name
+  assert again.meta["baseline_accuracy"] == on.meta["baseline_accuracy"]
+  assert set(on.meta["baseline_accuracy"]) == {"tlm", "dm"}
+  assert attacked.stats["units_computed"] == 2 * n_cols * 2  # baselines apart
+  for obj, base in on.meta["baseline_accuracy"].items():
+    assert list(base) == list(model.point_names)
+    np.testing.assert_allclose(list(attacked.meta["baseline_accuracy"][obj].values()),
+                               list(base.values()), atol=1e-6)
+    stitched = np.isfinite(attacked.values[obj]["accuracy"])
+    np.testing.assert_array_equal(np.isfinite(attacked.values[obj]["pgd_accuracy"]),
+                                  stitched)

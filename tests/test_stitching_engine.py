@@ -11,7 +11,7 @@ from fula_jax import models, sharding, stitching
 from fula_jax.similarity import outputs
 from fula_jax.stitching import maps, stacks, testing
 
-# No test here reads the end model's self-stitch baselines (a second sweep per call);
+# No test here reads the end model's self-stitch baselines (one more stitch per unit);
 # test_stitching_convergence checks them.
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False, baselines=False)
 

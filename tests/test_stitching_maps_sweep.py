@@ -10,7 +10,7 @@ import pytest
 from fula_jax import models, stitching
 from fula_jax.stitching import ladder, lstsq, testing
 
-# No test here reads the end model's self-stitch baselines (a second sweep per call);
+# No test here reads the end model's self-stitch baselines (one more stitch per unit);
 # test_stitching_convergence checks them.
 BASE = dict(pairs="diagonal", batch_size=100, eval_batch_size=200, progress=False,
             compilation_cache="off", learning_rate=1e-2, baselines=False)

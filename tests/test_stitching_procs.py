@@ -59,8 +59,10 @@ SPEC = textwrap.dedent("""
     from fula_jax import stitching
     from fula_jax.stitching import testing
 
+    # No test here reads the end model's self-stitch baselines (they train in the same
+    # units; test_stitching_convergence checks them and their resume).
     CFG = dict(objectives=["tlm", "dm"], cols=["fc2"], steps=4, batch_size=96,
-               eval_batch_size=96, learning_rate=3e-3, progress=False)
+               eval_batch_size=96, learning_rate=3e-3, progress=False, baselines=False)
 
     def donors():
       a = models.get_model("mlp", widths=(8, 8))

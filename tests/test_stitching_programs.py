@@ -15,7 +15,7 @@ from fula_jax import attacks, models, sharding, stitching
 from fula_jax.stitching import maps, plan, testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# No test here reads the end model's self-stitch baselines (a second sweep per call);
+# No test here reads the end model's self-stitch baselines (one more stitch per unit);
 # test_stitching_convergence checks them.
 BASE = dict(batch_size=100, eval_batch_size=100, progress=False,
             compilation_cache="off", baselines=False)

@@ -93,22 +93,22 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
                          train_b=train_b, test_b=test_b, name_a=name_a, name_b=name_b,
                          mesh=mesh, keep_params=keep_params, profile=profile,
                          eval_sets=eval_sets)
+  same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
   grid = _grid(sw, name_a, name_b)
+  selves = _baseline_cells(sw, grid) if sw.execution.baselines and not same else []
   store = store_lib.Store(sw.workdir, sw.science,
                           dict(sw.identity, **passes.fingerprint(sw)))
   finished, end = store.load()
-  units = _plan(sw, grid.stitchable, finished, store.fingerprints)
+  units = _plan(sw, grid.stitchable + selves, finished, store.fingerprints)
   done = _run_units(sw, units, store, grid, finished, end)
+  n_self = sum(map(plan_lib.is_self, (f for u in units for f in u.fronts)))
   stats = {"units_computed": len(units), "waves": done.waves, **done.compile_stats(),
-           "stitches_computed": sum(len(u.fronts) for u in units),
+           "stitches_computed": sum(len(u.fronts) for u in units) - n_self,
+           "baseline_stitches_computed": n_self,
            "stitches_resumed": grid.count(finished), "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
            "phase_seconds": done.seconds}
-  same = model_a is model_b and vars_a is vars_b and train_b is None and test_b is None
-  baseline = {}
-  if sw.execution.baselines and not same:
-    baseline = _baselines(model_b, vars_b, train_b or train, test_b or test, cfg,
-                          grid.cols, workdir, name_b, mesh)
+  baseline = _baselines(sw, selves, done.records)
   num_classes = getattr(train, "num_classes", None)
   meta = {"settings": settings.resolve(_named(cfg)), "n_train": len(train),
           "chance": 1.0 / num_classes if num_classes else None,
@@ -166,19 +166,48 @@ def _grid(sw: context_lib.SweepContext, name_a: str, name_b: str) -> _Grid:
   return _Grid(rows, cols, pairs, stitchable, unstitchable)
 
 
-def _plan(sw: context_lib.SweepContext, stitchable: Sequence[tuple[str, str]],
+def _baseline_cells(sw: context_lib.SweepContext, grid: _Grid) -> list[tuple[str, str]]:
+  """The end model's self-stitch into each column (`plan.self_front`): the ceiling the
+  column is read against, trained beside the column's other stitches, in their units
+  and programs, with the same objectives and protocol."""
+  out = []
+  for c in grid.cols:
+    shape, prefix = sw.b.shapes[c], sw.b.prefix.get(c, 0)
+    try:
+      maps.plan(c, shape, c, shape, src_prefix=prefix, dst_prefix=prefix,
+                c2t=sw.science.c2t, t2c=sw.science.t2c)
+    except maps.UnstitchableError:
+      continue
+    out.append((plan_lib.self_front(c), c))
+  return out
+
+
+def _baselines(sw: context_lib.SweepContext, cells: Sequence[tuple[str, str]],
+               records: Mapping[tuple[str, str, str], Mapping[str, Any]]
+               ) -> dict[str, dict[str, float]]:
+  """objective -> {point: accuracy of g stitched into itself at that point}."""
+  return {arm.name: {c: store_lib.from_json_value(
+      records[(arm.name, front, c)]["metrics"].get("accuracy")) for front, c in cells}
+          for arm in sw.science.arms} if cells else {}
+
+
+def _plan(sw: context_lib.SweepContext, cells: Sequence[tuple[str, str]],
           finished: Mapping, fingerprints: Any) -> list[plan_lib.Unit]:
-  """The units of every (arm, cell) not finished yet."""
+  """The units of every (arm, cell) not finished yet; a PGD pass keeps the baselines,
+  which it does not attack, in units of their own."""
   sci, ex = sw.science, sw.execution
+  fronts = {r for r, _ in cells}
   return plan_lib.plan(
-      stitchable, sci.arms, finished=finished, shapes_a=sw.a.shapes,
+      cells, sci.arms, finished=finished,
+      shapes_a={f: sw.front_shape(f) for f in fronts},
       shapes_b={p: sw.b.shapes[p] for p in sw.b.points},
       trains={a.name: sw.stitch_steps(a.name) > 0 for a in sci.arms},
       grouping=ex.grouping, num_devices=sw.n_dev, batch_sizes=(sw.batch, sw.eval_batch),
       bytes_per_stitch=functools.cache(sw.bytes_per_stitch),
       budget_bytes=ex.memory_budget_mb * 2**20, max_group_size=ex.max_group_size,
-      fingerprints=fingerprints, prefix_a=sw.a.prefix, prefix_b=sw.b.prefix,
-      batch_split=not sw.bn_train)
+      fingerprints=fingerprints, prefix_a={f: sw.front_prefix(f) for f in fronts},
+      prefix_b=sw.b.prefix, batch_split=not sw.bn_train,
+      baselines_apart=sw.needs(passes.PGD))
 
 
 @dataclasses.dataclass
@@ -223,11 +252,15 @@ def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
                                unit="batch", every_s=ex.progress_every_s, enabled=show),
                       waves)
   if show:
+    n_self = sum(map(plan_lib.is_self, (f for u in units for f in u.fronts)))
+    selves = (f" and {n_self} self-stitches of the end model (its baselines)"
+              if n_self else "")
     print(f"stitch sweep: {len(grid.pairs)} cells x {len(sw.science.arms)} objectives; "
           f"{grid.count(finished)} (objective, cell) results resumed from the "
-          f"workdir; {sum(len(u.fronts) for u in units)} stitches in {len(units)} "
-          f"units, {len(waves)} waves, on {sw.n_dev} devices ({jax.process_count()} "
-          f"processes).", flush=True)
+          f"workdir; {sum(len(u.fronts) for u in units) - n_self} stitches{selves} in "
+          f"{_n(len(units), 'unit')}, {_n(len(waves), 'wave')}, on "
+          f"{_n(sw.n_dev, 'device')} ({_n(jax.process_count(), 'process', 'es')}).",
+          flush=True)
   ahead: dict[int, concurrent.futures.Future] = {}
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
 
@@ -260,6 +293,10 @@ def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
   return done
 
 
+def _n(count: int, noun: str, plural: str = "s") -> str:
+  return f"{count} {noun}{'' if count == 1 else plural}"
+
+
 def _matrices(sw: context_lib.SweepContext, grid: _Grid,
               records: Mapping[tuple[str, str, str], Mapping[str, Any]]
               ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, str]]]:
@@ -286,20 +323,6 @@ def _matrices(sw: context_lib.SweepContext, grid: _Grid,
             why[key] = f"{rec['status']}: {rec['reason']}"
     values[arm.name], reasons[arm.name] = mats, why
   return values, reasons
-
-
-def _baselines(model_b: Any, vars_b: Any, train, test, cfg: Any, cols: list[str],
-               workdir: str | None, name_b: str, mesh: Mesh | None
-               ) -> dict[str, dict[str, float]]:
-  """objective -> {point: accuracy of g stitched into itself at that point}, by a
-  diagonal sub-sweep with the same science (resumable under <workdir>/baseline)."""
-  sub = dict(settings.resolve(cfg), pairs="diagonal", rows=cols, cols=cols,
-             baselines=False)
-  res = run_sweep(model_b, vars_b, model_b, vars_b, train, test, sub,
-                  None if workdir is None else f"{workdir}/baseline", name_a=name_b,
-                  name_b=name_b, mesh=mesh)
-  return {obj: {c: float(v["accuracy"][k, k]) for k, c in enumerate(res.cols)}
-          for obj, v in res.values.items()}
 
 
 def _named(cfg: Any) -> Any:

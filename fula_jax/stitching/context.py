@@ -115,6 +115,22 @@ class SweepContext:
     (f's and g's passes on the fitting split), and per-stitch averages of g's."""
     return self.science.donor_bn == "train"
 
+  # -- fronts: points of the front model, or of the end model itself (`plan.SELF`)
+
+  def front_shape(self, front: str) -> tuple[int, ...]:
+    donor = self.b if plan_lib.is_self(front) else self.a
+    return tuple(donor.shapes[plan_lib.point_of(front)])
+
+  def front_prefix(self, front: str) -> int:
+    donor = self.b if plan_lib.is_self(front) else self.a
+    return int(donor.prefix.get(plan_lib.point_of(front), 0))
+
+  @staticmethod
+  def front_acts(out: Mapping[str, Any], fronts: Iterable[str]) -> tuple:
+    """Each front's activations in a donor pass's output (`programs.donor_pass`)."""
+    return tuple(out["acts_b"][plan_lib.point_of(f)] if plan_lib.is_self(f)
+                 else out["acts_a"][f] for f in fronts)
+
   # -- settings per unit
 
   def needs(self, which: str) -> bool:

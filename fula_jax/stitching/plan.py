@@ -56,9 +56,29 @@ def cell_key(row: str, col: str) -> str:
   return f"{row}->{col}"
 
 
+# A front of the end model itself: its self-stitch at point p, the baseline of column p,
+# trained in the units of the sweep's other stitches into p.
+SELF = "self:"
+
+
+def self_front(point: str) -> str:
+  return SELF + point
+
+
+def is_self(front: str) -> bool:
+  return front.startswith(SELF)
+
+
+def point_of(front: str) -> str:
+  """The donor point a front reads: its own name, or the end model's for a self front."""
+  return front[len(SELF):] if is_self(front) else front
+
+
 def cell_salt(row: str, col: str) -> int:
-  """Salt of one cell's random numbers: independent of grouping, devices, objective."""
-  return zlib.crc32(cell_key(row, col).encode()) & 0x7FFFFFFF
+  """Salt of one cell's random numbers: independent of grouping, devices, objective,
+  and of which donor a front comes from (a baseline self-stitch draws what the same
+  self-stitch run on its own draws)."""
+  return zlib.crc32(cell_key(point_of(row), col).encode()) & 0x7FFFFFFF
 
 
 def cell_rng(seed: int, row: str, col: str) -> jax.Array:
@@ -103,6 +123,11 @@ class Unit:
     return prefix + (prefix[0],) * (self.size - len(self.fronts))
 
   @property
+  def baseline_only(self) -> bool:
+    """Every stitch is the end model's self-stitch (a baseline)."""
+    return all(is_self(f) for f in self.fronts)
+
+  @property
   def cells(self) -> tuple[tuple[str, str], ...]:
     return tuple((r, self.end) for r in self.fronts)
 
@@ -135,12 +160,15 @@ def stitch_ways(num_stitches: int, num_devices: int, batch_sizes: Sequence[int],
 
 
 def group(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple[int, ...]],
-          grouping: str) -> list[list[tuple[str, str]]]:
+          grouping: str, baselines_apart: bool = False) -> list[list[tuple[str, str]]]:
   """Cells that may share one program, in first-seen order: by end point ('end'), by
-  end point and exact front shape ('shape'), or one each ('single')."""
+  end point and exact front shape ('shape'), or one each ('single');
+  `baselines_apart`: self fronts never share a unit with the front model's."""
   table: dict[Any, list[tuple[str, str]]] = {}
   for row, col in cells:
     key = {"end": (col,), "shape": (col, shapes_a[row]), "single": (row, col)}[grouping]
+    if baselines_apart:
+      key += (is_self(row),)
     table.setdefault(key, []).append((row, col))
   return list(table.values())
 
@@ -153,19 +181,21 @@ def plan(cells: Sequence[tuple[str, str]], arms: Sequence[Any], *,
          max_group_size: int, fingerprints: Mapping[str, str],
          prefix_a: Mapping[str, int] | None = None,
          prefix_b: Mapping[str, int] | None = None,
-         batch_split: bool = True) -> list[Unit]:
+         batch_split: bool = True, baselines_apart: bool = False) -> list[Unit]:
   """Units for every (arm, cell) not in `finished`, laid out over the devices.
 
   `arms` are values with `.name` and `.decomposable`; `trains[name]` says whether that
   arm takes gradient steps; `bytes_per_stitch(end, width)` is the memory of
   one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens;
   `batch_split=False` keeps every stitch's batch on one device (BatchNorms in train mode
-  need the whole batch's statistics).
+  need the whole batch's statistics). Self fronts (`self_front`) are cells like any
+  other, their shapes and prefixes in `shapes_a` and `prefix_a`; `baselines_apart` puts
+  them in units of their own (a pass they take no part in, PGD, then skips those).
   """
   prefix_a, prefix_b = prefix_a or {}, prefix_b or {}
   points_b = list(shapes_b)
   units = []
-  for members in group(cells, shapes_a, grouping):
+  for members in group(cells, shapes_a, grouping, baselines_apart):
     end = members[0][1]
     width = max(shapes_a[r][-1] for r, _ in members)
     per = bytes_per_stitch(end, width)

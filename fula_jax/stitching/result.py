@@ -76,7 +76,7 @@ class SweepResult:
 
   def baseline(self, obj: str) -> dict[str, float]:
     """{end point: the end model's self-stitch accuracy there} for objective `obj`:
-    the ceiling of each column (from the baseline sub-sweep, or this sweep's own
+    the ceiling of each column (from its self-stitches trained in the sweep, or its own
     diagonal when the front model is the end model); {} when not computed."""
     own = self.meta.get("baseline_accuracy", {}).get(obj)
     if own is not None:

@@ -140,8 +140,9 @@ class Execution:
   ood_quantile: float = 0.95   # energy threshold: this quantile of g's own energies
   ood_ridge: float = 1e-3      # Gaussian at j: ridge x the mean variance
   # The end model's self-stitch at each of its points (g into g, same objectives and
-  # protocol), the ceiling each column is read against: a sub-sweep of its own,
-  # skipped when the front model is the end model (the diagonal is then that ceiling).
+  # protocol), the ceiling each column is read against: one more stitch in the units
+  # into that point, sharing their programs and donor passes (`plan.SELF`); skipped
+  # when the front model is the end model (the diagonal is then that ceiling).
   baselines: bool = True
 
 

@@ -136,7 +136,7 @@ class Wave:
         r = runs[0]
         stats = _sds(P.stats_zeros(r.unit.size, r.unit.width, r.unit.end_shape[-1]),
                      r.sharding)
-        fronts = tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts)
+        fronts = tuple(map(as_rep, sw.front_acts(out, r.unit.padded_fronts)))
         calls.append((P.lstsq_stats, (stats, fronts, as_rep(out["acts_b"][r.unit.end])),
                       {"ctx": r.ctx}))
     for r in self.runs:
@@ -145,15 +145,15 @@ class Wave:
         out = donors[False]
         calls.append((P.train_step, (
             state, sw.b.variables,
-            tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
+            tuple(map(as_rep, sw.front_acts(out, r.unit.padded_fronts))),
             as_rep(self.shared(r, out, train=True)), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32)), {"ctx": r.ctx}))
       out = donors[True]
       calls.append((P.evaluate, (
           _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.b.variables,
-          tuple(as_rep(out["acts_a"][p]) for p in r.unit.padded_fronts),
+          tuple(map(as_rep, sw.front_acts(out, r.unit.padded_fronts))),
           as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
-      if sw.needs(measures_lib.PGD):
+      if sw.needs(measures_lib.PGD) and not r.unit.baseline_only:
         calls.append((pgd_lib.pgd_correct, passes.pgd_args_abstract(
             sw, r.unit, r.ctx, state.params, state.bn),
             {"ctx": passes.pgd_context(sw, r.unit, r.ctx)}))
@@ -201,7 +201,8 @@ class Wave:
     steps = np.zeros((u.size,), np.int32)
     if not zeros:
       steps[:len(u.fronts)] = r.max_steps
-    lr = np.array([sw.science.lr(f, u.end) for f in u.padded_fronts], np.float32)
+    lr = np.array([sw.science.lr(plan_lib.point_of(f), u.end) for f in u.padded_fronts],
+                  np.float32)
     bn = (jax.tree_util.tree_map(lambda a: np.repeat(a[None], u.size, 0), sw.host_bn_b)
           if r.ctx.bn_train else None)
     return P.init_state(params, steps, lr, P.adam(*sw.science.adam), bn)
@@ -224,7 +225,7 @@ class Wave:
       for job in jobs:
         r = job[0][0]
         job[1] = sw.call(P.lstsq_stats, job[1],
-                         tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                         sw.front_acts(out, r.unit.padded_fronts),
                          out["acts_b"][r.unit.end], ctx=r.ctx)
       for count, sol in ((self.init_batches, init_sol), (self.dm_batches, dm_sol)):
         if b + 1 == count:
@@ -289,7 +290,7 @@ class Wave:
       for r in self.runs:
         if step < r.max_steps:
           r.state = sw.call(P.train_step, r.state, sw.b.variables,
-                            tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                            sw.front_acts(out, r.unit.padded_fronts),
                             self.shared(r, out, train=True), window, np.int32(step),
                             ctx=r.ctx)
       progress.advance()
@@ -306,7 +307,7 @@ class Wave:
       for r in self.runs:
         r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, r.state.bn,
                                sw.b.variables,
-                               tuple(out["acts_a"][p] for p in r.unit.padded_fronts),
+                               sw.front_acts(out, r.unit.padded_fronts),
                                self.shared(r, out, train=False), out["mask"], ctx=r.ctx)
       progress.advance()
     return end_correct
@@ -341,8 +342,9 @@ class Wave:
       end_accuracy = {name: c / sw.test_views[name].n for name, c in end_correct.items()}
       if sw.needs(measures_lib.PGD):
         with timed(seconds, "pgd"):
-          for r in self.runs:
-            r.pgd = passes.pgd_accuracy(sw, r.unit, r.ctx, r.state)
+          for r in self.runs:  # a baseline's PGD accuracy is read by no one
+            r.pgd = (np.full((r.unit.size,), np.nan) if r.unit.baseline_only else
+                     passes.pgd_accuracy(sw, r.unit, r.ctx, r.state))
     per_unit = (time.perf_counter() - t0) / max(len(self.runs), 1)
     host = sharding.fetch([(r.state, r.sums) for r in self.runs])
     done, kept = {}, {}
@@ -352,7 +354,7 @@ class Wave:
       params = {k: np.asarray(v)[:n] for k, v in state.params.items()}
       for s, (row, rec) in enumerate(zip(r.unit.fronts, recs)):
         done[(r.unit.arm, row, r.unit.end)] = rec
-        if sw.keep_params:
+        if sw.keep_params and not plan_lib.is_self(row):
           kept[(r.unit.arm, row, r.unit.end)] = {
               k: np.asarray(v)
               for k, v in stacks.stitch_params(params, s, r.ctx.specs()[s]).items()}
