@@ -47,14 +47,17 @@ def _accuracy(logits, labels) -> float:
 
 
 def _saved_stitches(folder: Path, objective: str) -> dict[tuple[str, str], dict]:
-  """(row, col) -> {'kernel', 'bias'} from a sweep's unit files."""
+  """(row, col) -> {'kernel', 'bias'} from a sweep's unit files: each kernel's first
+  ``in_features`` rows (the rest pad it to its unit's widest front). The end model's
+  self-stitches, which the same files hold (rows 'self:<point>'), are left out."""
   out = {}
   for js in (folder / "stitch" / objective).glob("*.json"):
-    cells = json.loads(js.read_text())["cells"]
+    unit = json.loads(js.read_text())
     params = np.load(js.with_suffix(".npz"))
-    for k, c in enumerate(cells):
-      out[(c["row"], c["col"])] = {"kernel": params["kernel"][k],
-                                   "bias": params["bias"][k]}
+    for k, (c, n) in enumerate(zip(unit["cells"], unit["in_features"])):
+      if not c["row"].startswith("self:"):
+        out[(c["row"], c["col"])] = {"kernel": params["kernel"][k][:n],
+                                     "bias": params["bias"][k]}
   return out
 
 
