@@ -66,9 +66,11 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
       ``accuracy@<name>`` and the end model's are in ``meta['end_accuracy_sets']``.
 
   Returns:
-    A `SweepResult`; `stats` counts units, waves, stitches computed and resumed, and the
-    programs compiled (``programs_compiled``, ``compile_seconds``; programs read back
-    from the persistent cache are ``programs_from_cache``).
+    A `SweepResult`; `stats` counts units, waves, stitches computed and resumed (the
+    end model's self-stitches, trained in the same units for `meta['baseline_accuracy']`,
+    apart: ``baseline_stitches_computed``), and the programs compiled
+    (``programs_compiled``, ``compile_seconds``; programs read back from the persistent
+    cache are ``programs_from_cache``).
   """
   t0 = time.perf_counter()
   from fula_jax.data import as_source
@@ -193,8 +195,7 @@ def _baselines(sw: context_lib.SweepContext, cells: Sequence[tuple[str, str]],
 
 def _plan(sw: context_lib.SweepContext, cells: Sequence[tuple[str, str]],
           finished: Mapping, fingerprints: Any) -> list[plan_lib.Unit]:
-  """The units of every (arm, cell) not finished yet; a PGD pass keeps the baselines,
-  which it does not attack, in units of their own."""
+  """The units of every (arm, cell) not finished yet."""
   sci, ex = sw.science, sw.execution
   fronts = {r for r, _ in cells}
   return plan_lib.plan(
@@ -206,8 +207,7 @@ def _plan(sw: context_lib.SweepContext, cells: Sequence[tuple[str, str]],
       bytes_per_stitch=functools.cache(sw.bytes_per_stitch),
       budget_bytes=ex.memory_budget_mb * 2**20, max_group_size=ex.max_group_size,
       fingerprints=fingerprints, prefix_a={f: sw.front_prefix(f) for f in fronts},
-      prefix_b=sw.b.prefix, batch_split=not sw.bn_train,
-      baselines_apart=sw.needs(passes.PGD))
+      prefix_b=sw.b.prefix, batch_split=not sw.bn_train)
 
 
 @dataclasses.dataclass

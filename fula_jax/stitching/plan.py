@@ -160,15 +160,12 @@ def stitch_ways(num_stitches: int, num_devices: int, batch_sizes: Sequence[int],
 
 
 def group(cells: Sequence[tuple[str, str]], shapes_a: Mapping[str, tuple[int, ...]],
-          grouping: str, baselines_apart: bool = False) -> list[list[tuple[str, str]]]:
+          grouping: str) -> list[list[tuple[str, str]]]:
   """Cells that may share one program, in first-seen order: by end point ('end'), by
-  end point and exact front shape ('shape'), or one each ('single');
-  `baselines_apart`: self fronts never share a unit with the front model's."""
+  end point and exact front shape ('shape'), or one each ('single')."""
   table: dict[Any, list[tuple[str, str]]] = {}
   for row, col in cells:
     key = {"end": (col,), "shape": (col, shapes_a[row]), "single": (row, col)}[grouping]
-    if baselines_apart:
-      key += (is_self(row),)
     table.setdefault(key, []).append((row, col))
   return list(table.values())
 
@@ -181,7 +178,7 @@ def plan(cells: Sequence[tuple[str, str]], arms: Sequence[Any], *,
          max_group_size: int, fingerprints: Mapping[str, str],
          prefix_a: Mapping[str, int] | None = None,
          prefix_b: Mapping[str, int] | None = None,
-         batch_split: bool = True, baselines_apart: bool = False) -> list[Unit]:
+         batch_split: bool = True) -> list[Unit]:
   """Units for every (arm, cell) not in `finished`, laid out over the devices.
 
   `arms` are values with `.name` and `.decomposable`; `trains[name]` says whether that
@@ -189,13 +186,12 @@ def plan(cells: Sequence[tuple[str, str]], arms: Sequence[Any], *,
   one stitch's train step; `prefix_a` / `prefix_b` give the points' prefix tokens;
   `batch_split=False` keeps every stitch's batch on one device (BatchNorms in train mode
   need the whole batch's statistics). Self fronts (`self_front`) are cells like any
-  other, their shapes and prefixes in `shapes_a` and `prefix_a`; `baselines_apart` puts
-  them in units of their own (a pass they take no part in, PGD, then skips those).
+  other, their shapes and prefixes in `shapes_a` and `prefix_a`.
   """
   prefix_a, prefix_b = prefix_a or {}, prefix_b or {}
   points_b = list(shapes_b)
   units = []
-  for members in group(cells, shapes_a, grouping, baselines_apart):
+  for members in group(cells, shapes_a, grouping):
     end = members[0][1]
     width = max(shapes_a[r][-1] for r, _ in members)
     per = bytes_per_stitch(end, width)
