@@ -34,7 +34,10 @@ of 256, computed by
 It reports each one's wall time, both frameworks' forward passes alone, our time beyond
 the forwards (compilation, Grams, HSIC, capture) and compile time. Like with like:
 pytorch-cka and fula_jax (through torchax) on the same torch weights give the same
-matrix. The peer section alone, at the issue's workload:
+matrix. Run as a script, it sets the XLA CPU flag the similarity jobs set
+(`fula_jax.cpu_flags`: without YNNPACK, XLA's convolutions here beat PyTorch's) unless
+XLA_FLAGS names that option already, and prints XLA_FLAGS. The peer section alone, at
+the issue's workload:
 
   python experiments/bench_similarity.py --skip_kept
 """
@@ -54,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fula_jax import models  # noqa: E402
+from fula_jax import cpu_flags, models  # noqa: E402
 from fula_jax.similarity import cka  # noqa: E402
 from fula_jax.similarity import minibatch  # noqa: E402
 
@@ -125,7 +128,7 @@ def plain_pair(x, y):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  print(f"devices: {jax.devices()}")
+  print(f"devices: {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   out = {} if args.skip_kept else kept(args)
   if args.peer != "off":
     import importlib.util
@@ -395,4 +398,5 @@ def against_pytorch(args) -> dict:
 
 
 if __name__ == "__main__":
+  cpu_flags.for_job("similarity")  # as the similarity job runs (see fula_jax.cpu_flags)
   main()

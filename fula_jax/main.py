@@ -26,7 +26,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fula_jax import errors, registry
+from fula_jax import cpu_flags, errors, registry
 
 # job name -> "module:function"; imported lazily so one job's dependencies never slow
 # down another's start-up.
@@ -210,6 +210,7 @@ def main(argv, job: Callable[..., Any] | None = None):
   try:
     from fula_jax import io, sharding
     config = resolve_paths(_CONFIG.value)
+    cpu_flags.for_job(config.job)
     workdir = io.resolve(_WORKDIR.value)
     job = job or resolve_job(config.job)
     initialize_distributed()

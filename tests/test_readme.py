@@ -124,7 +124,9 @@ def _flag(argv: list[str], name: str) -> str:
 
 def run_cli(argv: list[str]) -> int:
   """`python -m fula_jax.main ARGV` in this process (absl parses sys.argv; the config
-  overrides it registered for the previous command are dropped first)."""
+  overrides it registered for the previous command are dropped first). XLA_FLAGS, which
+  a job may extend for its own process (`fula_jax.cpu_flags`), is restored after it,
+  as the next command's process would start without it."""
   from absl import flags
 
   from fula_jax import main
@@ -132,6 +134,7 @@ def run_cli(argv: list[str]) -> int:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
   saved, sys.argv = sys.argv, ["fula_jax.main", *argv]
+  xla_flags = os.environ.get("XLA_FLAGS")
   try:
     main.main(main.parse_flags(sys.argv))
     return 0
@@ -139,6 +142,10 @@ def run_cli(argv: list[str]) -> int:
     return int(e.code or 0)
   finally:
     sys.argv = saved
+    if xla_flags is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = xla_flags
 
 
 def _exec_block(code: str, scope: dict) -> list:
