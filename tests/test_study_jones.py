@@ -117,8 +117,8 @@ def test_runlocal_donors_at_both_ends_of_the_eps_grid_learned_and_resist_pgd(tmp
   carry its finding. Trained by the study's own code, in a process of its own on one
   device as on a CPU machine, at the grid's two ends: the clean models and the most
   robust ones (eps 0.2, the hardest to train; the middle radii train the same way with a
-  smaller attack). Measured: clean 0.94-0.98, robust
-  accuracy at their own eps 0.42-0.58, chance 0.1."""
+  smaller attack). Measured: clean 0.94-0.98, robust accuracy at their own eps
+  0.42-0.58, chance 0.1."""
   specs, ends, rows, trained = shared_runs.in_own_process(
       "test_study_jones", "train_runlocal_grid_ends", tmp_path)
   assert ends == (0.0, 0.2)

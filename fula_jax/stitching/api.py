@@ -103,10 +103,9 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
   finished, end = store.load()
   units = _plan(sw, grid.stitchable + selves, finished, store.fingerprints)
   done = _run_units(sw, units, store, grid, finished, end)
-  n_self = sum(map(plan_lib.is_self, (f for u in units for f in u.fronts)))
+  n_grid, n_self = _stitch_counts(units)
   stats = {"units_computed": len(units), "waves": done.waves, **done.compile_stats(),
-           "stitches_computed": sum(len(u.fronts) for u in units) - n_self,
-           "baseline_stitches_computed": n_self,
+           "stitches_computed": n_grid, "baseline_stitches_computed": n_self,
            "stitches_resumed": grid.count(finished), "devices": sw.n_dev,
            "processes": jax.process_count(), "seconds": time.perf_counter() - t0,
            "phase_seconds": done.seconds}
@@ -252,12 +251,12 @@ def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
                                unit="batch", every_s=ex.progress_every_s, enabled=show),
                       waves)
   if show:
-    n_self = sum(map(plan_lib.is_self, (f for u in units for f in u.fronts)))
+    n_grid, n_self = _stitch_counts(units)
     selves = (f" and {n_self} self-stitches of the end model (its baselines)"
               if n_self else "")
     print(f"stitch sweep: {len(grid.pairs)} cells x {len(sw.science.arms)} objectives; "
           f"{grid.count(finished)} (objective, cell) results resumed from the "
-          f"workdir; {sum(len(u.fronts) for u in units) - n_self} stitches{selves} in "
+          f"workdir; {n_grid} stitches{selves} in "
           f"{_n(len(units), 'unit')}, {_n(len(waves), 'wave')}, on "
           f"{_n(sw.n_dev, 'device')} ({_n(jax.process_count(), 'process', 'es')}).",
           flush=True)
@@ -291,6 +290,13 @@ def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("fula_jax.stitching done")
   return done
+
+
+def _stitch_counts(units: Sequence[plan_lib.Unit]) -> tuple[int, int]:
+  """Stitches of `units`: of the grid's cells, and the end model's self-stitches."""
+  fronts = [f for u in units for f in u.fronts]
+  n_self = sum(map(plan_lib.is_self, fronts))
+  return len(fronts) - n_self, n_self
 
 
 def _n(count: int, noun: str, plural: str = "s") -> str:

@@ -108,10 +108,13 @@ def pgd_accuracy(sw: SweepContext, u: plan_lib.Unit, unit_ctx: P.UnitContext,
                  state: P.StitchState) -> np.ndarray:
   """Accuracy of each stitched model of unit `u` (trained to `state`) under PGD on
   the first test examples; NaN for the end model's self-stitches (not attacked)."""
+  slots = attacked(u)
+  out = np.full((u.size,), np.nan)
+  if not slots:
+    return out
   pgd = sw.science.pgd
   view = View(sw.test_views[""].a, sw.test_views[""].a, sw.eval_batch, pgd.num_examples)
   ctx = pgd_context(sw, u, unit_ctx)
-  slots = attacked(u)
   fronts = [u.padded_fronts[s] for s in slots]
   which = np.array([ctx.points.index(f) for f in fronts], np.int32)
   base = [plan_lib.cell_rng(sw.science.seed + 1, f, u.end) for f in fronts]
@@ -128,13 +131,12 @@ def pgd_accuracy(sw: SweepContext, u: plan_lib.Unit, unit_ctx: P.UnitContext,
   for b, (batch, _) in enumerate(view.batches()):
     keys = np.stack([np.asarray(jax.random.fold_in(k, b)) for k in base])
     mask = batch.get("mask", np.ones(batch["label"].shape, np.float32))
-    out = sw.call(pgd_lib.pgd_correct, params, bn, which,
-                  sharding.put(keys.astype(np.uint32), stitches), sw.a.variables,
-                  sw.b.variables, sw.place(batch["image"]), sw.place(batch["label"]),
-                  sw.place(np.asarray(mask, np.float32)), np.int32(b * sw.eval_batch),
-                  np.float32(pgd.eps), np.float32(pgd.step_size), ctx=ctx)
-    correct += sharding.fetch(out)
+    hits = sw.call(pgd_lib.pgd_correct, params, bn, which,
+                   sharding.put(keys.astype(np.uint32), stitches), sw.a.variables,
+                   sw.b.variables, sw.place(batch["image"]), sw.place(batch["label"]),
+                   sw.place(np.asarray(mask, np.float32)), np.int32(b * sw.eval_batch),
+                   np.float32(pgd.eps), np.float32(pgd.step_size), ctx=ctx)
+    correct += sharding.fetch(hits)
     bar.update(b + 1)
-  out = np.full((u.size,), np.nan)
   out[slots] = correct / view.n
   return out

@@ -123,11 +123,6 @@ class Unit:
     return prefix + (prefix[0],) * (self.size - len(self.fronts))
 
   @property
-  def baseline_only(self) -> bool:
-    """Every stitch is the end model's self-stitch (a baseline)."""
-    return all(is_self(f) for f in self.fronts)
-
-  @property
   def cells(self) -> tuple[tuple[str, str], ...]:
     return tuple((r, self.end) for r in self.fronts)
 

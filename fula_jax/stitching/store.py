@@ -4,12 +4,12 @@ A unit's results go to ``<workdir>/stitch/<arm>/<uid>.json``, named by the arm
 (``fula``, or ``fula@lowrank`` through a map other than affine), and to ``.npz`` with
 the stitch parameters when asked (kernels stacked with `width` rows, cell k's own being
 its first ``in_features[k]``), written atomically by process 0, the parameters first: a
-JSON file marks a finished unit. A unit's cells include the end model's self-stitches
-into its end point, the column's baseline, whose rows are ``self:<point>``. Each file records its cells and the fingerprint of
-everything that determines their numbers: the science settings, the objective and its
-map, both donors (a digest of their variables) and the data (a digest of the examples).
-A rerun loads every cell whose fingerprint matches and plans only the rest, so an
-interrupted sweep recomputes nothing it finished.
+JSON file marks a finished unit. A unit's cells include the end model's self-stitch
+into its end point, the column's baseline, whose row is ``self:<point>``. Each file
+records its cells and the fingerprint of everything that determines their numbers: the
+science settings, the objective and its map, both donors (a digest of their variables)
+and the data (a digest of the examples). A rerun loads every cell whose fingerprint
+matches and plans only the rest, so an interrupted sweep recomputes nothing it finished.
 """
 
 from __future__ import annotations

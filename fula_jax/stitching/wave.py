@@ -153,7 +153,7 @@ class Wave:
           _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.b.variables,
           tuple(map(as_rep, sw.front_acts(out, r.unit.padded_fronts))),
           as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
-      if sw.needs(measures_lib.PGD) and not r.unit.baseline_only:
+      if sw.needs(measures_lib.PGD) and passes.attacked(r.unit):
         calls.append((pgd_lib.pgd_correct, passes.pgd_args_abstract(
             sw, r.unit, r.ctx, state.params, state.bn),
             {"ctx": passes.pgd_context(sw, r.unit, r.ctx)}))
@@ -342,9 +342,8 @@ class Wave:
       end_accuracy = {name: c / sw.test_views[name].n for name, c in end_correct.items()}
       if sw.needs(measures_lib.PGD):
         with timed(seconds, "pgd"):
-          for r in self.runs:  # a baseline's PGD accuracy is read by no one
-            r.pgd = (np.full((r.unit.size,), np.nan) if r.unit.baseline_only else
-                     passes.pgd_accuracy(sw, r.unit, r.ctx, r.state))
+          for r in self.runs:
+            r.pgd = passes.pgd_accuracy(sw, r.unit, r.ctx, r.state)
     per_unit = (time.perf_counter() - t0) / max(len(self.runs), 1)
     host = sharding.fetch([(r.state, r.sums) for r in self.runs])
     done, kept = {}, {}
