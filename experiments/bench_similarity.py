@@ -35,7 +35,7 @@ It reports each one's wall time, both frameworks' forward passes alone, our time
 the forwards (compilation, Grams, HSIC, capture) and compile time. Like with like:
 pytorch-cka and fula_jax (through torchax) on the same torch weights give the same
 matrix. Run as a script, it sets the XLA CPU flag the similarity jobs set
-(`fula_jax.cpu_flags`: without YNNPACK, XLA's convolutions here beat PyTorch's) unless
+(`fula_jax.cpu_flags`: with YNNPACK kept to matrix products, XLA beats PyTorch here) unless
 XLA_FLAGS names that option already, and prints XLA_FLAGS. The peer section alone, at
 the issue's workload:
 

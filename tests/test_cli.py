@@ -267,15 +267,15 @@ def test_cli_jobs_keep_compiled_programs_in_their_workdir_unless_told_otherwise(
   assert main.compilation_cache(stitch, "/w") == "/cache"
 
 
-def test_similarity_jobs_turn_off_ynn_fusions_and_keep_a_users_own_setting():
+def test_similarity_jobs_turn_off_ynn_convolutions_and_keep_a_users_own_setting():
   """The similarity jobs (their time is forward passes) start with XLA's YNNPACK
-  fusions off; other jobs, and XLA_FLAGS that set that option already, are left as
+  convolutions off; other jobs, and XLA_FLAGS that set that option already, are left as
   they are. `main` applies it to the job its config names."""
   from fula_jax import cpu_flags
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   cpu_flags.for_job("similarity", env)
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
-                                      "--xla_cpu_experimental_ynn_fusion_type="]
+                                      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
   cpu_flags.for_job("similarity", env)
   assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
@@ -283,7 +283,8 @@ def test_similarity_jobs_turn_off_ynn_fusions_and_keep_a_users_own_setting():
   assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
   unset: dict = {}
   cpu_flags.for_job("model_matrix", unset)
-  assert unset == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+  assert unset == {
+      "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
   for job in ("train", "stitch", "quickstart", "study_fula", "study_jones"):
     left: dict = {}
     cpu_flags.for_job(job, left)
@@ -306,7 +307,8 @@ def test_main_starts_a_similarity_job_with_its_cpu_flags(tmp_path, monkeypatch):
     argv = main.parse_flags(["fula_jax.main", f"--config={REPO / 'configs' / config}",
                              f"--workdir={tmp_path / config}"])
     main.main(argv, job=lambda cfg, wd: seen.update({config: os.environ["XLA_FLAGS"]}))
-    assert ("--xla_cpu_experimental_ynn_fusion_type=" in seen[config]) == want, seen
+    assert ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+            in seen[config]) == want, seen
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
       delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()
