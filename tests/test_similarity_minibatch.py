@@ -76,6 +76,35 @@ def test_minibatch_matrix_equals_per_pair_reference(kernel):
     assert got[est][1]["n"] == 48 and got[est][1]["num_batches"] == 3
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_gram_space_and_feature_centring_both_equal_the_reference(offset, monkeypatch):
+  """The Gram is centred in Gram space unless the mean dominates (then the features are
+  centred first): forced either way, or chosen, the matrix equals the float64 reference;
+  a mean 1e3 times the spread, centred in Gram space anyway, would not."""
+  acts_a, acts_b = make_acts(offset=offset)
+  # HSIC_1 is unchanged by a shift of the features; the float64 reference is centred
+  # first, or its own sums would cancel at offset 1e3.
+  centred = lambda acts: [x.astype(np.float64) - x.astype(np.float64).mean(0) for x in acts]
+  want = ref_minibatch(centred(acts_a), centred(acts_b), BATCHES, "linear", True)
+
+  def matrix(max_ratio):
+    monkeypatch.setattr(mb, "GRAM_CENTRING_MAX_RATIO", max_ratio)
+    step = jax.jit(lambda acc, a, b: acc + mb.batch_stats(a, b, None, acc))  # retraced
+    acc = mb.init(3, 2)
+    for s in BATCHES:
+      acc = step(acc, [x[s] for x in acts_a], [x[s] for x in acts_b])
+    return mb.finalize(acc, ROWS, COLS)["debiased"][0]
+
+  chosen, features = matrix(mb.GRAM_CENTRING_MAX_RATIO), matrix(0.0)
+  np.testing.assert_allclose(chosen, want, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(features, want, rtol=2e-5, atol=2e-6)
+  from_gram = matrix(np.inf)
+  if offset:
+    assert np.max(np.abs(from_gram - want)) > 1e-3  # 100x the tolerance above
+  else:
+    np.testing.assert_allclose(from_gram, want, rtol=2e-5, atol=2e-6)
+
+
 def test_padded_batches_equal_unpadded_even_with_garbage_in_padding():
   acts_a, acts_b = make_acts(n=40)
   batches = [slice(0, 16), slice(16, 32), slice(32, 40)]
