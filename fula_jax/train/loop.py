@@ -77,7 +77,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
         ) -> dict[str, Any]:
   """Train `config.model` on `config.data`; resume from the newest checkpoint if any.
   `closing` False: no closing block (a job that trains models on its way)."""
-  from clu import metric_writers
   from fula_jax import data
 
   workdir = io.path(workdir)
@@ -114,6 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
   if io.is_writer():
     io.write_json(workdir / checkpoint.CONFIG_FILE, config.to_dict())
 
+  from clu import metric_writers  # loads TensorFlow (seconds): after the checks above
   writer = metric_writers.create_default_writer(
       str(workdir), just_logging=not io.is_writer(), asynchronous=False)
   if start_step == 0:
