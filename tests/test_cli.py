@@ -274,8 +274,9 @@ def test_similarity_jobs_turn_off_ynn_convolutions_and_keep_a_users_own_setting(
   from fula_jax import cpu_flags
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   cpu_flags.for_job("similarity", env)
-  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
-                                      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+  assert env["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=2",
+      "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
   cpu_flags.for_job("similarity", env)
   assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
