@@ -170,7 +170,8 @@ def init(num_a: int, num_b: int | None = None, *,
 GRAM_CENTRING_MAX_RATIO = 100.0
 
 
-def _centred_gram(x: jax.Array, real: jax.Array, n: jax.Array, diag: jax.Array, axis
+def _centred_gram(x: jax.Array, real: jax.Array, m_all: jax.Array, pair: jax.Array,
+                  n: jax.Array, diag: jax.Array, axis
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(centred Gram rows (b x B) over the real rows, centred and raw sums of squares).
 
@@ -178,22 +179,23 @@ def _centred_gram(x: jax.Array, real: jax.Array, n: jax.Array, diag: jax.Array, 
   with r = K real / n the rows' products with the mean) saves a pass that writes a
   centred copy of the activations. Where the mean dominates (raw energy above
   :data:`GRAM_CENTRING_MAX_RATIO` times the centred energy, or anything non-finite) the
-  features are centred first, as the estimate needs.
+  features are centred first, as the estimate needs. `m_all` is the gathered 0/1 mask
+  and `pair` its (b x B) product with the local rows'.
   """
-  real_all = _gather(real, axis)
-  pair = real[:, None] & real_all[None, :]
-  k = jnp.where(pair, cka.dot(x, _gather(x, axis).T), 0.0)
+  both = pair > 0
+  n_or_1 = jnp.maximum(n, 1.0)
+  k = jnp.where(both, cka.dot(x, _gather(x, axis).T), 0.0)
   scale = _psum(jnp.sum(jnp.where(diag, k, 0.0)), axis)
-  r = cka.dot(k, real_all.astype(x.dtype)) / jnp.maximum(n, 1.0)
-  mean_sq = _psum(jnp.sum(jnp.where(real, r, 0.0)), axis) / jnp.maximum(n, 1.0)
+  r = cka.dot(k, m_all) / n_or_1
+  mean_sq = _psum(jnp.sum(jnp.where(real, r, 0.0)), axis) / n_or_1
   spread = scale - n * mean_sq
-  from_gram = jnp.where(pair, k - r[:, None] - _gather(r, axis)[None, :] + mean_sq, 0.0)
+  from_gram = jnp.where(both, k - r[:, None] - _gather(r, axis)[None, :] + mean_sq, 0.0)
 
   def feature_centred(_):
     xr = jnp.where(real[:, None], x, 0.0)
     # The column sum as a matrix-vector product: XLA's CPU column reduction of a
     # (256, 65536) activation takes 2.5x as long as the whole Gram; the product is fast.
-    mean = _psum(cka.dot(real.astype(x.dtype)[None, :], xr)[0], axis) / jnp.maximum(n, 1.0)
+    mean = _psum(cka.dot(real.astype(x.dtype)[None, :], xr)[0], axis) / n_or_1
     xc = jnp.where(real[:, None], xr - mean, 0.0)
     kc = cka.dot(xc, _gather(xc, axis).T)
     # Both sums of squares from what is already here: the centred one is the Gram's
@@ -225,7 +227,7 @@ def _layer_grams(x: jax.Array, m: jax.Array, *, estimators: tuple[str, ...],
   offset = _row_offset(b, axis)
   diag = (offset + jnp.arange(b))[:, None] == jnp.arange(big)[None, :]
   pair = m[:, None] * m_all[None, :]
-  k, spread, scale = _centred_gram(x, real, n, diag, axis)
+  k, spread, scale = _centred_gram(x, real, m_all, pair, n, diag, axis)
   if kernel == "rbf":
     sq = jnp.sum(jnp.where(diag, k, 0.0), axis=1)
     d2 = jnp.maximum(sq[:, None] + _gather(sq, axis)[None, :] - 2.0 * k, 0.0)
