@@ -34,7 +34,7 @@ of 256, computed by
 It reports each one's wall time, both frameworks' forward passes alone, our time beyond
 the forwards (compilation, Grams, HSIC, capture) and compile time. Like with like:
 pytorch-cka and fula_jax (through torchax) on the same torch weights give the same
-matrix. Run as a script, it sets the XLA CPU flag the similarity jobs set
+matrix. Run as a script, it sets the XLA CPU flag the jobs set
 (`fula_jax.cpu_flags`: with YNNPACK kept to matrix products, XLA beats PyTorch here) unless
 XLA_FLAGS names that option already, and prints XLA_FLAGS. The peer section alone, at
 the issue's workload:
@@ -398,5 +398,5 @@ def against_pytorch(args) -> dict:
 
 
 if __name__ == "__main__":
-  cpu_flags.for_job("similarity")  # as the similarity job runs (see fula_jax.cpu_flags)
+  cpu_flags.set_for_jobs()  # as the jobs run (see fula_jax.cpu_flags)
   main()

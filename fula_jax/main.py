@@ -210,7 +210,7 @@ def main(argv, job: Callable[..., Any] | None = None):
   try:
     from fula_jax import io, sharding
     config = resolve_paths(_CONFIG.value)
-    cpu_flags.for_job(config.job)
+    cpu_flags.set_for_jobs()
     workdir = io.resolve(_WORKDIR.value)
     job = job or resolve_job(config.job)
     initialize_distributed()

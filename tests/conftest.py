@@ -7,7 +7,11 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from fula_jax import cpu_flags  # imports no JAX, so it may come before XLA_FLAGS is set
+
+# The jobs' CPU flag too, so that numbers computed here and by a job's process agree.
+os.environ.setdefault("XLA_FLAGS", cpu_flags.with_ynn_convolutions_off(
+    "--xla_force_host_platform_device_count=8"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-fula-jax-tfds")  # never download
@@ -139,8 +143,8 @@ def run_notebook():
     if params:
       cell.source += "\n# set by the test\n" + "\n".join(
           f"{k} = {v!r}" for k, v in params.items())
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               **subprocess_cache_env())
+    env = dict(os.environ, XLA_FLAGS=cpu_flags.with_ynn_convolutions_off(
+        "--xla_force_host_platform_device_count=1"), **subprocess_cache_env())
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)

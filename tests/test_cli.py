@@ -267,34 +267,29 @@ def test_cli_jobs_keep_compiled_programs_in_their_workdir_unless_told_otherwise(
   assert main.compilation_cache(stitch, "/w") == "/cache"
 
 
-def test_similarity_jobs_turn_off_ynn_convolutions_and_keep_a_users_own_setting():
-  """The similarity jobs (their time is forward passes) start with XLA's YNNPACK
-  convolutions off; other jobs, and XLA_FLAGS that set that option already, are left as
-  they are. `main` applies it to the job its config names."""
+def test_jobs_turn_off_ynn_convolutions_and_keep_a_users_own_setting():
+  """The jobs start with XLA's YNNPACK convolutions off, added once to the XLA_FLAGS
+  they were given; XLA_FLAGS that set that option already are left as they are."""
   from fula_jax import cpu_flags
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  cpu_flags.for_job("similarity", env)
+  cpu_flags.set_for_jobs(env)
   assert env["XLA_FLAGS"].split() == [
       "--xla_force_host_platform_device_count=2",
       "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
-  cpu_flags.for_job("similarity", env)
+  cpu_flags.set_for_jobs(env)
   assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
-  cpu_flags.for_job("model_matrix", own)
+  cpu_flags.set_for_jobs(own)
   assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
   unset: dict = {}
-  cpu_flags.for_job("model_matrix", unset)
+  cpu_flags.set_for_jobs(unset)
   assert unset == {
       "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"}
-  for job in ("train", "stitch", "quickstart", "study_fula", "study_jones"):
-    left: dict = {}
-    cpu_flags.for_job(job, left)
-    assert left == {}, job
 
 
-def test_main_starts_a_similarity_job_with_its_cpu_flags(tmp_path, monkeypatch):
-  """`fula_jax.main` extends XLA_FLAGS for the job its config names, before the job
-  runs (here a stand-in job that records them)."""
+def test_main_starts_every_job_with_its_cpu_flags(tmp_path, monkeypatch):
+  """`fula_jax.main` extends XLA_FLAGS before the job its config names runs (here a
+  stand-in job that records them)."""
   from absl import flags
 
   from fula_jax import main, sharding
@@ -303,13 +298,14 @@ def test_main_starts_a_similarity_job_with_its_cpu_flags(tmp_path, monkeypatch):
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)
   flags.FLAGS.unparse_flags()
-  for config, want in (("similarity.py:runlocal", True), ("train.py:runlocal", False)):
+  for config in ("similarity.py:runlocal", "train.py:runlocal", "stitch.py:runlocal"):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     argv = main.parse_flags(["fula_jax.main", f"--config={REPO / 'configs' / config}",
                              f"--workdir={tmp_path / config}"])
     main.main(argv, job=lambda cfg, wd: seen.update({config: os.environ["XLA_FLAGS"]}))
-    assert ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-            in seen[config]) == want, seen
+    assert seen[config].split() == [
+        "--xla_force_host_platform_device_count=8",
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"], seen
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
       delattr(flags.FLAGS, name)
     flags.FLAGS.unparse_flags()

@@ -19,7 +19,9 @@ from fula_jax import sharding
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     mode, ndev, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    from fula_jax import cpu_flags
+    os.environ["XLA_FLAGS"] = cpu_flags.with_ynn_convolutions_off(
+        f"--xla_force_host_platform_device_count={ndev}")
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     if mode in ("dist", "folder"):
