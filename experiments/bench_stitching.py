@@ -9,13 +9,15 @@ The same cross-layer matrix is computed three ways:
   wave), so both donors run again for every stitch and every batch;
 * torch: the loop a researcher would write in PyTorch (`experiments/torch_loop.py`,
   ResNet presets only, when torch is installed): a 1x1-conv stitch per pair, donors
-  rerun per step, no evaluation.
+  rerun per step, then every stitch scored on the test split, as the sweep scores it.
 
 For each it prints wall time, compile time (total, and what the sweep waited for: the
 rest compiled in the background while earlier waves ran) and programs compiled, ms per
 stitch step (training time / (stitches x steps)), the sweep's phases (compile, least squares, train,
 evaluate), the FLOPs each JAX mode executed (XLA's cost analysis x calls) and the
-achieved FLOP/s next to this machine's float32 matmul FLOP/s, and the ratios.
+achieved FLOP/s next to this machine's float32 matmul FLOP/s, and the ratios. Run as a
+script, it sets the XLA CPU flag the jobs set (`fula_jax.cpu_flags`) unless XLA_FLAGS
+names that option already.
 
   # the ResNet workload (two CIFAR ResNet-18 layouts at width 1/4, stem + 8 block points =
   # 81 cells, digits at 32x32x3, batch 64, 20 Adam steps from a random init), TLM then
@@ -40,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fula_jax import models, sharding, stitching  # noqa: E402
+from fula_jax import cpu_flags, models, sharding, stitching  # noqa: E402
 from fula_jax.data import Split, transforms  # noqa: E402
 from fula_jax.stitching import testing  # noqa: E402
 
@@ -159,7 +161,8 @@ def main(argv=None) -> dict:
     rows, cols = rows[:args.max_points], cols[:args.max_points]
   loops = [x for x in args.loops.split(",") if x and x != "none"]
   print(f"devices: {jax.devices()}; {args.model_a} -> {args.model_b}, {len(rows)} x "
-        f"{len(cols)} cells, {args.steps} steps of batch {args.batch_size}", flush=True)
+        f"{len(cols)} cells, {args.steps} steps of batch {args.batch_size}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   peak = matmul_flops_per_s(args.matmul_n)
   print(f"matmul {args.matmul_n}^2 float32: {peak / 1e9:.1f} GFLOP/s", flush=True)
   report = {"matmul_flops_per_s": peak, "objectives": {}}
@@ -193,12 +196,14 @@ def main(argv=None) -> dict:
                   models.get_model(name).widths]
         t = torch_loop.run(train.images, train.labels, obj, widths=widths,
                            stage_sizes=models.get_model(name).stage_sizes, rows=rows,
-                           cols=cols, steps=args.steps, batch=args.batch_size)
-        entry["torch"] = t
+                           cols=cols, steps=args.steps, batch=args.batch_size,
+                           eval_images=test.images, eval_labels=test.labels)
+        entry["torch"] = dict(t, accuracy=t["accuracy"].tolist())
         entry["ratio_torch"] = t["seconds"] / sweep["wall_s"]
-        print(f"  torch loop (NCHW, donors per step, no evaluation): {t['seconds']:.1f} s, "
-              f"{t['ms_per_stitch_step']:.1f} ms per stitch step; sweep is "
-              f"{entry['ratio_torch']:.2f}x faster wall clock")
+        print(f"  torch loop (NCHW, donors per step, each stitch scored on the "
+              f"{len(test.labels)} test images): {t['seconds']:.1f} s, of which "
+              f"evaluating {t['eval_seconds']:.1f} s; {t['ms_per_stitch_step']:.1f} ms "
+              f"per stitch step; the sweep took {1 / entry['ratio_torch']:.2f}x its time")
     print(f"  sweep executed {sweep['flops'] / 1e9:.0f} GFLOP: "
           f"{sweep['flops_per_s_run'] / 1e9:.1f} GFLOP/s outside compilation = "
           f"{100 * sweep['flops_per_s_run'] / peak:.0f}% of the measured matmul rate")
@@ -208,4 +213,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  cpu_flags.set_for_jobs()  # as the stitch job runs (see fula_jax.cpu_flags)
   main()

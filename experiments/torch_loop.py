@@ -6,9 +6,10 @@ timing depends on shapes, not values. For every (front point i, end point j) pai
 fresh 1x1-conv stitch (bilinear resize to j's grid first) is trained with Adam for
 `steps` steps on batches of `batch` images; per step both donors run again (in eval
 mode, without gradients): f up to i, and for FuLA g up to its last latent point for the
-targets; then the stitched model runs g's tail from j with a backward pass. No
-evaluation. This is the work the sweep engine does for the same matrix, done the
-straightforward way.
+targets; then the stitched model runs g's tail from j with a backward pass. Given
+evaluation images, each trained stitch is then scored on them (accuracy, and the
+objective's loss), as the sweep scores every stitch on its test split. This is the work
+the sweep engine does for the same matrix, done the straightforward way.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def build(widths: Sequence[int], stage_sizes: Sequence[int], num_classes: int = 
 
 def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage_sizes,
         rows: Sequence[str], cols: Sequence[str], steps: int = 20, batch: int = 64,
-        seed: int = 0, channels_last: bool = False, threads: int | None = None) -> dict:
-  """Train every stitch rows x cols one after another; seconds and stitch steps."""
+        seed: int = 0, channels_last: bool = False, threads: int | None = None,
+        eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None,
+        eval_batch: int = 512) -> dict:
+  """Train every stitch rows x cols one after another, then score it on the evaluation
+  images if given; seconds (all, and evaluating), stitch steps and each cell's accuracy."""
   import torch
   import torch.nn.functional as F
   if threads:
@@ -95,43 +99,69 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
       x = st(x)
     return x
 
+  def stitched_loss(x, y, i, j, stitch):
+    """(loss, logits) of the stitched model: f up to i, the stitch, g on from j."""
+    size = shapes[j][1:]
+    with torch.no_grad():
+      a = run_to(x, i)
+      if a.shape[2:] != size:
+        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False,
+                          antialias=a.shape[2] > size[0])
+      targets = {}
+      if objective == "fula":
+        t = x
+        for name, st in zip(names, stages):
+          t = st(t)
+          if names.index(name) >= names.index(j):
+            targets[name] = t
+    z = stitch(a)
+    if objective == "tlm":
+      for st in stages[names.index(j) + 1:]:
+        z = st(z)
+      logits = head(z)
+      return F.cross_entropy(logits, y), logits
+    loss = 0.0
+    for name in names[names.index(j):names.index(last) + 1]:
+      if name != j:
+        z = stages[names.index(name)](z)
+      t = targets[name]
+      err = (z - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1)
+      loss = loss + err.mean()
+    for st in stages[names.index(last) + 1:]:
+      z = st(z)
+    return loss, head(z)
+
+  x_eval = y_eval = None
+  if eval_images is not None:
+    x_eval = torch.from_numpy(np.ascontiguousarray(eval_images.transpose(0, 3, 1, 2)))
+    y_eval = torch.from_numpy(eval_labels.astype(np.int64))
+  accuracy = np.full((len(rows), len(cols)), np.nan)
+  eval_seconds = 0.0
   t0 = time.perf_counter()
-  for i in rows:
-    for j in cols:
-      cin, cout, size = shapes[i][0], shapes[j][0], shapes[j][1:]
-      stitch = torch.nn.Conv2d(cin, cout, 1).to(memory_format=fmt)
+  for r, i in enumerate(rows):
+    for c, j in enumerate(cols):
+      stitch = torch.nn.Conv2d(shapes[i][0], shapes[j][0], 1).to(memory_format=fmt)
       opt = torch.optim.Adam(stitch.parameters(), lr=1e-3)
       for step in range(steps):
         idx = torch.from_numpy(order[step][:batch])
-        x = x_all[idx].contiguous(memory_format=fmt)
-        with torch.no_grad():
-          a = run_to(x, i)
-          if a.shape[2:] != size:
-            a = F.interpolate(a, size=size, mode="bilinear", align_corners=False,
-                              antialias=a.shape[2] > size[0])
-          targets = {}
-          if objective == "fula":
-            t = x
-            for name, st in zip(names, stages):
-              t = st(t)
-              if names.index(name) >= names.index(j):
-                targets[name] = t
-        z = stitch(a)
-        if objective == "tlm":
-          for st in stages[names.index(j) + 1:]:
-            z = st(z)
-          loss = F.cross_entropy(head(z), y_all[idx])
-        else:
-          loss = 0.0
-          for name in names[names.index(j):names.index(last) + 1]:
-            if name != j:
-              z = stages[names.index(name)](z)
-            t = targets[name]
-            err = (z - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1)
-            loss = loss + err.mean()
+        loss, _ = stitched_loss(x_all[idx].contiguous(memory_format=fmt), y_all[idx],
+                                i, j, stitch)
         opt.zero_grad()
         loss.backward()
         opt.step()
+      if x_eval is None:
+        continue
+      te = time.perf_counter()
+      correct = 0
+      with torch.no_grad():
+        for s in range(0, len(y_eval), eval_batch):
+          x = x_eval[s:s + eval_batch].contiguous(memory_format=fmt)
+          _, logits = stitched_loss(x, y_eval[s:s + eval_batch], i, j, stitch)
+          correct += int((logits.argmax(1) == y_eval[s:s + eval_batch]).sum())
+      accuracy[r, c] = correct / len(y_eval)
+      eval_seconds += time.perf_counter() - te
   seconds = time.perf_counter() - t0
-  return {"seconds": seconds, "stitch_steps": len(rows) * len(cols) * steps,
-          "ms_per_stitch_step": 1e3 * seconds / (len(rows) * len(cols) * steps)}
+  return {"seconds": seconds, "eval_seconds": eval_seconds, "accuracy": accuracy,
+          "stitch_steps": len(rows) * len(cols) * steps,
+          "ms_per_stitch_step": 1e3 * (seconds - eval_seconds) /
+                                (len(rows) * len(cols) * steps)}
