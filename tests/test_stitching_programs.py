@@ -164,6 +164,23 @@ def test_plan_one_training_program_per_end_point_and_objective():
   assert all(sum(u.size for u in w) <= 8 or len(w) == 1 for w in waves)
 
 
+
+def test_waves_grow_from_one_end_point_so_later_ones_compile_while_others_run():
+  """With the ramp, the first wave holds the first end point's units and each later one
+  at most twice the one before (within the budget), in the units' order; without it,
+  waves fill the budget."""
+  from types import SimpleNamespace as U
+  units = [U(end=f"b{e}", size=3, k=(e, i)) for e in range(9) for i in range(3)]
+  sizes = lambda waves: [sum(u.size for u in w) for w in waves]
+  ramped = plan.pack_waves(units, 4096)
+  assert sizes(ramped) == [9, 18, 36, 18]
+  assert [u for w in ramped for u in w] == units
+  assert {u.end for u in ramped[0]} == {"b0"}
+  assert sizes(plan.pack_waves(units, 4096, ramp=False)) == [81]
+  assert sizes(plan.pack_waves(units, 20)) == [9, 18, 18, 18, 18]
+  assert sizes(plan.pack_waves(units, 1)) == [3] * 27  # a unit over the budget: alone
+  assert plan.pack_waves([], 8) == []
+
 def test_stitching_package_keeps_its_architecture():
   """Small files (about 400 lines at most), and train/ never imports stitching/ (the
   mesh helpers live in fula_jax/sharding.py)."""

@@ -242,7 +242,8 @@ def _run_units(sw: context_lib.SweepContext, units: Sequence[plan_lib.Unit],
     with timed(done.seconds, "ood_reference"), sharding.count_compiles() as compiles:
       reference = passes.ood_reference(sw)
     done.count.add_pass(compiles)
-  packed = plan_lib.pack_waves(units, ex.max_stitches_per_wave)
+  packed = plan_lib.pack_waves(units, ex.max_stitches_per_wave,
+                               ramp=ex.parallel_compile)
   waves = [Wave(sw, w, f"wave {k + 1}/{len(packed)}: " if len(packed) > 1 else "",
                 store=store, reference=reference) for k, w in enumerate(packed)]
   done.waves = len(waves)

@@ -29,6 +29,14 @@ def distinct(calls: Sequence[Call]) -> list[Call]:
   return list(unique.values())
 
 
+def profile_key(fn: Callable, args: tuple, ctx: Any) -> tuple:
+  """A program's key in a sweep's profile: function, ctx and argument shapes (one ctx
+  may serve programs of several shapes, e.g. the donor pass of waves of other points)."""
+  leaves = jax.tree_util.tree_leaves(args)
+  return (fn.__name__, ctx, tuple((tuple(getattr(a, "shape", ())),
+                                   str(getattr(a, "dtype", type(a)))) for a in leaves))
+
+
 def compile_all(calls: Sequence[Call], *, parallel: bool, message: str, done: str,
                 announce: bool, profile: MutableMapping[Any, dict] | None = None) -> None:
   """Compile every distinct program of `calls` (in this thread's compile scope)."""
@@ -41,7 +49,7 @@ def compile_all(calls: Sequence[Call], *, parallel: bool, message: str, done: st
     if profile is not None:
       cost = compiled.cost_analysis()
       cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
-      profile.setdefault((fn.__name__, kwargs["ctx"]),
+      profile.setdefault(profile_key(fn, args, kwargs["ctx"]),
                          {"flops": float(cost.get("flops", 0.0)), "calls": 0})
 
   calls = distinct(calls)

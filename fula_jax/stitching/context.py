@@ -23,7 +23,7 @@ from fula_jax import io as fio
 from fula_jax import sharding
 from fula_jax.errors import ConfigError
 from fula_jax.models.base import LOGITS
-from fula_jax.stitching import measures as measures_lib, plan as plan_lib
+from fula_jax.stitching import compiling, measures as measures_lib, plan as plan_lib
 from fula_jax.stitching import programs as P, settings, store as store_lib
 
 DEVICES = "devices"
@@ -213,7 +213,8 @@ class SweepContext:
 
   def call(self, fn, *args, ctx) -> Any:
     if self.profile is not None:
-      rec = self.profile.setdefault((fn.__name__, ctx), {"flops": 0.0, "calls": 0})
+      rec = self.profile.setdefault(compiling.profile_key(fn, args, ctx),
+                                    {"flops": 0.0, "calls": 0})
       rec["calls"] += 1
     out = fn(*args, ctx=ctx)
     if self.sync and ctx.split:

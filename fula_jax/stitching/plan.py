@@ -11,7 +11,8 @@ time baseline). A unit larger than the memory budget is split into equal chunks,
 share their program. Units are laid out on a (stitch x batch) view of the devices.
 
 A *wave* is a run of consecutive units up to a stitch budget; per batch, each wave runs
-both donors once and every unit of the wave steps on those activations.
+both donors once and every unit of the wave steps on those activations. The waves grow
+from one end point's units, so that all but the first compile while another runs.
 """
 
 from __future__ import annotations
@@ -215,12 +216,22 @@ def plan(cells: Sequence[tuple[str, str]], arms: Sequence[Any], *,
   return units
 
 
-def pack_waves(units: Sequence[Unit], max_stitches: int) -> list[list[Unit]]:
-  """Consecutive units, up to `max_stitches` (padded) stitches per wave."""
+def pack_waves(units: Sequence[Unit], max_stitches: int, *,
+               ramp: bool = True) -> list[list[Unit]]:
+  """Consecutive units, up to `max_stitches` (padded) stitches per wave.
+
+  With `ramp`, the first wave holds only the units into the first end point and each
+  wave after it at most twice the stitches of the one before: the sweep waits only for
+  the first wave's programs, and every later wave's compile while a wave about half its
+  size runs."""
   waves, cur, n = [], [], 0
+  cap = max_stitches
+  if ramp and units:
+    cap = min(max_stitches, sum(u.size for u in units if u.end == units[0].end))
   for u in units:
-    if cur and n + u.size > max_stitches:
+    if cur and n + u.size > cap:
       waves.append(cur)
+      cap = min(max_stitches, 2 * n) if ramp else max_stitches
       cur, n = [], 0
     cur.append(u)
     n += u.size

@@ -127,7 +127,8 @@ class Execution:
   # 'off' keeps the CLI from doing so.
   compilation_cache: str = ""
   parallel_compile: bool = True   # compile a wave's programs in threads, the next
-                                  # wave's in the background while one runs
+                                  # wave's in the background while one runs; the waves
+                                  # then grow from one end point's (plan.pack_waves)
   progress: bool = True
   progress_every_s: float = 10.0
   # > 0: also evaluate every stitch on the first N examples of the split it was fitted
