@@ -8,8 +8,9 @@ The same cross-layer matrix is computed three ways:
 * loop: the same JAX code one stitch at a time (`grouping='single'`, one stitch per
   wave), so both donors run again for every stitch and every batch;
 * torch: the loop a researcher would write in PyTorch (`experiments/torch_loop.py`,
-  ResNet presets only, when torch is installed): a 1x1-conv stitch per pair, donors
-  rerun per step, then every stitch scored on the test split, as the sweep scores it.
+  ResNet presets only, when torch is installed): a 1x1-conv stitch per pair from the
+  sweep's least-squares start, donors rerun per step, then every stitch scored on the
+  test split, as the sweep scores it.
 
 For each it prints wall time, compile time (total, and what the sweep waited for: the
 rest compiled in the background while earlier waves ran) and programs compiled, ms per
@@ -197,12 +198,15 @@ def main(argv=None) -> dict:
         t = torch_loop.run(train.images, train.labels, obj, widths=widths,
                            stage_sizes=models.get_model(name).stage_sizes, rows=rows,
                            cols=cols, steps=args.steps, batch=args.batch_size,
-                           eval_images=test.images, eval_labels=test.labels)
-        entry["torch"] = dict(t, accuracy=t["accuracy"].tolist())
+                           eval_images=test.images, eval_labels=test.labels,
+                           init=res.meta["settings"]["init"])  # the sweep's start
+        entry["torch"] = dict(t, accuracy=t["accuracy"].tolist(),
+                              eval_loss=t["eval_loss"].tolist())
         entry["ratio_torch"] = t["seconds"] / sweep["wall_s"]
         print(f"  torch loop (NCHW, donors per step, each stitch scored on the "
               f"{len(test.labels)} test images): {t['seconds']:.1f} s, of which "
-              f"evaluating {t['eval_seconds']:.1f} s; {t['ms_per_stitch_step']:.1f} ms "
+              f"least-squares starts {t['init_seconds']:.1f} s, evaluating "
+              f"{t['eval_seconds']:.1f} s; {t['ms_per_stitch_step']:.1f} ms "
               f"per stitch step; the sweep took {1 / entry['ratio_torch']:.2f}x its time")
     print(f"  sweep executed {sweep['flops'] / 1e9:.0f} GFLOP: "
           f"{sweep['flops_per_s_run'] / 1e9:.1f} GFLOP/s outside compilation = "

@@ -3,8 +3,9 @@
 A CIFAR ResNet with the same layout as the zoo's (`fula_jax.models.ResNet`: 3x3 stem,
 BasicBlocks, projection shortcuts, the same widths), in PyTorch, with random weights: the
 timing depends on shapes, not values. For every (front point i, end point j) pair, a
-fresh 1x1-conv stitch (bilinear resize to j's grid first) is trained with Adam for
-`steps` steps on batches of `batch` images; per step both donors run again (in eval
+fresh 1x1-conv stitch (bilinear resize to j's grid first) starts from the least-squares
+map of i's activations onto j's on `lstsq_examples` images (`init='lstsq'`, the sweep's
+default start; 'random': PyTorch's own init) and is trained with Adam for `steps` steps on batches of `batch` images; per step both donors run again (in eval
 mode, without gradients): f up to i, and for FuLA g up to its last latent point for the
 targets; then the stitched model runs g's tail from j with a backward pass. Given
 evaluation images, each trained stitch is then scored on them (accuracy, and the
@@ -73,9 +74,11 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
         rows: Sequence[str], cols: Sequence[str], steps: int = 20, batch: int = 64,
         seed: int = 0, channels_last: bool = False, threads: int | None = None,
         eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None,
-        eval_batch: int = 512) -> dict:
-  """Train every stitch rows x cols one after another, then score it on the evaluation
-  images if given; seconds (all, and evaluating), stitch steps and each cell's accuracy."""
+        eval_batch: int = 512, init: str = "lstsq", lstsq_examples: int = 512,
+        ridge: float = 1e-6) -> dict:
+  """Start, train and (given evaluation images) score every stitch rows x cols one after
+  another; seconds (all, starting, evaluating), stitch steps, and each cell's accuracy
+  and objective loss on the evaluation images."""
   import torch
   import torch.nn.functional as F
   if threads:
@@ -131,16 +134,41 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
       z = st(z)
     return loss, head(z)
 
+  def least_squares_start(stitch, i, j):
+    """The ridge least-squares map (relative ridge, as the sweep's) from i onto j."""
+    with torch.no_grad():
+      x = x_all[torch.from_numpy(order_init)].contiguous(memory_format=fmt)
+      a = run_to(x, i)
+      if a.shape[2:] != shapes[j][1:]:
+        a = F.interpolate(a, size=shapes[j][1:], mode="bilinear", align_corners=False,
+                          antialias=a.shape[2] > shapes[j][1])
+      a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()
+      t = run_to(x, j)
+      t = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+      a_c, t_c = a - a.mean(0), t - t.mean(0)
+      cov = a_c.T @ a_c / len(a)
+      lam = ridge * float(torch.trace(cov)) / cov.shape[0]
+      kernel = torch.linalg.solve(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype),
+                                  a_c.T @ t_c / len(a))
+      stitch.weight.copy_(kernel.T[:, :, None, None].float())
+      stitch.bias.copy_((t.mean(0) - a.mean(0) @ kernel).float())
+
+  order_init = np.random.default_rng(seed + 1).permutation(len(labels))[:lstsq_examples]
   x_eval = y_eval = None
   if eval_images is not None:
     x_eval = torch.from_numpy(np.ascontiguousarray(eval_images.transpose(0, 3, 1, 2)))
     y_eval = torch.from_numpy(eval_labels.astype(np.int64))
   accuracy = np.full((len(rows), len(cols)), np.nan)
-  eval_seconds = 0.0
+  eval_loss = np.full((len(rows), len(cols)), np.nan)
+  eval_seconds = init_seconds = 0.0
   t0 = time.perf_counter()
   for r, i in enumerate(rows):
     for c, j in enumerate(cols):
       stitch = torch.nn.Conv2d(shapes[i][0], shapes[j][0], 1).to(memory_format=fmt)
+      if init == "lstsq":
+        te = time.perf_counter()
+        least_squares_start(stitch, i, j)
+        init_seconds += time.perf_counter() - te
       opt = torch.optim.Adam(stitch.parameters(), lr=1e-3)
       for step in range(steps):
         idx = torch.from_numpy(order[step][:batch])
@@ -152,16 +180,18 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
       if x_eval is None:
         continue
       te = time.perf_counter()
-      correct = 0
+      correct, total = 0, 0.0
       with torch.no_grad():
         for s in range(0, len(y_eval), eval_batch):
           x = x_eval[s:s + eval_batch].contiguous(memory_format=fmt)
-          _, logits = stitched_loss(x, y_eval[s:s + eval_batch], i, j, stitch)
+          loss, logits = stitched_loss(x, y_eval[s:s + eval_batch], i, j, stitch)
           correct += int((logits.argmax(1) == y_eval[s:s + eval_batch]).sum())
-      accuracy[r, c] = correct / len(y_eval)
+          total += float(loss) * len(x)
+      accuracy[r, c], eval_loss[r, c] = correct / len(y_eval), total / len(y_eval)
       eval_seconds += time.perf_counter() - te
   seconds = time.perf_counter() - t0
-  return {"seconds": seconds, "eval_seconds": eval_seconds, "accuracy": accuracy,
+  return {"seconds": seconds, "init_seconds": init_seconds, "eval_seconds": eval_seconds,
+          "accuracy": accuracy, "eval_loss": eval_loss,
           "stitch_steps": len(rows) * len(cols) * steps,
-          "ms_per_stitch_step": 1e3 * (seconds - eval_seconds) /
-                                (len(rows) * len(cols) * steps)}
+          "ms_per_stitch_step": 1e3 * (seconds - eval_seconds - init_seconds) /
+                                max(len(rows) * len(cols) * steps, 1)}
