@@ -275,10 +275,10 @@ def test_units_hold_objective_and_map_as_two_axes_and_pgd_is_shared_by_objective
            pgd=dict(enabled=True, eps=0.1, step_size=0.03, steps=1, num_examples=100)),
       profile=profile)
   assert sorted(res.values) == ["fula", "fula@lowrank", "tlm", "tlm@lowrank"]
-  trained = {(ctx.objective.name, ctx.fmap.key) for name, ctx in profile
+  trained = {(ctx.objective.name, ctx.fmap.key) for name, ctx, _ in profile
              if name == "train_step"}
   assert trained == {(o, m) for o in ("tlm", "fula") for m in ("affine", "lowrank")}
-  attacked = [ctx for name, ctx in profile if name == "pgd_correct"]
+  attacked = [ctx for name, ctx, _ in profile if name == "pgd_correct"]
   assert {ctx.unit.objective for ctx in attacked} == {None}
   assert sorted((ctx.unit.end, ctx.unit.fmap.key) for ctx in attacked) == sorted(
       (c, m) for c in res.cols for m in ("affine", "lowrank"))

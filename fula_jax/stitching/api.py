@@ -59,8 +59,8 @@ def run_sweep(model_a: Any, vars_a: Any, model_b: Any, vars_b: Any, train, test,
     name_a, name_b: model identities, part of the fingerprints and of the results.
     mesh: a 1-D mesh of the devices to use; default: every device of every process.
     keep_params: return the trained stitch parameters in `SweepResult.params`.
-    profile: a dict to fill with every program's FLOPs and call count
-      (`program_flops`).
+    profile: a dict to fill with every program's FLOPs and call count, keyed by
+      (function name, ctx, argument shapes) (`program_flops`).
     eval_sets: more test sets every stitch is evaluated on, ``{name: source}`` or
       ``{name: (source, source_b)}``; their accuracies are the measures
       ``accuracy@<name>`` and the end model's are in ``meta['end_accuracy_sets']``.
