@@ -20,11 +20,15 @@ achieved FLOP/s next to this machine's float32 matmul FLOP/s, and the ratios. Ru
 script, it sets the XLA CPU flag the jobs set (`fula_jax.cpu_flags`) unless XLA_FLAGS
 names that option already.
 
-  # the ResNet workload (two CIFAR ResNet-18 layouts at width 1/4, stem + 8 block points =
-  # 81 cells, digits at 32x32x3, batch 64, 20 Adam steps from a random init), TLM then
-  # FuLA; about 25 minutes on 2 CPU cores with both loops:
+  # the ResNet workload (two randomly initialised CIFAR ResNet-18 layouts at width 1/4,
+  # stem + 8 block points = 81 cells, digits at 32x32x3, batch 64, 20 Adam steps per
+  # stitch from the least-squares start), TLM then FuLA; about 14 minutes on 2 CPU cores
+  # against the PyTorch loop alone, much longer with the JAX loop too:
+  python experiments/bench_stitching.py --preset=resnet18 --loops=torch
   python experiments/bench_stitching.py --preset=resnet18
-  python experiments/bench_stitching.py --preset=resnet18 --objectives=tlm --loops=torch
+  # a realistic budget (200 steps per stitch; the sweep alone, about 15 minutes for TLM):
+  python experiments/bench_stitching.py --preset=resnet18 --objectives=tlm --steps=200 \
+      --loops=none
   # small MLPs, all four objectives, about 2 minutes:
   python experiments/bench_stitching.py
 """
