@@ -5,8 +5,9 @@ BasicBlocks, projection shortcuts, the same widths), in PyTorch, with random wei
 timing depends on shapes, not values. For every (front point i, end point j) pair, a
 fresh 1x1-conv stitch (bilinear resize to j's grid first) starts from the least-squares
 map of i's activations onto j's on `lstsq_examples` images (`init='lstsq'`, the sweep's
-default start; 'random': PyTorch's own init) and is trained with Adam for `steps` steps on batches of `batch` images; per step both donors run again (in eval
-mode, without gradients): f up to i, and for FuLA g up to its last latent point for the
+default start; 'random': PyTorch's own init) and is trained with Adam for `steps` steps
+on batches of `batch` images; per step both donors run again (in eval mode, without
+gradients): f up to i, and for FuLA g up to its last latent point for the
 targets; then the stitched model runs g's tail from j with a backward pass. Given
 evaluation images, each trained stitch is then scored on them (accuracy, and the
 objective's loss), as the sweep scores every stitch on its test split. This is the work
@@ -102,14 +103,18 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
       x = st(x)
     return x
 
+  def front(x, i, j):
+    """f's activation at i, resized to j's grid."""
+    a, size = run_to(x, i), shapes[j][1:]
+    if a.shape[2:] != size:
+      a = F.interpolate(a, size=size, mode="bilinear", align_corners=False,
+                        antialias=a.shape[2] > size[0])
+    return a
+
   def stitched_loss(x, y, i, j, stitch):
     """(loss, logits) of the stitched model: f up to i, the stitch, g on from j."""
-    size = shapes[j][1:]
     with torch.no_grad():
-      a = run_to(x, i)
-      if a.shape[2:] != size:
-        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False,
-                          antialias=a.shape[2] > size[0])
+      a = front(x, i, j)
       targets = {}
       if objective == "fula":
         t = x
@@ -137,13 +142,9 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
   def least_squares_start(stitch, i, j):
     """The ridge least-squares map (relative ridge, as the sweep's) from i onto j."""
     with torch.no_grad():
-      x = x_all[torch.from_numpy(order_init)].contiguous(memory_format=fmt)
-      a = run_to(x, i)
-      if a.shape[2:] != shapes[j][1:]:
-        a = F.interpolate(a, size=shapes[j][1:], mode="bilinear", align_corners=False,
-                          antialias=a.shape[2] > shapes[j][1])
+      a = front(x_init, i, j)
       a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).double()
-      t = run_to(x, j)
+      t = run_to(x_init, j)
       t = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
       a_c, t_c = a - a.mean(0), t - t.mean(0)
       cov = a_c.T @ a_c / len(a)
@@ -154,6 +155,7 @@ def run(images: np.ndarray, labels: np.ndarray, objective: str, *, widths, stage
       stitch.bias.copy_((t.mean(0) - a.mean(0) @ kernel).float())
 
   order_init = np.random.default_rng(seed + 1).permutation(len(labels))[:lstsq_examples]
+  x_init = x_all[torch.from_numpy(order_init)].contiguous(memory_format=fmt)
   x_eval = y_eval = None
   if eval_images is not None:
     x_eval = torch.from_numpy(np.ascontiguousarray(eval_images.transpose(0, 3, 1, 2)))
