@@ -300,6 +300,7 @@ def test_imagenet_scale_configs_run_on_mock_data(tmp_path, imagenet_weights, con
     cfg.num_train = cfg.num_test = 8
     cfg.stitch.update(dict(objectives=("dm", "tlm"), rows=("layer1.0", "layer2.0"),
                            cols=("layer2.0",), steps=2, batch_size=8, eval_batch_size=8,
+                           lstsq_examples=8,  # of 512: 64 passes of two ResNet-18s
                            progress=False, baselines=False))  # checked in its own test
   with tfds.testing.mock_data(num_examples=8):
     importlib.import_module(f"fula_jax.{job}.job").run(cfg, str(tmp_path / "out"))
