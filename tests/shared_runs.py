@@ -1,6 +1,8 @@
 """Runs that several test files read, each made once per session through the
 `computed_once` fixture: `computed_once(name, MAKERS[name])`. Each maker fills the
-directory it is given; `WORKDIRS[name]` is the workdir inside it."""
+directory it is given; `WORKDIRS[name]` is the workdir inside it. Among them the runlocal
+CNN (`first_model`), which the training, stitching and command-line tests all read: the
+suite trains it once."""
 
 from __future__ import annotations
 
@@ -50,6 +52,30 @@ def quickstart_tiny(root: pathlib.Path) -> None:
   proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=cli_env(), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def first_model(root: pathlib.Path) -> None:
+  """A new user's first model, trained as the stitch job's missing-model error says
+  (configs/train.py:model=cnn,runlocal as shipped), then the command its run ends with,
+  both run as printed from the repository root on one CPU device. What each printed and
+  returned goes to `root / run.json`; the model is `root / model`."""
+  import json
+
+  def run(argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    return {"argv": argv, "rc": proc.returncode, "stdout": proc.stdout,
+            "stderr": proc.stderr}
+
+  missing = run(["-m", "fula_jax.main", "--config=configs/stitch.py:runlocal",
+                 f"--workdir={root / 'stitch'}", f"--config.model_a_workdir={root / 'model'}"])
+  suggested = missing["stderr"].split("`")[1]
+  train = run(shlex.split(suggested)[1:])
+  record = {"missing": missing, "suggested": suggested, "train": train}
+  if train["rc"] == 0:
+    lines = train["stdout"].strip().splitlines()
+    record["next"] = run(shlex.split(lines[-1].removeprefix("Next:    ").split("  (")[0])[1:])
+  (root / "run.json").write_text(json.dumps(record))
 
 
 def study_config(name: str):
@@ -103,9 +129,17 @@ def tiny_study(computed_once, name: str) -> tuple:
 
 
 MAKERS = {"quickstart-tiny": quickstart_tiny, "study_fula-tiny": _study("fula"),
-          "study_jones-tiny": _study("jones")}
+          "study_jones-tiny": _study("jones"), "first-model": first_model}
 WORKDIRS = {"quickstart-tiny": "somewhere else/runs/quick start",
-            "study_fula-tiny": "fula", "study_jones-tiny": "jones"}
+            "study_fula-tiny": "fula", "study_jones-tiny": "jones", "first-model": "model"}
+
+
+def first_model_run(computed_once) -> tuple[pathlib.Path, dict]:
+  """(the model's workdir, what each command of :func:`first_model` printed and
+  returned), computed once per session."""
+  import json
+  root = computed_once("first-model", first_model)
+  return root / "model", json.loads((root / "run.json").read_text())
 
 
 if __name__ == "__main__":  # in_own_process's process: python shared_runs.py CALL RETURN

@@ -204,20 +204,17 @@ def test_user_errors_end_with_one_line_and_status_2(tmp_path, broken_workdirs):
       assert text in lines[0], (name, text, lines[0])
 
 
-def test_the_suggested_training_command_works_as_printed(tmp_path, broken_workdirs):
-  """The missing-model error suggests a command; run as printed it trains a model."""
-  import shlex
-  out = tmp_path / "model"
-  proc = _start(["-m", "fula_jax.main", "--config=configs/stitch.py:runlocal",
-                 f"--workdir={tmp_path / 'out'}", f"--config.model_a_workdir={out}"], REPO)
-  _, err = proc.communicate(timeout=300)
-  suggested = err.split("`")[1]
-  assert suggested.startswith("python -m fula_jax.main --config=configs/train.py"), err
-  args = shlex.split(suggested)[1:]
-  train = _start(args, REPO)
-  _, terr = train.communicate(timeout=600)
-  assert train.returncode == 0, terr[-3000:]
-  assert list((out / "checkpoints").iterdir())
+def test_the_suggested_training_command_works_as_printed(computed_once):
+  """The missing-model error suggests a command; run as printed it trains a model (the
+  suite's shared runlocal CNN, tests/shared_runs.py: the tests of training and of the
+  stitch job read the same run)."""
+  model, run = shared_runs.first_model_run(computed_once)
+  missing = run["missing"]
+  assert missing["rc"] == 2 and "Traceback" not in missing["stderr"], missing["stderr"]
+  assert run["suggested"].startswith("python -m fula_jax.main --config=configs/train.py")
+  assert run["suggested"].endswith(f"--workdir={model}"), run["suggested"]
+  assert run["train"]["rc"] == 0, run["train"]["stderr"][-3000:]
+  assert list((model / "checkpoints").iterdir())
 
 
 def test_verbose_shows_user_error_tracebacks_and_bugs_keep_theirs(tmp_path):

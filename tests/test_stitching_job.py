@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import shared_runs
 from fula_jax import defaults, registry, results
 from fula_jax.stitching import job
 
@@ -74,18 +75,18 @@ def test_config_variants():
     mod.get_config("variant=selff")
 
 
-def test_self_variant_at_runlocal_recovers_the_model_and_converges(tmp_path, capsys):
+def test_self_variant_at_runlocal_recovers_the_model_and_converges(tmp_path, capsys,
+                                                                  computed_once):
   """configs/stitch.py:variant=self,runlocal as shipped, on a CNN trained by
-  configs/train.py:runlocal as shipped: every objective recovers at least 0.95 of the
-  model's own accuracy at every point, and every trained cell converged. (A donor
-  trained for a third of that is still improvable, and a TLM self-stitch then goes on
-  lowering its loss: the flag says so, rightly.)"""
-  from fula_jax.train import loop
-  train_cfg = defaults.load_config(ROOT / "configs" / "train.py", "model=cnn,runlocal")
-  train_cfg.train.progress_every_s = 1e9
-  loop.run(train_cfg, str(tmp_path / "cnn"))
+  configs/train.py:model=cnn,runlocal as shipped (the suite's shared first model,
+  tests/shared_runs.py): every objective recovers at least 0.95 of the model's own
+  accuracy at every point, and every trained cell converged. (A donor trained for a
+  third of that is still improvable, and a TLM self-stitch then goes on lowering its
+  loss: the flag says so, rightly.)"""
+  model, run = shared_runs.first_model_run(computed_once)
+  assert run["train"]["rc"] == 0, run["train"]["stderr"][-3000:]
   config = _config_module("stitch").get_config("variant=self,runlocal")
-  config.model_a_workdir = str(tmp_path / "cnn")
+  config.model_a_workdir = str(model)
   config.png = False
   config.stitch.progress = False
   out = job.run(config, str(tmp_path / "self"))

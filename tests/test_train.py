@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,9 +11,11 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+import shared_runs
 from fula_jax import data, defaults
 from fula_jax.train import checkpoint, loop
 
@@ -64,34 +67,37 @@ def test_cli_override_reaches_the_job_and_config_is_written(tmp_path):
   assert (tmp_path / "checkpoints" / "3").is_dir()
 
 
-def test_runlocal_cnn_reaches_90_percent_on_digits(tmp_path, capsys):
-  """... and ends with where the model is and a next command that works as printed."""
+def test_runlocal_cnn_reaches_90_percent_on_digits(computed_once):
+  """configs/train.py:model=cnn,runlocal as shipped (the suite's shared first model,
+  tests/shared_runs.py, trained by the command as a user types it) reaches 0.9, and
+  ends with where the model is and a next command that works as printed."""
   import shlex
-  import subprocess
-  import sys
-  config = _load_config("runlocal")
-  out = loop.run(config, str(tmp_path))
+  workdir, run = shared_runs.first_model_run(computed_once)
+  assert run["train"]["rc"] == 0, run["train"]["stderr"][-3000:]
+  config = checkpoint.read_config(workdir)
+  shipped = _load_config("model=cnn,runlocal").to_json()  # as the job stores it
+  assert config.to_dict() == ml_collections.ConfigDict(json.loads(shipped)).to_dict()
+  out = checkpoint.io.read_json(workdir / "summary.json")
   assert out["test_accuracy"] >= 0.90, out["test_accuracy"]
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[-2].startswith(f"Model:   {tmp_path} ")
+  lines = run["train"]["stdout"].strip().splitlines()
+  assert lines[-2].startswith(f"Model:   {workdir} ")
   command = lines[-1].removeprefix("Next:    ").split("  (")[0]
   argv = shlex.split(command)
   assert argv[:3] == ["python", "-m", "fula_jax.main"], argv
-  run = subprocess.run([sys.executable] + argv[1:], cwd=REPO, capture_output=True,
-                       text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-2000:]
-  assert (Path(f"{tmp_path}_similarity") / "summary.json").exists()
+  assert run["next"]["argv"] == argv[1:]
+  assert run["next"]["rc"] == 0, run["next"]["stderr"][-2000:]
+  assert (Path(f"{workdir}_similarity") / "summary.json").exists()
   # The report: final accuracy and the curves it drew from the run's history.
-  hist = checkpoint.io.read_json(tmp_path / "history.json")
+  hist = checkpoint.io.read_json(workdir / "history.json")
   steps = [r["step"] for r in hist["train"]]
   assert steps == sorted(set(steps)) and steps[-1] == out["steps"]
   assert hist["test"][-1]["test/accuracy"] == pytest.approx(out["test_accuracy"])
-  report = (tmp_path / "report.md").read_text()
+  report = (workdir / "report.md").read_text()
   assert f"test accuracy **{out['test_accuracy']:.4f}**" in report
-  assert (tmp_path / "curves.png").stat().st_size > 5000
+  assert (workdir / "curves.png").stat().st_size > 5000
   assert out["test_n"] == len(data.load(config.data, "test").labels)
   # The workdir is loadable and reproduces the reported accuracy.
-  model, variables, cfg = checkpoint.load_trained(tmp_path)
+  model, variables, cfg = checkpoint.load_trained(workdir)
   ev = loop.evaluate(model, variables, data.load(cfg.data, "test"), 100)
   assert ev["accuracy"] == pytest.approx(out["test_accuracy"])
 
