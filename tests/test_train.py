@@ -163,3 +163,26 @@ def test_models_rebuilt_from_json_config_are_hashable(tmp_path):
   model = loop.build_model(config)
   assert model.widths == (4, 8)
   hash(model)
+
+
+def test_evaluating_new_weights_of_a_model_compiles_nothing_and_equals_a_forward_pass():
+  """`loop.evaluate` keeps the weights as arguments, so evaluating other weights of the
+  same model (the next evaluation during training, another seed) reuses its program;
+  its accuracy and mean loss are those of a plain forward pass, in NumPy."""
+  from fula_jax import models, sharding
+  cfg = _load_config("runlocal")
+  cfg.data.image_size, cfg.data.channels = None, 1  # native 8x8 digits
+  test = data.load(cfg.data, "test")
+  model = models.get_model("cnn", num_classes=10, widths=(4, 8))
+  first, second = (models.init(model, jax.random.PRNGKey(s), (1, 8, 8, 1)) for s in (0, 1))
+  loop.evaluate(model, first, test, 64)
+  with sharding.count_compiles() as count:
+    got = loop.evaluate(model, second, test, 64)
+  assert count.compiled == 0, count
+  logits = np.asarray(models.forward(model, second, test.images), np.float64)
+  logits -= logits.max(-1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  assert got["n"] == len(test.labels)
+  assert got["accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == test.labels))
+  assert got["loss"] == pytest.approx(-log_p[np.arange(len(test.labels)), test.labels].mean(),
+                                      rel=1e-5)

@@ -7,6 +7,7 @@ same steps an uninterrupted run would and ends with equal parameters.
 
 from __future__ import annotations
 
+import functools
 import shlex
 from typing import Any, Callable
 
@@ -55,17 +56,29 @@ def make_preprocess(config: ml_collections.ConfigDict, model: models.StagedModel
   return preprocess
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _eval_sums(variables: dict, batch: dict, *, model: models.StagedModel) -> dict:
+  """One batch's summed correct, loss and count. One program per model and batch shape,
+  with the weights as arguments: every evaluation during training and every split
+  reuses it, where a closure over the weights compiled anew each time with them as
+  constants."""
+  return make_eval_step(lambda x: models.forward(model, variables, x))(batch)
+
+
 def evaluate(model: models.StagedModel, variables: dict, split, batch_size: int,
              mesh: Mesh | None = None) -> dict[str, float]:
   """Accuracy and mean loss over a whole split (padded batches, masked rows ignored)."""
   from fula_jax import data
   mesh = mesh or data_mesh()
   batch_size = -(-batch_size // mesh.size) * mesh.size  # padded rows are masked out
-  step = jax.jit(make_eval_step(lambda x: models.forward(model, variables, x)))
+  rep = sharding.replicated(mesh)
+  variables = jax.tree_util.tree_map(
+      lambda a: a if isinstance(a, jax.Array) and a.sharding == rep else sharding.put(a, rep),
+      variables)
   totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
   for batch in data.eval_batches(split, batch_size, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    out = step(_global_batch(mesh, batch))
+    out = _eval_sums(variables, _global_batch(mesh, batch), model=model)
     for k in totals:
       totals[k] += float(out[k])
   n = max(totals["count"], 1.0)
