@@ -13,6 +13,7 @@ across the batch), and L2 steps and projections are per example.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -171,9 +172,28 @@ def make_attack(apply_fn: ApplyFn, cfg: Mapping[str, Any], *,
   return jax.jit(lambda x, y, key: pgd(apply_fn, x, y, key, **kwargs))
 
 
-def robust_accuracy(apply_fn: ApplyFn, batches: Iterable[Mapping[str, Any]],
-                    key: jax.Array, attack_cfg: Mapping[str, Any] | None = None
-                    ) -> dict[str, float]:
+def _batch_sums(logits_of: ApplyFn, x, y, mask, k, attack: Mapping[str, Any]) -> dict:
+  """One batch's clean and PGD sums (correct, loss, count) of `logits_of`."""
+  x_adv = pgd(logits_of, x, y, k, **attack)
+  out = {}
+  for name, images in (("clean", x), ("adv", x_adv)):
+    logits = logits_of(images)
+    out[f"{name}_correct"] = jnp.sum((jnp.argmax(logits, -1) == y) * mask)
+    out[f"{name}_loss"] = jnp.sum(cross_entropy(logits, y) * mask)
+  out["n"] = jnp.sum(mask)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "attack"))
+def _batch_sums_of(params, x, y, mask, k, *, apply_fn, attack: tuple) -> dict:
+  """:func:`_batch_sums` of ``apply_fn(params, images)``: one program per (apply_fn,
+  attack settings, shapes), whatever the weights."""
+  return _batch_sums(lambda images: apply_fn(params, images), x, y, mask, k, dict(attack))
+
+
+def robust_accuracy(apply_fn: Callable, batches: Iterable[Mapping[str, Any]],
+                    key: jax.Array, attack_cfg: Mapping[str, Any] | None = None, *,
+                    params: Any = None) -> dict[str, float]:
   """Clean and PGD accuracy (and loss) of any images -> logits function.
 
   `batches` yield 'image', 'label' and optionally 'mask' (1 for real rows, 0 for
@@ -183,22 +203,24 @@ def robust_accuracy(apply_fn: ApplyFn, batches: Iterable[Mapping[str, Any]],
   ``fold_in(key, i)``. The attack uses ``attack_cfg.eval_steps`` (or ``steps`` when
   absent); None means `default_attack_config()`.
 
+  With `params`, the function is ``apply_fn(params, images)`` and `apply_fn` is
+  hashable (e.g. ``models.Forward(model)``): its program is compiled once and reused
+  for every set of weights, where a closure over the weights compiles anew per call.
+
   Returns:
     {'accuracy', 'robust_accuracy', 'loss', 'robust_loss', 'num_examples'}.
   """
   cfg = default_attack_config() if attack_cfg is None else attack_cfg
   kwargs = attack_kwargs(cfg, evaluation=True)
-
-  @jax.jit
-  def evaluate(x, y, mask, k):
-    x_adv = pgd(apply_fn, x, y, k, **kwargs)
-    out = {}
-    for name, images in (("clean", x), ("adv", x_adv)):
-      logits = apply_fn(images)
-      out[f"{name}_correct"] = jnp.sum((jnp.argmax(logits, -1) == y) * mask)
-      out[f"{name}_loss"] = jnp.sum(cross_entropy(logits, y) * mask)
-    out["n"] = jnp.sum(mask)
-    return out
+  if params is None:
+    evaluate = jax.jit(lambda x, y, mask, k: _batch_sums(apply_fn, x, y, mask, k, kwargs))
+  else:
+    # On this process's first device, as a closure's weights would be: each process
+    # attacks its own slice of the data.
+    params = jax.device_put(jax.tree_util.tree_map(np.asarray, params),
+                            jax.local_devices()[0])
+    evaluate = functools.partial(_batch_sums_of, params, apply_fn=apply_fn,
+                                 attack=tuple(sorted(kwargs.items())))
 
   totals: dict[str, float] = {}
   for i, batch in enumerate(batches):

@@ -214,3 +214,25 @@ def test_robust_accuracy_ignores_padding_and_matches_reference(trained):
   adv_loss = np.concatenate(adv_loss)[:100]
   assert np.mean(adv_loss >= ce - 1e-5) > 0.95
   assert adv_loss.mean() > ce.mean() + 1.0
+
+
+def test_a_models_weights_as_params_compile_once_and_equal_the_closure():
+  """`params=` with a hashable `models.Forward`: other weights of the same model reuse
+  the program (a closure over them compiled anew), and the numbers equal the closure's."""
+  from fula_jax import models, sharding
+  model = models.get_model("cnn", num_classes=10, widths=(4, 8))
+  first, second = (models.init(model, jax.random.PRNGKey(s), (1, 8, 8, 1)) for s in (0, 1))
+  rng = np.random.default_rng(0)
+  batches = [dict(image=rng.uniform(size=(32, 8, 8, 1)).astype(np.float32),
+                  label=rng.integers(0, 10, 32).astype(np.int32))]
+  key = jax.random.PRNGKey(3)
+  attacks.robust_accuracy(models.Forward(model), batches, key, _eval_cfg(), params=first)
+  with sharding.count_compiles() as count:
+    got = attacks.robust_accuracy(models.Forward(model), batches, key, _eval_cfg(),
+                                  params=second)
+  assert count.compiled == 0, count
+  want = attacks.robust_accuracy(lambda x: models.forward(model, second, x), batches, key,
+                                 _eval_cfg())
+  assert got.keys() == want.keys()
+  for k in want:
+    assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k

@@ -4,7 +4,7 @@ from files (`weights`, `torch_zoo`)."""
 
 from __future__ import annotations
 
-from fula_jax.models.base import (INPUT, LOGITS, Model, StagedModel, capture,
+from fula_jax.models.base import (INPUT, LOGITS, Forward, Model, StagedModel, capture,
                                   check_points, count_params, forward, init,
                                   point_shapes)
 from fula_jax.models.adapters import from_flax, from_nnx
@@ -16,7 +16,7 @@ from fula_jax.models.vit import ViT, ViTTiny
 from fula_jax.models.weights import load_weights
 from fula_jax.models.zoo import MODELS, get_model
 
-__all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "Model", "ResNet", "ResNet18", "ResNet20",
+__all__ = ["INPUT", "LOGITS", "MLP", "MODELS", "Forward", "Model", "ResNet", "ResNet18", "ResNet20",
            "SmallCNN", "StagedModel", "VGG", "VGG11", "VGG16", "ViT", "ViTTiny", "capture",
            "check_points", "count_params", "forward", "from_flax", "from_nnx", "from_torch",
            "get_model", "init", "load_weights", "point_shapes"]

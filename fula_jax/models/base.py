@@ -29,6 +29,7 @@ inspected without binding the module) and :meth:`StagedModel.head`; Flax's own
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import flax.linen as nn
@@ -160,6 +161,17 @@ def forward(model: StagedModel, variables: Mapping[str, Any], x: jax.Array, *,
             start: str | None = None, end: str | None = None) -> jax.Array:
   """Frozen-donor forward pass: BatchNorm in inference mode, nothing mutated."""
   return model.apply(variables, x, start=start, end=end, train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """:func:`forward` of `model` as a hashable ``(variables, x) -> logits``: a program
+  keyed by it (e.g. the PGD evaluation of `attacks.robust_accuracy`) serves every set
+  of weights of the model."""
+  model: Any
+
+  def __call__(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    return forward(self.model, variables, x)
 
 
 def capture(model: StagedModel, variables: Mapping[str, Any], x: jax.Array

@@ -179,11 +179,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, closing: bool = True
   if adv is not None and adv.enabled and adv.eps > 0:
     from fula_jax import attacks
     robust = attacks.robust_accuracy(
-        lambda x: models.forward(model, state.variables, x),
+        models.Forward(model),
         data.eval_batches(test_split, config.eval_batch_size,
                           process_index=jax.process_index(),
                           process_count=jax.process_count()),
-        jax.random.fold_in(key, 2), adv)
+        jax.random.fold_in(key, 2), adv, params=state.variables)
     final["robust_accuracy"] = robust["robust_accuracy"]
   writer.write_scalars(total_steps, {f"test/{k}": v for k, v in final.items() if k != "n"})
   writer.flush()

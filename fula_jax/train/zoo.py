@@ -77,10 +77,10 @@ def robust_eval(model: models.StagedModel, variables: Any, split: data.Split,
       return stored["metrics"]
   if attack_cfg.eps > 0:
     metrics = attacks.robust_accuracy(
-        lambda x: models.forward(model, variables, x),
+        models.Forward(model),
         data.eval_batches(split, batch_size, process_index=jax.process_index(),
                           process_count=jax.process_count()),
-        key, attack_cfg)
+        key, attack_cfg, params=variables)
   else:
     acc = loop.evaluate(model, variables, split, batch_size)["accuracy"]
     metrics = {"accuracy": acc, "robust_accuracy": acc}
