@@ -6,6 +6,7 @@ suite trains it once."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pickle
@@ -59,8 +60,6 @@ def first_model(root: pathlib.Path) -> None:
   (configs/train.py:model=cnn,runlocal as shipped), then the command its run ends with,
   both run as printed from the repository root on one CPU device. What each printed and
   returned goes to `root / run.json`; the model is `root / model`."""
-  import json
-
   def run(argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
@@ -137,7 +136,6 @@ WORKDIRS = {"quickstart-tiny": "somewhere else/runs/quick start",
 def first_model_run(computed_once) -> tuple[pathlib.Path, dict]:
   """(the model's workdir, what each command of :func:`first_model` printed and
   returned), computed once per session."""
-  import json
   root = computed_once("first-model", first_model)
   return root / "model", json.loads((root / "run.json").read_text())
 
