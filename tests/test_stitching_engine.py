@@ -1,6 +1,7 @@
 """The sweep engine in one process: self-stitching, vmap vs one-by-one, sharding over
 the 8 fake devices, divergence, unstitchable cells, resume from finished units."""
 
+import dataclasses
 import json
 
 import jax
@@ -135,6 +136,43 @@ def test_vmapped_group_equals_stitches_trained_one_by_one(digits, mlp, mlp_b):
     for name in ("disagreement", "jsd", "error_consistency"):
       assert together.values["tlm"][name][i, 0] == pytest.approx(
           outputs.compute(name, logits, teacher, test.labels), rel=1e-4, abs=1e-6), name
+
+
+def test_one_evaluation_program_scores_every_objective_and_each_reads_its_own(
+    digits, mlp, mlp_b):
+  """The units of all four objectives through one map and shapes share one evaluation
+  program (each objective compiled its own before); each objective's numbers equal its
+  sweep alone, and its held-out loss is its own, recomputed here in NumPy from the
+  stitched model."""
+  model, variables = mlp
+  test = digits[1]
+  cfg = dict(steps=8, learning_rate=3e-3, cols=["fc2"])
+  profile = {}
+  together = _sweep(mlp, mlp_b, digits, dict(cfg, objectives=["tlm", "slm", "dm", "fula"]),
+                    mesh=_one_device(), keep_params=True, profile=profile)
+  programs = [key[0] for key in profile]
+  assert programs.count("evaluate") == 1 and programs.count("train_step") == 3, programs
+  for obj in ("tlm", "fula"):
+    alone = _sweep(mlp, mlp_b, digits, dict(cfg, objectives=[obj]), mesh=_one_device())
+    _assert_same(alone, dataclasses.replace(together, values={obj: together.values[obj]}))
+  acts = models.capture(model, variables, test.images)[1]
+  target = models.capture(mlp_b[0], mlp_b[1], test.images)[1]
+  labels = np.asarray(test.labels)
+  for i, row in enumerate(model.point_names):
+    p = together.params[("tlm", row, "fc2")]
+    z = np.asarray(acts[row]) @ p["kernel"] + p["bias"]
+    logits = np.asarray(models.forward(mlp_b[0], mlp_b[1], z, start="fc2"), np.float64)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    assert together.values["tlm"]["loss"][i, 0] == pytest.approx(
+        -logp[np.arange(len(labels)), labels].mean(), rel=1e-4)
+    p = together.params[("fula", row, "fc2")]
+    z2 = np.asarray(acts[row]) @ p["kernel"] + p["bias"]
+    z3 = np.asarray(mlp_b[0].apply(mlp_b[1], z2, start="fc2", end="fc3"))
+    fula = sum(np.mean(np.linalg.norm(z - np.asarray(target[q]), axis=1) /
+                       np.linalg.norm(np.asarray(target[q]), axis=1))
+               for z, q in ((z2, "fc2"), (z3, "fc3")))
+    assert together.values["fula"]["loss"][i, 0] == pytest.approx(fula, rel=1e-4)
 
 
 def test_sharded_over_8_devices_equals_one_device(digits, mlp, mlp_b):

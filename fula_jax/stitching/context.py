@@ -149,6 +149,13 @@ class SweepContext:
                          sci.adam, u.padded_prefix, u.end_prefix, sci.c2t, sci.t2c,
                          bn_train=bool(self.host_bn_b))
 
+  def eval_context(self, ctx: P.UnitContext) -> P.UnitContext:
+    """The context of `ctx`'s evaluation program: every objective of the sweep scored
+    at once (`measures.Scored`), so the units of all objectives through one map and
+    shapes share that program."""
+    parts = tuple(dict.fromkeys(a.objective for a in self.science.arms))
+    return dataclasses.replace(ctx, objective=measures_lib.Scored(parts))
+
   def bytes_per_stitch(self, end: str, width: int) -> int:
     """Memory of one stitch in a train step: params + Adam + activations of g's tail
     (`jax.eval_shape`; backward keeps about the residuals and their cotangents)."""

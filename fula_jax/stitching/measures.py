@@ -103,16 +103,32 @@ class RelativeAccuracy(Measure):
     return acc / r.end_accuracy if r.end_accuracy else np.full_like(acc, np.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class Scored(Objective):
+  """Every objective of a sweep scored in one evaluation program (each one's sums as
+  ``<name>/<term>``), so units of all objectives through one map and shapes share it."""
+  parts: tuple[Objective, ...] = ()
+  name = "scored"
+
+  def targets(self, points_b, j):
+    return tuple(dict.fromkeys(t for p in self.parts for t in p.targets(points_b, j)))
+
+  def eval_terms(self, outs, shared, mask, where):
+    return {f"{p.name}/{k}": v for p in self.parts
+            for k, v in p.eval_terms(outs, shared, mask, where).items()}
+
+
 class Loss(Measure):
-  """The stitch's own objective on the held-out set."""
+  """The stitch's own objective on the held-out set (read from `Scored`'s sums)."""
   name = "loss"
 
   def terms(self, b):
     return b.objective.eval_terms(b.outs, b.shared, b.mask, b.where)
 
   def value(self, r):
-    own = {k.split("/", 1)[1]: np.asarray(v) for k, v in r.sums.items()
-           if k.startswith("loss/")}
+    prefix = f"loss/{r.objective.name}/"
+    own = {k[len(prefix):]: np.asarray(v) for k, v in r.sums.items()
+           if k.startswith(prefix)}
     return np.asarray(r.objective.eval_value(own, r.n, r.where), np.float64)
 
 

@@ -38,6 +38,7 @@ class UnitRun:
   """A unit and everything its run holds, on the devices until it is written."""
   unit: plan_lib.Unit
   ctx: P.UnitContext
+  eval_ctx: P.UnitContext  # its evaluation's: every objective scored (`eval_context`)
   state: P.StitchState | None = None
   max_steps: int = 0
   failed: dict[int, str] = dataclasses.field(default_factory=dict)  # stitch -> why
@@ -66,7 +67,8 @@ class Wave:
                reference: passes.Reference | None = None):
     self.sw, self.store, self.reference = sweep, store, reference
     self.label = label  # 'wave k/W: ' in its progress lines
-    self.runs = [UnitRun(u, sweep.unit_context(u)) for u in units]
+    self.runs = [UnitRun(u, ctx, sweep.eval_context(ctx))
+                 for u in units for ctx in [sweep.unit_context(u)]]
     sci = sweep.science
     solved = [sci.arm(r.unit.arm) for r in self.runs if sci.arm(r.unit.arm).closed_form]
     self.needs_init = any(self._lstsq_init(r) for r in self.runs)
@@ -152,7 +154,8 @@ class Wave:
       calls.append((P.evaluate, (
           _sds(self.zero_sums(r), r.sharding), state.params, state.bn, sw.b.variables,
           tuple(map(as_rep, sw.front_acts(out, r.unit.padded_fronts))),
-          as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])), {"ctx": r.ctx}))
+          as_rep(self.shared(r, out, train=False)), as_rep(out["mask"])),
+          {"ctx": r.eval_ctx}))
       if sw.needs(measures_lib.PGD) and passes.attacked(r.unit):
         calls.append((pgd_lib.pgd_correct, passes.pgd_args_abstract(
             sw, r.unit, r.ctx, state.params, state.bn),
@@ -174,7 +177,7 @@ class Wave:
   # -- pieces of the calls
 
   def shared(self, r: UnitRun, out: Mapping[str, Any], *, train: bool) -> dict:
-    targets = r.ctx.train_targets() if train else r.ctx.eval_targets()
+    targets = r.ctx.train_targets() if train else r.eval_ctx.eval_targets()
     shared = {"label": out["label"], "teacher": out["logits_b"],
               "targets": {p: out["acts_b"][p] for p in targets}}
     reference = None if train else self.reference
@@ -186,8 +189,8 @@ class Wave:
     sw = self.sw
     if r.sum_shapes is None:
       r.sum_shapes = P.eval_terms_shapes(
-          r.ctx, sw.b.variables, sw.eval_batch, sw.num_classes,
-          {p: sw.b.shapes[p] for p in r.ctx.eval_targets()},
+          r.eval_ctx, sw.b.variables, sw.eval_batch, sw.num_classes,
+          {p: sw.b.shapes[p] for p in r.eval_ctx.eval_targets()},
           None if self.reference is None else self.reference[r.unit.end])
     return {k: np.zeros((r.unit.size,) + tuple(v.shape), np.float32)
             for k, v in r.sum_shapes.items()}
@@ -308,7 +311,8 @@ class Wave:
         r.sums[name] = sw.call(P.evaluate, r.sums[name], r.state.params, r.state.bn,
                                sw.b.variables,
                                sw.front_acts(out, r.unit.padded_fronts),
-                               self.shared(r, out, train=False), out["mask"], ctx=r.ctx)
+                               self.shared(r, out, train=False), out["mask"],
+                               ctx=r.eval_ctx)
       progress.advance()
     return end_correct
 
