@@ -2,9 +2,9 @@
 evaluation, least-squares statistics and PGD.
 
 Each program is a module-level function jitted with a static, hashable context (the end
-model, the unit's shapes, its objective -- for the evaluation, every objective of the
-sweep -- and stitch map, the mesh), so JAX's own cache shares a program between units,
-waves and sweeps of one context and shapes, and the persistent cache keeps it. Inside a unit's program each stitch maps its own
+model, the unit's shapes, its objective (the evaluation's: all of the sweep's) and map,
+the mesh), so one program serves units, waves and sweeps of one context and shapes, and
+the persistent cache keeps it. Inside a unit's program each stitch maps its own
 front (f's activation at its point, replicated from the donor pass) onto the end point's
 grid with its own shapes -- the affine map before an upsampling resize and after a
 downsampling one, the cheaper order -- so stitches from fronts of every shape share the
